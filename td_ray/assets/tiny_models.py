@@ -1,0 +1,268 @@
+"""Tiny random-init models built offline, so the pipeline runs end to end without a model hub.
+
+Four models share tokenizers trained on ``demo_data.corpus_sentences``, so they cover the demo
+vocabulary in English and in the synthetic language:
+
+- ``marian_hf``: a Marian translation model (HF format) with a local sentencepiece model;
+- ``marian_ct2``: the same model converted to CTranslate2, with its sentencepiece models beside it;
+- ``cross_encoder``: a BERT relevance scorer (one logit), the stand-in teacher;
+- ``student``: a BERT encoder without pooler, the stand-in student (DDP rejects unused parameters).
+
+Weights are random: the models exercise the pipeline's mechanics, not translation or ranking quality.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ctranslate2
+import sentencepiece as spm
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    BertTokenizerFast,
+    GenerationConfig,
+    MarianConfig,
+    MarianMTModel,
+    MarianTokenizer,
+)
+
+from td_ray.assets.demo_data import corpus_sentences
+
+logger = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+"""Bump when the build changes, so cached model directories are rebuilt."""
+
+COMPLETE_MARKER = ".complete"
+MT_CONFIG_NAME = "td_ray_mt.json"
+"""File in the CT2 model directory telling the translate stage how to tokenize."""
+
+SPM_VOCAB_SIZE = 1000
+WORDPIECE_VOCAB_SIZE = 2000
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SUPPRESSED_LOGIT_BIAS = -1e4
+"""Final-logits bias on </s>, <unk> and <pad>: greedy decoding then never stops early or emits unk."""
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Paths of the built models."""
+
+    root: Path
+    marian_hf: Path
+    marian_ct2: Path
+    cross_encoder: Path
+    student: Path
+
+    @classmethod
+    def under(cls, root: Path) -> TinyModels:
+        """The model directory layout under ``root``."""
+        return cls(
+            root=root,
+            marian_hf=root / "marian_hf",
+            marian_ct2=root / "marian_ct2",
+            cross_encoder=root / "cross_encoder",
+            student=root / "student",
+        )
+
+
+def _build_key(seed: int) -> str:
+    return json.dumps({"seed": seed, "build_version": BUILD_VERSION}, sort_keys=True)
+
+
+def _is_complete(root: Path, key: str) -> bool:
+    marker = root / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text(encoding="utf-8") == key
+
+
+def _train_sentencepiece(sentences: list[str]) -> bytes:
+    """Train a unigram sentencepiece model; return its serialized proto."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=SPM_VOCAB_SIZE,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        eos_id=1,
+        bos_id=-1,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _marian_vocab(spm_proto: bytes) -> dict[str, int]:
+    """Marian vocabulary: ``</s>`` 0, ``<unk>`` 1, the spm pieces, then ``<pad>`` LAST.
+
+    CTranslate2's Marian loader drops the last row (HF's ``<pad>``, which starts the decoder), so
+    ``<pad>`` must be last or a real piece would be lost.
+    """
+    sp = spm.SentencePieceProcessor(model_proto=spm_proto)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+    tokens = ["</s>", "<unk>", *pieces, "<pad>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def _build_marian(out: Path, sentences: list[str], seed: int) -> None:
+    """Save a tiny random Marian model and its tokenizer (one spm serves both sides)."""
+    out.mkdir(parents=True)
+    spm_proto = _train_sentencepiece(sentences)
+    for name in ("source.spm", "target.spm"):
+        (out / name).write_bytes(spm_proto)
+    vocab = _marian_vocab(spm_proto)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
+    tokenizer = MarianTokenizer(
+        source_spm=str(out / "source.spm"),
+        target_spm=str(out / "target.spm"),
+        vocab=str(out / "vocab.json"),
+        model_max_length=256,
+    )
+
+    n, pad, eos, unk = len(vocab), vocab["<pad>"], vocab["</s>"], vocab["<unk>"]
+    config = MarianConfig(
+        vocab_size=n,
+        decoder_vocab_size=n,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=256,
+        activation_function="swish",
+        scale_embedding=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = MarianMTModel(config).eval()
+    with torch.no_grad():
+        # HF starts decoding from <pad>'s embedding and CT2 from a zero vector: make them the same.
+        model.get_input_embeddings().weight[pad].zero_()
+        model.final_logits_bias[0, [eos, unk, pad]] = SUPPRESSED_LOGIT_BIAS
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad, num_beams=1, do_sample=False
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _convert_marian(hf_dir: Path, out: Path) -> None:
+    """Convert the HF Marian model to CTranslate2 and put its spm models and tokenization hints beside it."""
+    converter = ctranslate2.converters.TransformersConverter(str(hf_dir), copy_files=["source.spm", "target.spm"])
+    converter.convert(str(out))
+    mt_config = {"source_spm": "source.spm", "target_spm": "target.spm", "append_eos": True}
+    (out / MT_CONFIG_NAME).write_text(json.dumps(mt_config, indent=1), encoding="utf-8")
+
+
+def _train_wordpiece(sentences: list[str]) -> BertTokenizerFast:
+    """Train a lowercase WordPiece vocabulary and wrap it as a BERT tokenizer (accents kept)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=WORDPIECE_VOCAB_SIZE, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    # The trainer breaks ties between equal-count merges in varying order, so token ids differ from run to
+    # run; sorting the (deterministic) token set makes the ids, and so the weights they index, reproducible.
+    learned = sorted(set(tokenizer.get_vocab()) - set(BERT_SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate([*BERT_SPECIAL_TOKENS, *learned])}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True, strip_accents=False, model_max_length=512)
+
+
+def _bert_config(tokenizer: BertTokenizerFast, hidden: int, intermediate: int, **kwargs: object) -> BertConfig:
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
+def _build_cross_encoder(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(_bert_config(tokenizer, 32, 64, num_labels=1))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_student(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = BertModel(_bert_config(tokenizer, 64, 128), add_pooling_layer=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing any old ``dst``; ``dst`` is never half-made."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> TinyModels:
+    """Build the tiny models under ``out_dir`` unless a complete build with the same key is there.
+
+    The build happens in a temp directory next to ``out_dir`` and is renamed into place at the end,
+    so a killed build leaves nothing half-made under the final name.
+    """
+    out_dir = Path(out_dir).absolute()
+    key = _build_key(seed)
+    result = TinyModels.under(out_dir)
+    if not force and _is_complete(out_dir, key):
+        logger.info("tiny models already built in %s", out_dir)
+        return result
+
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
+    tmp.chmod(0o755)
+    try:
+        staged = TinyModels.under(tmp)
+        sentences = corpus_sentences(seed)
+        logger.info("building Marian model (%d tokenizer sentences)", len(sentences))
+        _build_marian(staged.marian_hf, sentences, seed)
+        logger.info("converting Marian model to CTranslate2")
+        _convert_marian(staged.marian_hf, staged.marian_ct2)
+        logger.info("training WordPiece tokenizer and building BERT models")
+        bert_tokenizer = _train_wordpiece(sentences)
+        _build_cross_encoder(staged.cross_encoder, bert_tokenizer, seed)
+        _build_student(staged.student, bert_tokenizer, seed)
+        (tmp / COMPLETE_MARKER).write_text(key, encoding="utf-8")
+        if not force and _is_complete(out_dir, key):
+            logger.info("another process finished the same build in %s; keeping it", out_dir)
+            shutil.rmtree(tmp)
+        else:
+            _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built tiny models in %s in %.1f s", out_dir, time.perf_counter() - start)
+    return result

@@ -1,0 +1,103 @@
+"""The `td-ray` command: one subcommand per stage, `run` for all five, `demo` for the offline default."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from td_ray.errors import TdRayError
+
+logger = logging.getLogger("td_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="td-ray", description="Translate-Distill on Ray: translate, score, distill, index, evaluate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for stage in ("translate", "score", "distill", "index", "evaluate"):
+        sub = commands.add_parser(stage, help=f"run the {stage} stage")
+        sub.add_argument("--config", required=True, help="pipeline YAML config")
+        sub.add_argument("--workspace", help="override the config's workspace")
+    sub = commands.add_parser("run", help="run all five stages in order under one MLflow run")
+    sub.add_argument("--config", required=True, help="pipeline YAML config")
+    sub.add_argument("--workspace", help="override the config's workspace")
+    sub.add_argument("--stages", help="comma-separated subset, e.g. index,evaluate")
+    sub = commands.add_parser("demo", help="the embedded demo: tiny models, generated data, local Ray and MLflow")
+    sub.add_argument("--workspace", default=None, help="where to work (default ./td-ray-workspace)")
+    sub = commands.add_parser("validate", help="check a config and print it with every default filled in")
+    sub.add_argument("--config", required=True)
+    commands.add_parser("config-schema", help="print the JSON schema of the config, every field described")
+    sub = commands.add_parser("make-tiny-models", help="build the tiny offline models into DIR")
+    sub.add_argument("directory")
+    sub.add_argument("--seed", type=int, default=0)
+    sub = commands.add_parser("make-demo-data", help="write the generated demo collection into DIR")
+    sub.add_argument("directory")
+    sub.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run_stages(config, stages: list[str] | None) -> int:
+    import ray
+
+    from td_ray.pipeline import format_summary, run_pipeline
+
+    started = time.perf_counter()
+    try:
+        results = run_pipeline(config, stages)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(format_summary(results, config))
+    print(f"total: {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from td_ray.config import PipelineConfig, load_config
+
+    if args.command == "config-schema":
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+        return 0
+    if args.command == "validate":
+        import yaml
+
+        print(yaml.safe_dump(load_config(args.config).model_dump(mode="json"), sort_keys=False))
+        return 0
+    if args.command == "make-tiny-models":
+        from td_ray.assets.tiny_models import build_tiny_models
+
+        models = build_tiny_models(Path(args.directory), seed=args.seed)
+        print(f"tiny models in {models.root}")
+        return 0
+    if args.command == "make-demo-data":
+        from td_ray.assets.demo_data import write_demo_collection
+
+        for name, path in write_demo_collection(Path(args.directory), seed=args.seed).items():
+            print(f"{name}: {path}")
+        return 0
+    if args.command == "demo":
+        from td_ray.pipeline import demo_config
+
+        return _run_stages(demo_config(args.workspace), None)
+    config = load_config(args.config, workspace=args.workspace)
+    if args.command == "run":
+        return _run_stages(config, args.stages.split(",") if args.stages else None)
+    return _run_stages(config, [args.command])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except (TdRayError, FileNotFoundError) as error:
+        print(f"td-ray: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

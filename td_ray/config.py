@@ -1,0 +1,309 @@
+"""Typed pipeline configuration, loaded from YAML: one pydantic model per stage.
+
+Every field has a description (``td-ray config-schema`` prints them all). Unknown keys are errors, so a typo
+never silently falls back to a default. Paths may contain ``{workspace}``, replaced by the workspace root.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from td_ray.errors import TdRayError
+
+
+class ConfigError(TdRayError):
+    """A config file that cannot be used: the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+class TsvSource(_Strict):
+    """A headerless tab-separated file: ``id<TAB>text`` for docs and queries."""
+
+    format: Literal["tsv"] = Field(description="Local TSV file, no header: id, text (extra columns ignored).")
+    path: str = Field(description="Path to the file; `{workspace}` is replaced by the workspace root.")
+
+
+class JsonlSource(_Strict):
+    """JSON lines with an id field and one or more text fields (joined with a space)."""
+
+    format: Literal["jsonl"] = Field(description="Local JSON-lines file (.jsonl or .jsonl.gz).")
+    path: str = Field(description="Path to the file; `{workspace}` is replaced by the workspace root.")
+    id_field: str = Field("id", description="Field holding the id (string or integer; stored as string).")
+    text_fields: list[str] = Field(["text"], description="Fields joined with a space to make the text.")
+
+
+class ParquetSource(_Strict):
+    """A Parquet file or directory with an id and a text column."""
+
+    format: Literal["parquet"] = Field(description="Local Parquet file or directory.")
+    path: str = Field(description="Path to the file or directory; `{workspace}` is replaced.")
+    id_column: str = Field("id", description="Column holding the id.")
+    text_column: str = Field("text", description="Column holding the text.")
+
+
+class TrecRunSource(_Strict):
+    """A TREC run file (``qid Q0 docid rank score tag``), used for first-stage candidates."""
+
+    format: Literal["trec_run"] = Field(description="TREC run file: qid Q0 docid rank score tag.")
+    path: str = Field(description="Path to the run file; `{workspace}` is replaced.")
+
+
+class TrecQrelsSource(_Strict):
+    """A TREC qrels file (``qid iter docid relevance``)."""
+
+    format: Literal["trec_qrels"] = Field(description="TREC qrels file: qid 0 docid relevance.")
+    path: str = Field(description="Path to the qrels file; `{workspace}` is replaced.")
+
+
+class IrDatasetsSource(_Strict):
+    """A dataset read through ir_datasets' own API (docs, queries, qrels or scoreddocs by role)."""
+
+    format: Literal["ir_datasets"] = Field(description="Read through ir_datasets, e.g. msmarco-passage/train.")
+    id: str = Field(description="ir_datasets id, e.g. `msmarco-passage/train`, `neumarco/zh/train`, "
+                    "`neuclir/1/zh/trec-2022`.")
+    text_fields: list[str] | None = Field(
+        None,
+        description="Record fields joined to make the text, e.g. [title, text] for NeuCLIR documents or "
+        "[title] for NeuCLIR topics. Default: the record's `text` field.",
+    )
+
+
+DataSource = Annotated[
+    Union[TsvSource, JsonlSource, ParquetSource, TrecRunSource, TrecQrelsSource, IrDatasetsSource],
+    Field(discriminator="format"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- sections
+class RayConfig(_Strict):
+    """Where the Ray cluster is."""
+
+    address: str | None = Field(
+        None, description="Ray address: none starts a local cluster; `auto` joins the cluster this job runs on."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (local only; default all).")
+
+
+class MlflowConfig(_Strict):
+    """Where runs and models are tracked."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else sqlite under the workspace "
+        "(`{workspace}/mlflow/mlflow.db`, so the model registry works).",
+    )
+    experiment: str = Field("td-ray", description="Experiment name; each pipeline run is one parent run in it.")
+    registered_model: str = Field("td-ray-student", description="Registry name the distilled student is registered under.")
+    alias: str = Field("candidate", description="Registry alias set on the newly registered version.")
+
+
+class DataConfig(_Strict):
+    """The inputs of the whole pipeline. Ids are strings throughout."""
+
+    passages: DataSource = Field(description="English training passages (e.g. msmarco-passage/train docs).")
+    train_queries: DataSource = Field(description="English training queries (e.g. msmarco-passage/train queries).")
+    candidates: DataSource = Field(
+        description="First-stage candidates per training query: a TREC run or ir_datasets scoreddocs."
+    )
+    eval_docs: DataSource = Field(description="Evaluation collection, in the language the student is trained for.")
+    eval_topics: DataSource = Field(description="Evaluation topics (English queries).")
+    eval_qrels: DataSource = Field(description="Graded relevance judgements for the evaluation topics.")
+
+
+class TranslateTarget(_Strict):
+    """One target language: translated by a CTranslate2 model, or read from a pre-translated collection."""
+
+    lang: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,15}$", description="Language code of the output, e.g. zh, fa, ru.")
+    model: str | None = Field(
+        None,
+        description="MT model: a CTranslate2 model directory, or a Marian (opus-mt) HF directory or hub id, "
+        "converted to CTranslate2 once into the workspace.",
+    )
+    pretranslated: DataSource | None = Field(
+        None,
+        description="An existing translation of the passages (e.g. ir_datasets `neumarco/zh/train`), used "
+        "instead of an MT model.",
+    )
+    pretranslated_queries: DataSource | None = Field(
+        None, description="An existing translation of the training queries (optional)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TranslateTarget":
+        if (self.model is None) == (self.pretranslated is None):
+            raise ValueError(f"target {self.lang!r}: set exactly one of `model` or `pretranslated`")
+        return self
+
+
+class TranslateConfig(_Strict):
+    """translate: English passages and queries into each target language with CTranslate2 actors."""
+
+    targets: list[TranslateTarget] = Field(min_length=1, description="Target languages, each with its model or source.")
+    translate_queries: bool = Field(True, description="Also translate the training queries with each MT model.")
+    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch handed to one actor call.")
+    beam_size: int = Field(1, ge=1, description="CTranslate2 beam size (1 = greedy).")
+    max_input_length: int = Field(256, ge=1, description="Source tokens kept per text (longer text is cut and counted).")
+    max_decoding_length: int = Field(256, ge=1, description="Most target tokens generated per text.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CTranslate2 device; auto picks cuda when present.")
+    compute_type: str = Field("default", description="CTranslate2 compute type (default, int8, float16, bfloat16...).")
+    intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per actor (0 = all cores).")
+    num_actors: int = Field(1, ge=1, description="Translator actors in the pool.")
+    num_cpus_per_actor: float = Field(
+        0.5, gt=0, description="CPUs reserved per actor; below 1 so read tasks are never starved on small nodes."
+    )
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (fractions allowed; 0 on CPU nodes).")
+
+
+class ScoreConfig(_Strict):
+    """score: a cross-encoder teacher scores each training query's candidates."""
+
+    teacher: str = Field(description="Sequence-classification cross-encoder: local directory or hub id.")
+    teacher_revision: str | None = Field(None, description="Hub revision (commit) of the teacher, for provenance.")
+    passage_lang: str = Field(
+        "en", description="Language of the passages the teacher sees: `en` (English x English) or a target lang (CLIR)."
+    )
+    top_k: int = Field(50, ge=1, description="Candidates kept per query (the paper uses the top 50).")
+    max_length: int = Field(256, ge=8, description="Most tokens of query + passage fed to the teacher.")
+    batch_size: int = Field(32, ge=1, description="Pairs per actor call.")
+    num_actors: int = Field(1, ge=1, description="Teacher actors in the pool.")
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor.")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (fractions allowed).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+
+
+class DistillConfig(_Strict):
+    """distill: Ray Train fits the student dual encoder to the teacher's score distribution (KL)."""
+
+    student: str = Field(description="Student encoder to start from: local directory or hub id.")
+    passage_lang: str = Field(description="Language of the passages the student sees (a translate target).")
+    nway: int = Field(6, ge=2, description="Passages per query in each example (the paper uses 6).")
+    short_list_policy: Literal["skip", "error"] = Field(
+        "skip", description="A query with fewer than nway scored candidates: skip it (logged) or stop with an error."
+    )
+    alpha: float = Field(1.0, gt=0, description="Teacher scores are multiplied by alpha before the softmax.")
+    pooling: Literal["cls", "mean"] = Field("cls", description="How token vectors become one vector.")
+    query_maxlen: int = Field(32, ge=4, description="Most query tokens.")
+    passage_maxlen: int = Field(180, ge=8, description="Most passage tokens.")
+    batch_size: int = Field(8, ge=1, description="Queries per step per worker.")
+    steps: int = Field(200, ge=1, description="Optimizer steps in total.")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP; gloo on CPU, nccl on GPU).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs per training worker.")
+    use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
+    max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by restarting.")
+    run_name: str = Field("distill", description="Ray Train run name; the same name resumes from its last checkpoint.")
+    seed: int = Field(0, description="Seed for model init order and data shuffling.")
+
+
+class IndexConfig(_Strict):
+    """index: encode the evaluation collection with the student and build a merged FAISS index."""
+
+    model: str | None = Field(None, description="Encoder to index with. Default: the student the distill stage saved.")
+    num_shards: int = Field(2, ge=1, description="FAISS shards built in parallel, then merged into one index.")
+    batch_size: int = Field(64, ge=1, description="Documents per encoder call.")
+    max_length: int = Field(180, ge=8, description="Most document tokens.")
+    num_actors: int = Field(1, ge=1, description="Encoder actors in the pool.")
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor.")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor.")
+
+
+class EvaluateConfig(_Strict):
+    """evaluate: search the topics, write a TREC run, and score it with ir_measures."""
+
+    depth: int = Field(1000, ge=1, description="Documents retrieved per topic (runs are cut here).")
+    measures: list[str] = Field(
+        ["nDCG@20", "R@100", "RR@10"], min_length=1, description="ir_measures names (RR@10 is MRR@10)."
+    )
+    query_maxlen: int = Field(32, ge=4, description="Most topic tokens.")
+    run_tag: str = Field("td-ray", description="Tag in the last column of the TREC run.")
+
+
+class PipelineConfig(_Strict):
+    """The whole Translate-Distill pipeline: inputs, the five stages, Ray and MLflow."""
+
+    workspace: str = Field(description="Root of every table, model, index and run: a local path or a pyarrow URI.")
+    demo_assets: bool = Field(
+        False, description="Build the tiny models and the generated demo collection into the workspace first."
+    )
+    ray: RayConfig = Field(RayConfig(), description="Ray cluster.")
+    mlflow: MlflowConfig = Field(MlflowConfig(), description="MLflow tracking and registry.")
+    data: DataConfig = Field(description="Pipeline inputs.")
+    translate: TranslateConfig = Field(description="translate stage.")
+    score: ScoreConfig = Field(description="score stage.")
+    distill: DistillConfig = Field(description="distill stage.")
+    index: IndexConfig = Field(IndexConfig(), description="index stage.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage.")
+
+    @model_validator(mode="after")
+    def _languages_exist(self) -> "PipelineConfig":
+        langs = {"en"} | {t.lang for t in self.translate.targets}
+        if len({t.lang for t in self.translate.targets}) != len(self.translate.targets):
+            raise ValueError("translate.targets: each lang may appear once")
+        for field, lang in (("score.passage_lang", self.score.passage_lang), ("distill.passage_lang", self.distill.passage_lang)):
+            if lang not in langs:
+                raise ValueError(f"{field}: {lang!r} is not `en` nor a translate target ({sorted(langs)})")
+        return self
+
+    def fingerprint(self) -> str:
+        """Short hash of the config, recorded as lineage on everything the pipeline registers."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _expand(value: object, workspace: str) -> object:
+    if isinstance(value, str):
+        return value.replace("{workspace}", workspace)
+    if isinstance(value, dict):
+        return {key: _expand(item, workspace) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(item, workspace) for item in value]
+    return value
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  - {where}: {item['msg']}")
+    lines.append("Fix these fields (see `td-ray config-schema` for every field and its meaning).")
+    return "\n".join(lines)
+
+
+def parse_config(raw: object, source: str = "<dict>", workspace: str | None = None) -> PipelineConfig:
+    """Validate a mapping (as read from YAML) into a PipelineConfig; `workspace` overrides the file's."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    if workspace is not None:
+        raw["workspace"] = workspace
+    root = raw.get("workspace")
+    if isinstance(root, str) and "://" not in root:
+        raw["workspace"] = root = str(Path(root).expanduser().resolve())
+    if isinstance(root, str):
+        raw = _expand(raw, root)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_config(path: str | Path, workspace: str | None = None) -> PipelineConfig:
+    """Read a YAML config with ``yaml.safe_load`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config with a YAML file; see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    return parse_config(raw, source=str(path), workspace=workspace)

@@ -1,0 +1,63 @@
+"""Training examples: the score table (ids and scores only) joined late with query and passage text.
+
+One English score table serves every language: the passage text comes from whichever translation the
+config names. That join is the heart of Translate-Distill.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from td_ray import schemas
+from td_ray.errors import TdRayError
+
+logger = logging.getLogger(__name__)
+
+
+class ShortListError(TdRayError):
+    """A query has fewer scored candidates than nway and the policy is `error`."""
+
+
+def build_examples(scores: pa.Table, queries: pa.Table, passages: pa.Table, nway: int,
+                   short_list_policy: str = "skip") -> tuple[pa.Table, list[str]]:
+    """One example per query: its `nway` best-scored passages (only_top), with their teacher scores.
+
+    Returns the examples and the qids skipped for having fewer than `nway` candidates.
+    """
+    joined = scores.select(["qid", "pid", "score"]).join(
+        passages.select(["id", "text"]).rename_columns(["pid", "passage"]), "pid", join_type="left outer"
+    ).join(queries.select(["id", "text"]).rename_columns(["qid", "query"]), "qid", join_type="left outer")
+    for column, key, table in (("passage", "pid", "passages"), ("query", "qid", "queries")):
+        lacking = joined.filter(pc.is_null(joined[column]))
+        if lacking.num_rows:
+            raise ValueError(
+                f"{lacking.num_rows} scored pair(s) have a {key} missing from the {table} table, e.g. "
+                f"{lacking[key].slice(0, 3).to_pylist()}; translate or ingest those {table} first"
+            )
+    ordered = joined.sort_by([("qid", "ascending"), ("score", "descending"), ("pid", "ascending")])
+    qids = ordered["qid"].to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(qids[1:] != qids[:-1]) + 1, [len(qids)]]) if len(qids) else np.array([0])
+    pids, texts, values, query_text = (ordered[name].to_pylist() for name in ("pid", "passage", "score", "query"))
+    rows: dict[str, list] = {name: [] for name in schemas.EXAMPLES.names}
+    skipped: list[str] = []
+    for start, end in zip(starts[:-1], starts[1:]):
+        if end - start < nway:
+            if short_list_policy == "error":
+                raise ShortListError(
+                    f"query {qids[start]!r} has {end - start} scored candidates, fewer than nway={nway}; "
+                    "lower distill.nway, score more candidates, or set distill.short_list_policy: skip"
+                )
+            skipped.append(str(qids[start]))
+            continue
+        take = slice(start, start + nway)
+        rows["qid"].append(str(qids[start]))
+        rows["query"].append(query_text[start])
+        rows["pids"].append(pids[take])
+        rows["passages"].append(texts[take])
+        rows["teacher_scores"].append(values[take])
+    if skipped:
+        logger.warning("skipped %d queries with fewer than %d candidates, e.g. %s", len(skipped), nway, skipped[:3])
+    return pa.table(rows, schema=schemas.EXAMPLES), skipped

@@ -1,0 +1,97 @@
+"""The student: a single-vector dual encoder (one shared transformer for queries and passages)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from td_ray.translate.core import ModelError
+
+logger = logging.getLogger(__name__)
+
+STUDENT_SPEC_FILE = "td_ray_student.json"
+
+
+def load_encoder(model: str):
+    """An AutoModel without its pooler: DDP rejects parameters that get no gradient, and the pooler is one."""
+    from transformers import AutoModel
+
+    try:
+        try:
+            return AutoModel.from_pretrained(model, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler do not take the argument
+            return AutoModel.from_pretrained(model)
+    except OSError as error:
+        raise ModelError(f"student {model!r} cannot be loaded ({error}); pass a local directory or a reachable hub id") from None
+
+
+class DualEncoder(nn.Module):
+    """Encodes queries and passages into one vector each (CLS or mean pooling); relevance is their dot product."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be `cls` or `mean`, got {pooling!r}")
+        self.encoder, self.pooling = encoder, pooling
+
+    @classmethod
+    def from_pretrained(cls, model: str, pooling: str | None = None) -> "DualEncoder":
+        """Load a student; `pooling` defaults to the one saved with it, else CLS."""
+        spec_path = Path(model) / STUDENT_SPEC_FILE
+        saved = json.loads(spec_path.read_text())["pooling"] if spec_path.is_file() else None
+        return cls(load_encoder(model), pooling or saved or "cls")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector per sequence: [batch, hidden]."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query)."""
+        queries = self.encode(**query)
+        encoded = self.encode(**passages)
+        if encoded.shape[0] % queries.shape[0]:
+            raise ValueError(
+                f"got {encoded.shape[0]} passages for {queries.shape[0]} queries; pass the same number of passages "
+                "(nway) for every query, grouped query by query"
+            )
+        return torch.einsum("bh,bnh->bn", queries, encoded.view(queries.shape[0], -1, encoded.shape[-1]))
+
+    def save_pretrained(self, directory: Path, tokenizer) -> None:
+        """An HF folder (weights, config, tokenizer) plus the pooling td-ray needs to load it back."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        (directory / STUDENT_SPEC_FILE).write_text(json.dumps({"pooling": self.pooling}))
+
+
+class StudentEncoder:
+    """Inference wrapper: texts in, float32 vectors out. Used by the index and evaluate stages and the registry."""
+
+    def __init__(self, model: str, max_length: int = 180, device: str | None = None, batch_size: int = 64):
+        from transformers import AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = DualEncoder.from_pretrained(model).to(self.device).eval()
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.encoder.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        vectors = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                encoded = self.tokenizer(texts[start:start + self.batch_size], truncation=True,
+                                         max_length=self.max_length, padding=True, return_tensors="pt").to(self.device)
+                vectors.append(self.model.encode(encoded["input_ids"], encoded["attention_mask"]).float().cpu().numpy())
+        return np.concatenate(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)

@@ -1,0 +1,69 @@
+"""Pure evaluation logic: rank with FAISS, write TREC runs, score with ir_measures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from td_ray import schemas
+from td_ray.errors import TdRayError
+from td_ray.index.core import search
+from td_ray.workspace import atomic_write_text
+
+
+class MeasureError(TdRayError):
+    """A measure name ir_measures does not know."""
+
+
+def parse_measures(names: list[str]) -> list:
+    """ir_measures measure objects for `names` (e.g. nDCG@20, R@100, RR@10)."""
+    import ir_measures
+
+    measures = []
+    for name in names:
+        try:
+            measures.append(ir_measures.parse_measure(name))
+        except (ValueError, NameError, KeyError, SyntaxError, TypeError):
+            raise MeasureError(f"evaluate.measures: unknown measure {name!r}; use ir_measures names such as "
+                               "nDCG@20, R@100, RR@10, AP") from None
+    return measures
+
+
+def rank(index: faiss.Index, docids: dict[int, str], qids: list[str], vectors: np.ndarray, depth: int) -> pa.Table:
+    """The top `depth` documents per query as a RUN table (rank 1 is best)."""
+    scores, ids = search(index, vectors, depth)
+    rows: dict[str, list] = {"qid": [], "docid": [], "rank": [], "score": []}
+    for qid, row_scores, row_ids in zip(qids, scores, ids):
+        kept = [(score, docids[int(i)]) for score, i in zip(row_scores, row_ids) if i >= 0]
+        for position, (score, docid) in enumerate(kept, start=1):
+            rows["qid"].append(qid)
+            rows["docid"].append(docid)
+            rows["rank"].append(position)
+            rows["score"].append(float(score))
+    return pa.table(rows, schema=schemas.RUN)
+
+
+def write_trec_run(run: pa.Table, path: Path, tag: str) -> None:
+    """`qid Q0 docid rank score tag` lines, written atomically."""
+    lines = [f"{q} Q0 {d} {r} {s:.6f} {tag}" for q, d, r, s in zip(*(run[c].to_pylist() for c in ("qid", "docid", "rank", "score")))]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def evaluate_run(run: pa.Table, qrels: pa.Table, names: list[str]) -> tuple[dict[str, float], pa.Table]:
+    """Aggregate values per measure name, and a per-query table (qid, measure, value)."""
+    import ir_measures
+
+    measures = parse_measures(names)
+    qrel_rows = [ir_measures.Qrel(q, d, int(r)) for q, d, r in zip(*(qrels[c].to_pylist() for c in ("qid", "docid", "relevance")))]
+    run_rows = [ir_measures.ScoredDoc(q, d, float(s)) for q, d, s in zip(*(run[c].to_pylist() for c in ("qid", "docid", "score")))]
+    aggregate = {name: float(ir_measures.calc_aggregate([measure], qrel_rows, run_rows)[measure])
+                 for name, measure in zip(names, measures)}
+    by_name = {str(measure): name for name, measure in zip(names, measures)}
+    per_query = {"qid": [], "measure": [], "value": []}
+    for item in ir_measures.iter_calc(measures, qrel_rows, run_rows):
+        per_query["qid"].append(item.query_id)
+        per_query["measure"].append(by_name.get(str(item.measure), str(item.measure)))
+        per_query["value"].append(float(item.value))
+    return aggregate, pa.table(per_query)

@@ -1,0 +1,70 @@
+"""Every table td-ray writes, as one pyarrow schema each.
+
+Stages talk only through Parquet tables in the workspace; this module is the contract between them.
+Ids are strings everywhere (MS MARCO ids are digits, NeuCLIR ids are UUIDs: both fit).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from td_ray.errors import TdRayError
+
+#: A collection of passages or documents, in one language.
+DOCS = pa.schema([("id", pa.string()), ("text", pa.string())])
+#: Queries or topics, in one language.
+QUERIES = pa.schema([("id", pa.string()), ("text", pa.string())])
+#: Relevance judgements; graded (NeuCLIR uses 3 / 1 / 0).
+QRELS = pa.schema([("qid", pa.string()), ("docid", pa.string()), ("relevance", pa.int32())])
+#: First-stage candidates per training query (top K, rank 1 is best).
+CANDIDATES = pa.schema(
+    [("qid", pa.string()), ("pid", pa.string()), ("rank", pa.int32()), ("score", pa.float32())]
+)
+#: translate: one row per (id, lang), the text in that language and the model that made it.
+TRANSLATIONS = pa.schema(
+    [("id", pa.string()), ("lang", pa.string()), ("text", pa.string()), ("mt_model", pa.string())]
+)
+#: score: the teacher's raw score (a logit, never squashed) per (qid, pid). Ids and scores only.
+SCORES = pa.schema(
+    [("qid", pa.string()), ("pid", pa.string()), ("score", pa.float32()), ("teacher", pa.string())]
+)
+#: distill: one training example per query; passage text is joined late, in the configured language.
+EXAMPLES = pa.schema(
+    [
+        ("qid", pa.string()),
+        ("query", pa.string()),
+        ("pids", pa.list_(pa.string())),
+        ("passages", pa.list_(pa.string())),
+        ("teacher_scores", pa.list_(pa.float32())),
+    ]
+)
+#: index: the student's embedding of each document, with its FAISS id and shard.
+EMBEDDINGS = pa.schema(
+    [
+        ("docid", pa.string()),
+        ("faiss_id", pa.int64()),
+        ("shard", pa.int32()),
+        ("vector", pa.list_(pa.float32())),
+    ]
+)
+#: index: FAISS stores int64 ids; this maps them back to document ids.
+DOC_IDS = pa.schema([("faiss_id", pa.int64()), ("docid", pa.string())])
+#: evaluate: a ranked run, the Parquet twin of the TREC run file.
+RUN = pa.schema(
+    [("qid", pa.string()), ("docid", pa.string()), ("rank", pa.int32()), ("score", pa.float32())]
+)
+
+
+class MissingColumnsError(TdRayError):
+    """A stage's input table lacks columns the stage needs."""
+
+
+def require_columns(schema: pa.Schema, required: Iterable[str], table: str) -> None:
+    """Fail before any work starts if `table` lacks one of the `required` columns."""
+    missing = [name for name in required if name not in schema.names]
+    if missing:
+        raise MissingColumnsError(
+            f"table {table!r} is missing column(s) {missing}; it has {schema.names}. "
+            "Re-create it with the stage that writes it, or fix the input file's columns."
+        )

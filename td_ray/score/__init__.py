@@ -1,0 +1,61 @@
+"""score: a teacher cross-encoder scores each training query's top-K candidates, as Ray Data actors.
+
+The teacher sees English queries with English passages (`passage_lang: en`) or with translated passages
+(a target language: the CLIR teacher). Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and
+scores only, so one English score table serves every translated language in the distill stage.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from td_ray import schemas, tracking
+from td_ray.config import PipelineConfig
+from td_ray.ray_session import ensure_ray
+from td_ray.raydata import actor_map_args, write_stream
+from td_ray.result import StageResult
+from td_ray.score.actor import CrossEncoderActor
+from td_ray.score.core import CrossEncoderTeacher, build_pairs, check_teacher
+from td_ray.sources import ingest
+from td_ray.workspace import CANDIDATES, SCORES, TRAIN_QUERIES_EN, Workspace, translated
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run", "CrossEncoderActor", "CrossEncoderTeacher"]
+
+_BLOCK_ROWS = 2048
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Score every (query, candidate) pair once with the configured teacher."""
+    import ray.data
+
+    started = time.perf_counter()
+    options = config.score
+    workspace = Workspace(config.workspace)
+    with tracking.stage_run(config, "score") as run_id:
+        ingest(workspace, config.data.train_queries, "queries", "train_queries")
+        ingest(workspace, config.data.candidates, "candidates", "candidates")
+        passages_table = translated("passages", options.passage_lang)
+        for table, columns in ((CANDIDATES, ("qid", "pid", "rank")), (TRAIN_QUERIES_EN, ("id", "text")),
+                               (passages_table, ("id", "text"))):
+            schemas.require_columns(workspace.read_schema(table), columns, table)
+        pairs = build_pairs(workspace.read_table(CANDIDATES), workspace.read_table(TRAIN_QUERIES_EN),
+                            workspace.read_table(passages_table), options.top_k)
+        check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
+        ensure_ray(config.ray)
+        blocks = [pairs.slice(start, _BLOCK_ROWS) for start in range(0, pairs.num_rows, _BLOCK_ROWS)]
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            CrossEncoderActor,
+            fn_constructor_kwargs={
+                "model": options.teacher, "max_length": options.max_length, "revision": options.teacher_revision,
+                "trust_remote_code": options.trust_remote_code, "teacher_id": options.teacher,
+            },
+            **actor_map_args(options.num_actors, options.num_cpus_per_actor, options.num_gpus_per_actor, options.batch_size),
+        )
+        rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]))
+        result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
+                             {"queries": float(len(set(pairs["qid"].to_pylist())))}, run_id)
+        tracking.log_result(result)
+    logger.info(result.summary())
+    return result

@@ -1,0 +1,259 @@
+"""Read pipeline inputs (ir_datasets ids, TSV, JSONL, Parquet, TREC files) into the workspace as Parquet.
+
+Each source is read lazily, row by row, and written in batches, so a collection never has to fit in memory.
+An ingested table remembers the source it came from and is reused while that source is unchanged.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from td_ray import schemas
+from td_ray.config import (
+    DataSource,
+    IrDatasetsSource,
+    JsonlSource,
+    ParquetSource,
+    TrecQrelsSource,
+    TrecRunSource,
+    TsvSource,
+)
+from td_ray.errors import TdRayError
+from td_ray.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["docs", "queries", "qrels", "candidates"]
+ROLE_SCHEMAS: dict[str, pa.Schema] = {
+    "docs": schemas.DOCS,
+    "queries": schemas.QUERIES,
+    "qrels": schemas.QRELS,
+    "candidates": schemas.CANDIDATES,
+}
+ROLE_FORMATS: dict[str, tuple[str, ...]] = {
+    "docs": ("tsv", "jsonl", "parquet", "ir_datasets"),
+    "queries": ("tsv", "jsonl", "parquet", "ir_datasets"),
+    "qrels": ("trec_qrels", "ir_datasets"),
+    "candidates": ("trec_run", "ir_datasets"),
+}
+_BATCH_ROWS = 50_000
+
+
+class SourceError(TdRayError):
+    """An input that cannot be read as given: the message names the file, the line and the fix."""
+
+
+def _open_text_lines(path: str) -> Iterator[tuple[int, str]]:
+    if not os.path.isfile(path):
+        raise SourceError(f"input file not found: {path} (check the path in the config's data section)")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise SourceError(
+                    f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}); "
+                    "re-encode the file as UTF-8 (or repair it, e.g. with ftfy) and run again"
+                ) from None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _tsv_rows(source: TsvSource) -> Iterator[tuple]:
+    for number, line in _open_text_lines(source.path):
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0]:
+            raise SourceError(f"{source.path}:{number}: expected `id<TAB>text`, got {line[:80]!r}")
+        yield fields[0], fields[1]
+
+
+def _jsonl_rows(source: JsonlSource) -> Iterator[tuple]:
+    for number, line in _open_text_lines(source.path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"{source.path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or record.get(source.id_field) in (None, ""):
+            raise SourceError(f"{source.path}:{number}: no {source.id_field!r} field (set id_field in the config)")
+        text = " ".join(str(record.get(field) or "") for field in source.text_fields).strip()
+        yield str(record[source.id_field]), text
+
+
+def _parquet_rows(source: ParquetSource) -> Iterator[tuple]:
+    import pyarrow.dataset as pads
+
+    if not os.path.exists(source.path):
+        raise SourceError(f"input not found: {source.path} (check the path in the config's data section)")
+    dataset = pads.dataset(source.path, format="parquet")
+    for column in (source.id_column, source.text_column):
+        if column not in dataset.schema.names:
+            raise SourceError(
+                f"{source.path}: no column {column!r} (columns: {dataset.schema.names}); set id_column/text_column"
+            )
+    for batch in dataset.to_batches(columns=[source.id_column, source.text_column]):
+        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            yield str(doc_id), text or ""
+
+
+def _trec_run_rows(source: TrecRunSource) -> Iterator[tuple]:
+    for number, line in _open_text_lines(source.path):
+        fields = line.split()
+        if len(fields) != 6:
+            raise SourceError(f"{source.path}:{number}: a TREC run line has 6 fields (qid Q0 docid rank score tag)")
+        try:
+            yield fields[0], fields[2], int(fields[3]), float(fields[4])
+        except ValueError:
+            raise SourceError(f"{source.path}:{number}: rank must be an integer and score a number") from None
+
+
+def _trec_qrels_rows(source: TrecQrelsSource) -> Iterator[tuple]:
+    for number, line in _open_text_lines(source.path):
+        fields = line.split()
+        if len(fields) != 4:
+            raise SourceError(f"{source.path}:{number}: a qrels line has 4 fields (qid 0 docid relevance)")
+        try:
+            yield fields[0], fields[2], int(fields[3])
+        except ValueError:
+            raise SourceError(f"{source.path}:{number}: relevance must be an integer") from None
+
+
+def _irds_text(record: object, fields: list[str], source: IrDatasetsSource) -> str:
+    missing = [field for field in fields if not hasattr(record, field)]
+    if missing:
+        raise SourceError(
+            f"ir_datasets {source.id!r}: records have no field(s) {missing}; they have {list(record._fields)}. "
+            "Set text_fields in the config."
+        )
+    return " ".join(str(getattr(record, field) or "") for field in fields).strip()
+
+
+def _irds_rows(source: IrDatasetsSource, role: Role) -> Iterator[tuple]:
+    import ir_datasets
+
+    try:
+        dataset = ir_datasets.load(source.id)
+    except KeyError:
+        raise SourceError(f"unknown ir_datasets id {source.id!r}; see https://ir-datasets.com for valid ids") from None
+    fields = source.text_fields or ["text"]
+    if role == "docs":
+        for doc in dataset.docs_iter():
+            yield doc.doc_id, _irds_text(doc, fields, source)
+    elif role == "queries":
+        for query in dataset.queries_iter():
+            yield query.query_id, _irds_text(query, fields, source)
+    elif role == "qrels":
+        for qrel in dataset.qrels_iter():
+            yield qrel.query_id, qrel.doc_id, int(qrel.relevance)
+    else:  # scoreddocs carry scores, not ranks: rank them per query here
+        yield from _rank_scored(dataset.scoreddocs_iter())
+
+
+def _rank_scored(scored: Iterator) -> Iterator[tuple]:
+    """Rank scoreddocs per query (they arrive grouped by query, with scores but no ranks)."""
+    current, group = None, []
+    for item in scored:
+        if item.query_id != current:
+            yield from _ranked(current, group)
+            current, group = item.query_id, []
+        group.append((item.doc_id, float(item.score)))
+    yield from _ranked(current, group)
+
+
+def _ranked(query_id: str | None, group: list[tuple[str, float]]) -> Iterator[tuple]:
+    group.sort(key=lambda pair: -pair[1])
+    for rank, (doc_id, score) in enumerate(group, start=1):
+        yield query_id, doc_id, rank, score
+
+
+_READERS: dict[str, Callable[..., Iterator[tuple]]] = {
+    "tsv": _tsv_rows,
+    "jsonl": _jsonl_rows,
+    "parquet": _parquet_rows,
+    "trec_run": _trec_run_rows,
+    "trec_qrels": _trec_qrels_rows,
+}
+
+
+def iter_rows(source: DataSource, role: Role) -> Iterator[tuple]:
+    """Rows of `source` read as `role`, as tuples in the role schema's column order."""
+    if source.format not in ROLE_FORMATS[role]:
+        raise SourceError(f"a {source.format} source cannot provide {role}; use one of {ROLE_FORMATS[role]}")
+    if isinstance(source, IrDatasetsSource):
+        return _irds_rows(source, role)
+    return _READERS[source.format](source)
+
+
+def _fingerprint(source: DataSource) -> str:
+    """What identifies a source's content: its settings, and a local file's size and mtime."""
+    described = source.model_dump(mode="json")
+    path = getattr(source, "path", None)
+    if path and os.path.exists(path):
+        stat = os.stat(path)
+        described["stat"] = [stat.st_size, stat.st_mtime_ns]
+    return json.dumps(described, sort_keys=True)
+
+
+def _key_columns(role: Role) -> list[str]:
+    return {"docs": ["id"], "queries": ["id"], "qrels": ["qid", "docid"], "candidates": ["qid", "pid"]}[role]
+
+
+def find_duplicates(table: pa.Table, keys: list[str], limit: int = 5) -> list[tuple]:
+    """Up to `limit` key values that occur more than once in `table`."""
+    counts = table.group_by(keys).aggregate([([], "count_all")])
+    repeated = counts.filter(pc.greater(counts["count_all"], 1)).slice(0, limit)
+    return list(zip(*(repeated[key].to_pylist() for key in keys)))
+
+
+def ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> str:
+    """Copy `source` into ``inputs/<name>.parquet`` (reused while the source is unchanged); returns its path.
+
+    Fails on an empty source or duplicate ids, naming them, before any stage uses the table.
+    """
+    relative = f"inputs/{name}.parquet"
+    fingerprint = _fingerprint(source)
+    if workspace.exists(relative):
+        metadata = workspace.read_schema(relative).metadata or {}
+        if metadata.get(b"td_ray_source", b"").decode() == fingerprint:
+            logger.info("input %s: reusing %s", name, workspace.path(relative))
+            return relative
+    schema = ROLE_SCHEMAS[role].with_metadata({"td_ray_source": fingerprint})
+    keys = _key_columns(role)
+
+    def validate(written: pa.Table) -> None:
+        if written.num_rows == 0:
+            raise SourceError(f"input {name!r} ({source.format}) has no rows; check the source in the config")
+        duplicates = find_duplicates(written, keys)
+        if duplicates:
+            raise SourceError(
+                f"input {name!r} has duplicate {'/'.join(keys)} values, e.g. {duplicates}; "
+                "each must appear once: remove the repeated rows from the source"
+            )
+
+    rows = 0
+    with workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys) as writer:
+        buffer: list[tuple] = []
+        for row in iter_rows(source, role):
+            buffer.append(row)
+            if len(buffer) >= _BATCH_ROWS:
+                writer.write_table(_to_table(buffer, schema))
+                rows += len(buffer)
+                buffer = []
+        if buffer:
+            writer.write_table(_to_table(buffer, schema))
+            rows += len(buffer)
+    logger.info("input %s: %d rows -> %s", name, rows, workspace.path(relative))
+    return relative
+
+
+def _to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows))
+    return pa.Table.from_arrays([pa.array(column, type=field.type) for column, field in zip(columns, schema)], schema=schema)

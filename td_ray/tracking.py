@@ -1,0 +1,99 @@
+"""MLflow wiring: where the store is, one parent run per pipeline, one child run per stage.
+
+MLflow 3 is assumed: ``log_model(name=...)`` and registry aliases, never the deprecated stages.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from td_ray.config import PipelineConfig
+from td_ray.result import StageResult
+from td_ray.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def metric_key(measure: str) -> str:
+    """MLflow metric names cannot hold `@`: nDCG@20 is stored as nDCG_20."""
+    return measure.replace("@", "_")
+
+
+def tracking_uri(config: PipelineConfig) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else a sqlite store under the workspace."""
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    database = Workspace(config.workspace).local_dir("mlflow") / "mlflow.db"
+    return f"sqlite:///{database}"
+
+
+def configure(config: PipelineConfig) -> str:
+    """Point MLflow at the pipeline's store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the local store, not in ./mlruns
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return mlflow.create_experiment(config.mlflow.experiment, artifact_location=artifacts)
+
+
+def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, item, out)
+    else:
+        out[prefix] = str(value)[:6000]
+
+
+@contextlib.contextmanager
+def pipeline_run(config: PipelineConfig) -> Iterator[str]:
+    """The parent run of one pipeline execution; yields its run id."""
+    import mlflow
+
+    experiment_id = configure(config)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as run:
+        mlflow.set_tags({"td_ray.config_hash": config.fingerprint(), "td_ray.workspace": config.workspace})
+        mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
+    """A run for one stage: a child of the pipeline run when there is one. Logs the stage's config as params."""
+    import mlflow
+
+    experiment_id = configure(config)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested) as run:
+        section = getattr(config, stage).model_dump(mode="json")
+        params: dict[str, str] = {}
+        _flatten(stage, section, params)
+        mlflow.log_params(params)
+        mlflow.set_tags({"td_ray.stage": stage, "td_ray.config_hash": config.fingerprint()})
+        mlflow.log_text(yaml.safe_dump({stage: section}, sort_keys=False), f"{stage}_config.yaml")
+        yield run.info.run_id
+
+
+def log_result(result: StageResult) -> None:
+    """Log a stage's rows, throughput and metrics to the active run."""
+    import mlflow
+
+    mlflow.log_metrics(
+        {"rows": float(result.rows), "seconds": result.seconds, "rows_per_s": result.throughput}
+        | {metric_key(name): value for name, value in result.metrics.items()}
+    )
+    mlflow.set_tags({f"td_ray.output.{name}": path for name, path in result.outputs.items()})
