@@ -26,10 +26,13 @@ class _Strict(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- sources
 class TsvSource(_Strict):
-    """A headerless tab-separated file: ``id<TAB>text`` for docs and queries."""
+    """A tab-separated file of docs or queries (MS MARCO's ``id<TAB>text`` by default)."""
 
-    format: Literal["tsv"] = Field(description="Local TSV file, no header: id, text (extra columns ignored).")
+    format: Literal["tsv"] = Field(description="Local TSV file (no quoting, like MS MARCO's collection.tsv).")
     path: str = Field(description="Path to the file; `{workspace}` is replaced by the workspace root.")
+    header: bool = Field(False, description="The first line names the columns.")
+    id_column: str | int = Field(0, description="Id column: a 0-based index, or a name when `header` is set.")
+    text_column: str | int = Field(1, description="Text column: a 0-based index, or a name when `header` is set.")
 
 
 class JsonlSource(_Strict):
@@ -133,6 +136,10 @@ class TranslateTarget(_Strict):
         description="An existing translation of the passages (e.g. ir_datasets `neumarco/zh/train`), used "
         "instead of an MT model.",
     )
+    source_prefix: str | None = Field(
+        None, description="Token put before every source text, for multi-target models (e.g. `>>cmn_Hans<<` for "
+        "Helsinki-NLP/opus-mt-en-zh).",
+    )
     pretranslated_queries: DataSource | None = Field(
         None, description="An existing translation of the training queries (optional)."
     )
@@ -232,7 +239,8 @@ class EvaluateConfig(_Strict):
 class PipelineConfig(_Strict):
     """The whole Translate-Distill pipeline: inputs, the five stages, Ray and MLflow."""
 
-    workspace: str = Field(description="Root of every table, model, index and run: a local path or a pyarrow URI.")
+    workspace: str = Field(description="Root of every table, model, index and run: a local path or a shared mount "
+                           "every node can reach (tables also accept a pyarrow filesystem URI).")
     demo_assets: bool = Field(
         False, description="Build the tiny models and the generated demo collection into the workspace first."
     )
@@ -254,6 +262,20 @@ class PipelineConfig(_Strict):
             if lang not in langs:
                 raise ValueError(f"{field}: {lang!r} is not `en` nor a translate target ({sorted(langs)})")
         return self
+
+    def local_sources(self) -> list[tuple[str, DataSource]]:
+        """Every (config field, source) that names a local path."""
+        found = [(f"data.{name}", source) for name, source in self.data if hasattr(source, "path")]
+        for target in self.translate.targets:
+            for kind in ("pretranslated", "pretranslated_queries"):
+                source = getattr(target, kind)
+                if source is not None and hasattr(source, "path"):
+                    found.append((f"translate.targets[{target.lang}].{kind}", source))
+        return found
+
+    def missing_paths(self) -> list[str]:
+        """`field: path` for each local input that does not exist."""
+        return [f"{field}.path: {source.path}" for field, source in self.local_sources() if not Path(source.path).exists()]
 
     def fingerprint(self) -> str:
         """Short hash of the config, recorded as lineage on everything the pipeline registers."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -10,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from td_ray import distill, evaluate, index, score, tracking, translate
-from td_ray.config import PipelineConfig, parse_config
+from td_ray.config import ConfigError, PipelineConfig, parse_config
 from td_ray.result import StageResult
 from td_ray.workspace import Workspace, atomic_write_text
 
@@ -56,6 +57,9 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     if config.demo_assets:
         prepare_demo_assets(config)
+    missing = config.missing_paths()
+    if missing:
+        raise ConfigError("input paths not found (fix them in the config):\n  " + "\n  ".join(missing))
     started = time.perf_counter()
     results = []
     with tracking.pipeline_run(config):
@@ -84,5 +88,6 @@ def format_summary(results: list[StageResult], config: PipelineConfig) -> str:
             lines.append(f"  {result.stage}.{name}: {where}")
     lines.append(f"MLflow: {tracking.tracking_uri(config)} (experiment {config.mlflow.experiment!r})")
     if Path(config.workspace).exists() and tracking.tracking_uri(config).startswith("sqlite:///"):
-        lines.append(f"  open the UI: mlflow ui --backend-store-uri {tracking.tracking_uri(config)} --host 127.0.0.1")
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        lines.append(f"  open the UI: {mlflow_cli} ui --backend-store-uri {tracking.tracking_uri(config)} --host 127.0.0.1")
     return "\n".join(lines)

@@ -69,11 +69,24 @@ def _open_text_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def _tsv_rows(source: TsvSource) -> Iterator[tuple]:
-    for number, line in _open_text_lines(source.path):
+    lines = _open_text_lines(source.path)
+    columns = [source.id_column, source.text_column]
+    if source.header:
+        _, first = next(lines, (0, ""))
+        names = first.split("\t")
+        unknown = [column for column in columns if column not in names]
+        if unknown:
+            raise SourceError(f"{source.path}: header {names} has no column {unknown}; set id_column/text_column")
+        columns = [names.index(column) for column in columns]
+    elif not all(isinstance(column, int) for column in columns):
+        raise SourceError(f"{source.path}: column names need `header: true`; otherwise give 0-based indices")
+    needed = max(columns) + 1
+    for number, line in lines:
         fields = line.split("\t")
-        if len(fields) < 2 or not fields[0]:
-            raise SourceError(f"{source.path}:{number}: expected `id<TAB>text`, got {line[:80]!r}")
-        yield fields[0], fields[1]
+        if len(fields) < needed or not fields[columns[0]]:
+            raise SourceError(f"{source.path}:{number}: expected at least {needed} tab-separated fields with an id, "
+                              f"got {line[:80]!r}")
+        yield fields[columns[0]], fields[columns[1]]
 
 
 def _jsonl_rows(source: JsonlSource) -> Iterator[tuple]:
@@ -158,20 +171,17 @@ def _irds_rows(source: IrDatasetsSource, role: Role) -> Iterator[tuple]:
 
 
 def _rank_scored(scored: Iterator) -> Iterator[tuple]:
-    """Rank scoreddocs per query (they arrive grouped by query, with scores but no ranks)."""
-    current, group = None, []
+    """Rank scoreddocs per query by score (they carry no ranks, and need not arrive grouped by query).
+
+    Holds every (query, doc, score) in memory: for MS MARCO's full BM25 top-1000 prefer a TREC run file.
+    """
+    groups: dict[str, list[tuple[str, float]]] = {}
     for item in scored:
-        if item.query_id != current:
-            yield from _ranked(current, group)
-            current, group = item.query_id, []
-        group.append((item.doc_id, float(item.score)))
-    yield from _ranked(current, group)
-
-
-def _ranked(query_id: str | None, group: list[tuple[str, float]]) -> Iterator[tuple]:
-    group.sort(key=lambda pair: -pair[1])
-    for rank, (doc_id, score) in enumerate(group, start=1):
-        yield query_id, doc_id, rank, score
+        groups.setdefault(item.query_id, []).append((item.doc_id, float(item.score)))
+    for query_id, group in groups.items():
+        group.sort(key=lambda pair: -pair[1])  # stable: equal scores keep the file's order
+        for rank, (doc_id, score) in enumerate(group, start=1):
+            yield query_id, doc_id, rank, score
 
 
 _READERS: dict[str, Callable[..., Iterator[tuple]]] = {
@@ -213,11 +223,19 @@ def find_duplicates(table: pa.Table, keys: list[str], limit: int = 5) -> list[tu
     return list(zip(*(repeated[key].to_pylist() for key in keys)))
 
 
-def ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> str:
+def ingest(workspace: Workspace, source: DataSource, role: Role, name: str, field: str | None = None) -> str:
     """Copy `source` into ``inputs/<name>.parquet`` (reused while the source is unchanged); returns its path.
 
-    Fails on an empty source or duplicate ids, naming them, before any stage uses the table.
+    Fails on an empty source or duplicate ids, naming them and the config `field` (default ``data.<name>``),
+    before any stage uses the table; a table ingested earlier is left as it was.
     """
+    try:
+        return _ingest(workspace, source, role, name)
+    except SourceError as error:
+        raise SourceError(f"{field or 'data.' + name}: {error}") from None
+
+
+def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> str:
     relative = f"inputs/{name}.parquet"
     fingerprint = _fingerprint(source)
     if workspace.exists(relative):

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from td_ray.errors import TdRayError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +43,9 @@ class Workspace:
     def local_dir(self, relative: str) -> Path:
         """A local directory under the workspace, for engines that need one (models, FAISS, MLflow)."""
         if not self.is_local:
-            raise NotImplementedError(
-                f"{relative!r} needs a local directory; use a local or mounted workspace for this stage"
+            raise TdRayError(
+                f"{relative!r} needs a local directory, but the workspace {self.uri} is remote; use a local path "
+                "or a shared mount (NFS, EFS, a Kubernetes volume) as the workspace"
             )
         path = Path(self.path(relative))
         path.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """distill: Ray Train (TorchTrainer, DDP) fits the student dual encoder to the teacher with a KL loss.
 
 Examples join the score table with passage text in `distill.passage_lang`; the final model is saved in HF
-format under ``models/student`` and registered in MLflow with an alias and its lineage.
+format under ``distill/student`` and registered in MLflow with an alias and its lineage.
 """
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ class DualEncoder(nn.Module):
 
     def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query)."""
-        queries = self.encode(**query)
-        encoded = self.encode(**passages)
+        queries = self.encode(query["input_ids"], query["attention_mask"])
+        encoded = self.encode(passages["input_ids"], passages["attention_mask"])
         if encoded.shape[0] % queries.shape[0]:
             raise ValueError(
                 f"got {encoded.shape[0]} passages for {queries.shape[0]} queries; pass the same number of passages "

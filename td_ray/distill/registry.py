@@ -32,12 +32,12 @@ def register_student(student_dir: Path, name: str, alias: str, tags: dict[str, s
 
     import td_ray
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "numpy", "pandas")]
     info = mlflow.pyfunc.log_model(
         name="student",
-        python_model=StudentPyfunc(),
+        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
         artifacts={"student": str(student_dir)},
         code_paths=[str(Path(td_ray.__file__).parent)],
         pip_requirements=requirements,

@@ -103,7 +103,8 @@ def train_loop(loop_config: dict) -> None:
             _save(Path(directory), student, optimizer, scheduler, step, tokenizer, final)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    metrics = {"step": float(step)}
+    start_step = step
+    metrics = {"step": float(step), "start_step": float(start_step)}
     while step < config.steps:
         batches = 0
         for batch in shard.iter_batches(batch_size=config.batch_size, drop_last=True, batch_format="numpy"):
@@ -117,7 +118,7 @@ def train_loop(loop_config: dict) -> None:
             scheduler.step()
             step += 1
             metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "step": float(step)}
+                       "grad_norm": float(grad_norm), "step": float(step), "start_step": float(start_step)}
             if step_logger is not None:
                 step_logger.log(step, metrics)
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -129,5 +130,5 @@ def train_loop(loop_config: dict) -> None:
                 f"worker {rank} got no full batch of {config.batch_size} examples; lower distill.batch_size or "
                 "distill.num_workers, or train on more queries"
             )
-    if checkpoint is not None and step == int(state["step"]):  # resumed a finished run: hand its model back
+    if checkpoint is not None and step == start_step:  # resumed a finished run: hand its model back
         report(metrics, final=True)

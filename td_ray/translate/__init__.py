@@ -36,6 +36,7 @@ def _translate_table(config: PipelineConfig, workspace: Workspace, source: str, 
         fn_constructor_kwargs={
             "model_dir": str(model_dir), "lang": target.lang, "mt_model": target.model, "options": decoding,
             "device": options.device, "compute_type": options.compute_type, "intra_threads": options.intra_threads,
+            "source_prefix": target.source_prefix,
         },
         **actor_map_args(options.num_actors, options.num_cpus_per_actor, options.num_gpus_per_actor, options.batch_size),
     )
@@ -78,7 +79,7 @@ def run(config: PipelineConfig) -> StageResult:
         for target in config.translate.targets:
             if target.model is not None:
                 model_dirs[target.lang] = resolve_ct2_model(target.model, workspace.local_dir("models/ct2"))
-                SentencePieceCodec(model_dirs[target.lang])
+                SentencePieceCodec(model_dirs[target.lang], target.source_prefix)
         ensure_ray(config.ray)
         rows, counters, outputs = 0, {}, {}
         for target in config.translate.targets:
@@ -92,7 +93,9 @@ def run(config: PipelineConfig) -> StageResult:
                     pretranslated = target.pretranslated if kind == "passages" else target.pretranslated_queries
                     if pretranslated is None:
                         continue
-                    source = ingest(workspace, pretranslated, "docs" if kind == "passages" else "queries", f"pretranslated_{kind}.{target.lang}")
+                    field = f"translate.targets[{target.lang}].pretranslated" + ("" if kind == "passages" else "_queries")
+                    source = ingest(workspace, pretranslated, "docs" if kind == "passages" else "queries",
+                                    f"pretranslated_{kind}.{target.lang}", field)
                     name = f"pretranslated:{getattr(pretranslated, 'id', None) or Path(pretranslated.path).name}"
                     count = _copy_pretranslated(workspace, source, english, output, target.lang, name)
                 rows += count

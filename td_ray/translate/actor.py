@@ -18,14 +18,15 @@ class CT2TranslatorActor:
     """Translates batches of ``{id, text}`` into ``{id, lang, text, mt_model}``; loads the model once."""
 
     def __init__(self, model_dir: str, lang: str, mt_model: str, options: DecodingOptions,
-                 device: str = "auto", compute_type: str = "default", intra_threads: int = 1):
+                 device: str = "auto", compute_type: str = "default", intra_threads: int = 1,
+                 source_prefix: str | None = None):
         import ctranslate2
 
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         self.translator = ctranslate2.Translator(model_dir, device=device, compute_type=compute_type,
                                                  intra_threads=intra_threads, inter_threads=1)
-        self.codec = SentencePieceCodec(Path(model_dir))
+        self.codec = SentencePieceCodec(Path(model_dir), source_prefix)
         self.lang, self.mt_model, self.options = lang, mt_model, options
         logger.info("translator for %s loaded on %s from %s", lang, device, model_dir)
 

@@ -34,7 +34,7 @@ class DecodingOptions:
 class SentencePieceCodec:
     """Source encoding and target decoding with the sentencepiece models shipped beside a CT2 model."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, source_prefix: str | None = None):
         import sentencepiece
 
         spec_path = model_dir / MT_SPEC_FILE
@@ -50,14 +50,15 @@ class SentencePieceCodec:
         self.source = sentencepiece.SentencePieceProcessor(model_file=str(source))
         self.target = sentencepiece.SentencePieceProcessor(model_file=str(target))
         self.append_eos = spec.get("append_eos", True)  # Marian expects </s> at the end of the source
+        self.prefix = [source_prefix] if source_prefix else []
 
     def encode(self, texts: list[str], max_length: int) -> list[tuple[list[str], bool]]:
         """Source tokens per text, cut to `max_length`, each with whether it was cut."""
-        budget = max_length - 1 if self.append_eos else max_length
+        budget = max_length - len(self.prefix) - (1 if self.append_eos else 0)
         encoded = []
         for pieces in self.source.encode(texts, out_type=str):
             truncated = len(pieces) > budget
-            pieces = pieces[:budget]
+            pieces = self.prefix + pieces[:budget]
             encoded.append((pieces + ["</s>"] if self.append_eos else pieces, truncated))
         return encoded
 

@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray cluster, the tiny models and one small pipeline run for the whole session.
+
+Ray and TorchTrainer start-up costs seconds each, so the stage tests share a single pipeline run and
+assert on its outputs; tests that need other settings run single stages on their own workspaces.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+
+def with_updates(config, **sections):
+    """A copy of a PipelineConfig with fields of its sections replaced, e.g. distill={"steps": 4}."""
+    from td_ray.config import PipelineConfig
+
+    raw = config.model_dump(mode="json")
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return PipelineConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def assets_root(tmp_path_factory) -> Path:
+    """Tiny models and demo data built once, shared by every workspace through symlinks."""
+    from td_ray.assets.demo_data import write_demo_collection
+    from td_ray.assets.tiny_models import build_tiny_models
+
+    root = tmp_path_factory.mktemp("assets")
+    build_tiny_models(root / "tiny-models")
+    write_demo_collection(root / "demo")
+    return root
+
+
+@pytest.fixture
+def make_workspace(tmp_path_factory, assets_root):
+    """A fresh workspace holding links to the shared tiny models and demo data; returns its demo config."""
+    from td_ray.pipeline import demo_config
+
+    def make(**sections):
+        workspace = tmp_path_factory.mktemp("ws")
+        for name in ("tiny-models", "demo"):
+            (workspace / name).symlink_to(assets_root / name)
+        config = demo_config(str(workspace))
+        return with_updates(config, demo_assets=False, **sections)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, assets_root, ray_cluster):
+    """The demo pipeline, shortened, run once in this process: (config, results by stage)."""
+    from td_ray.pipeline import demo_config, run_pipeline
+
+    workspace = tmp_path_factory.mktemp("pipeline")
+    for name in ("tiny-models", "demo"):
+        (workspace / name).symlink_to(assets_root / name)
+    config = with_updates(demo_config(str(workspace)), demo_assets=False,
+                          distill={"steps": 6, "checkpoint_every": 3, "batch_size": 4})
+    results = run_pipeline(config)
+    return config, {result.stage: result for result in results}

@@ -1,0 +1,79 @@
+"""score: one finite raw teacher logit per (query, candidate), in English or against translated passages."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from td_ray import score
+from td_ray.score.core import build_pairs
+from td_ray.translate.core import ModelError
+from td_ray.workspace import SCORES, Workspace, translated
+
+
+def _direct_logits(model_dir: str, queries: list[str], passages: list[str], max_length: int) -> list[float]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        encoded = tokenizer(queries, passages, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        return model(**encoded).logits[:, 0].tolist()
+
+
+def test_one_finite_score_per_pair_equal_to_the_teacher_logit(pipeline_run):
+    config, _ = pipeline_run
+    workspace = Workspace(config.workspace)
+    scores = workspace.read_table(SCORES)
+    candidates = workspace.read_table("inputs/candidates.parquet")
+    keys = list(zip(scores["qid"].to_pylist(), scores["pid"].to_pylist()))
+    assert len(keys) == len(set(keys)) == candidates.num_rows  # demo candidate lists are exactly top_k long
+    assert all(math.isfinite(value) for value in scores["score"].to_pylist())
+    assert set(scores["teacher"].to_pylist()) == {config.score.teacher}
+
+    queries = dict(zip(*(workspace.read_table("inputs/train_queries.parquet")[c].to_pylist() for c in ("id", "text"))))
+    passages = dict(zip(*(workspace.read_table("inputs/passages.parquet")[c].to_pylist() for c in ("id", "text"))))
+    sample = keys[:40]
+    expected = _direct_logits(config.score.teacher, [queries[q] for q, _ in sample], [passages[p] for _, p in sample],
+                              config.score.max_length)
+    assert scores["score"].to_pylist()[:40] == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(value, 4) for value in expected)) > 10  # the teacher really discriminates pairs
+
+
+def test_clir_teacher_scores_translated_passages(pipeline_run, make_workspace, ray_cluster):
+    config, _ = pipeline_run
+    clir = make_workspace(score={"passage_lang": "syn"})
+    workspace = Workspace(clir.workspace)
+    # reuse the shared run's translation so only the score stage runs here
+    workspace.write_table(Workspace(config.workspace).read_table(translated("passages", "syn")), translated("passages", "syn"))
+    score.run(clir)
+    scores = workspace.read_table(SCORES)
+    first = scores.slice(0, 8)
+    queries = dict(zip(*(workspace.read_table("inputs/train_queries.parquet")[c].to_pylist() for c in ("id", "text"))))
+    syn = dict(zip(*(workspace.read_table(translated("passages", "syn"))[c].to_pylist() for c in ("id", "text"))))
+    expected = _direct_logits(clir.score.teacher, [queries[q] for q in first["qid"].to_pylist()],
+                              [syn[p] for p in first["pid"].to_pylist()], clir.score.max_length)
+    assert first["score"].to_pylist() == pytest.approx(expected, abs=1e-4)
+    english = Workspace(config.workspace).read_table(SCORES).slice(0, 8)
+    assert english["score"].to_pylist() != pytest.approx(first["score"].to_pylist(), abs=1e-4)
+
+
+def test_pairs_keep_top_k_and_name_missing_text():
+    candidates = pa.table({"qid": ["q1"] * 3, "pid": ["a", "b", "c"], "rank": pa.array([1, 2, 3], pa.int32()),
+                           "score": pa.array([3.0, 2.0, 1.0], pa.float32())})
+    queries = pa.table({"id": ["q1"], "text": ["query"]})
+    passages = pa.table({"id": ["a", "b", "c"], "text": ["A", "B", "C"]})
+    pairs = build_pairs(candidates, queries, passages, top_k=2)
+    assert pairs["pid"].to_pylist() == ["a", "b"] and pairs["passage"].to_pylist() == ["A", "B"]
+    with pytest.raises(ValueError, match=r"pid.*\['c'\]"):
+        build_pairs(candidates, queries, passages.slice(0, 2), top_k=3)
+
+
+def test_teacher_with_several_labels_is_rejected(make_workspace, tmp_path, assets_root):
+    model = AutoModelForSequenceClassification.from_pretrained(assets_root / "tiny-models" / "cross_encoder", num_labels=2,
+                                                               ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path / "two-labels")
+    config = make_workspace(score={"teacher": str(tmp_path / "two-labels")})
+    with pytest.raises(ModelError, match="2 output labels"):
+        score.run(config)

@@ -1,0 +1,118 @@
+"""Inputs: local files and ir_datasets read into string-keyed tables, with clear errors that keep what was done."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import ir_datasets
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REALDATA
+from td_ray.config import IrDatasetsSource, JsonlSource, ParquetSource, TrecQrelsSource, TrecRunSource, TsvSource
+from td_ray.sources import SourceError, ingest, iter_rows
+from td_ray.workspace import Workspace
+
+
+def test_tsv_jsonl_gz_and_parquet_agree_and_ids_are_strings(tmp_path):
+    (tmp_path / "d.tsv").write_text("1\tfirst text\n2\tsecond\n")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"doc_id": 1, "title": "first", "body": "text"}) + "\n")
+        handle.write(json.dumps({"doc_id": "2", "title": "second", "body": None}) + "\n")
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, TsvSource(format="tsv", path=str(tmp_path / "d.tsv")), "docs", "from_tsv")
+    pq.write_table(workspace.read_table("inputs/from_tsv.parquet"), tmp_path / "d.parquet")
+    rows = {
+        "tsv": list(iter_rows(TsvSource(format="tsv", path=str(tmp_path / "d.tsv")), "docs")),
+        "jsonl": list(iter_rows(JsonlSource(format="jsonl", path=str(tmp_path / "d.jsonl.gz"), id_field="doc_id",
+                                            text_fields=["title", "body"]), "docs")),
+        "parquet": list(iter_rows(ParquetSource(format="parquet", path=str(tmp_path / "d.parquet")), "docs")),
+    }
+    assert rows["tsv"] == rows["jsonl"] == rows["parquet"] == [("1", "first text"), ("2", "second")]
+
+
+def test_duplicate_ids_fail_naming_the_id_and_keep_the_previous_table(tmp_path):
+    good, bad = tmp_path / "good.tsv", tmp_path / "bad.tsv"
+    good.write_text("a\tone\nb\ttwo\n")
+    bad.write_text("a\tone\nb\ttwo\nb\tagain\n")
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, TsvSource(format="tsv", path=str(good)), "docs", "passages")
+    with pytest.raises(SourceError, match=r"duplicate id values, e.g. \[\('b',\)\]"):
+        ingest(workspace, TsvSource(format="tsv", path=str(bad)), "docs", "passages")
+    assert workspace.read_table("inputs/passages.parquet")["id"].to_pylist() == ["a", "b"]
+    assert not list((tmp_path / "ws" / "inputs").glob("*.tmp-*"))
+
+
+def test_bad_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.tsv"
+    path.write_bytes(b"1\tfine\n2\tbad \xff\xfe byte\n")
+    with pytest.raises(SourceError, match=r"broken.tsv:2: not valid UTF-8"):
+        list(iter_rows(TsvSource(format="tsv", path=str(path)), "docs"))
+
+
+def test_malformed_lines_and_missing_files_are_named(tmp_path):
+    (tmp_path / "run.trec").write_text("q1 Q0 d1 1 2.5 tag\nq1 Q0 d2 two 2.0 tag\n")
+    with pytest.raises(SourceError, match=r"run.trec:2: rank must be an integer"):
+        list(iter_rows(TrecRunSource(format="trec_run", path=str(tmp_path / "run.trec")), "candidates"))
+    with pytest.raises(SourceError, match="input file not found: .*nope.tsv"):
+        list(iter_rows(TsvSource(format="tsv", path=str(tmp_path / "nope.tsv")), "docs"))
+    with pytest.raises(SourceError, match="cannot provide qrels"):
+        list(iter_rows(TsvSource(format="tsv", path="x"), "qrels"))
+
+
+def test_ingest_reuses_an_unchanged_source_and_rereads_a_changed_one(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text("q1\tone\n")
+    workspace = Workspace(str(tmp_path / "ws"))
+    source = TsvSource(format="tsv", path=str(path))
+    ingest(workspace, source, "queries", "queries")
+    first = (tmp_path / "ws" / "inputs" / "queries.parquet").stat().st_mtime_ns
+    ingest(workspace, source, "queries", "queries")
+    assert (tmp_path / "ws" / "inputs" / "queries.parquet").stat().st_mtime_ns == first
+    path.write_text("q1\tone\nq2\ttwo\n")
+    ingest(workspace, source, "queries", "queries")
+    assert workspace.read_table("inputs/queries.parquet")["id"].to_pylist() == ["q1", "q2"]
+
+
+def test_scoreddocs_are_ranked_per_query_even_when_interleaved(tmp_path):
+    from ir_datasets.formats import TrecScoredDocs
+    from ir_datasets.util import LocalDownload
+
+    run = tmp_path / "bm25.run"
+    run.write_text("q1 Q0 a 1 1.0 x\nq2 Q0 a 1 3.0 x\nq1 Q0 b 2 5.0 x\nq2 Q0 c 2 4.0 x\n")
+    dataset = ir_datasets.Dataset(TrecScoredDocs(LocalDownload(run)))
+    ir_datasets.registry.register("td-ray-test/interleaved", dataset)
+    rows = list(iter_rows(IrDatasetsSource(format="ir_datasets", id="td-ray-test/interleaved"), "candidates"))
+    assert sorted(rows) == [("q1", "a", 2, 1.0), ("q1", "b", 1, 5.0), ("q2", "a", 2, 3.0), ("q2", "c", 1, 4.0)]
+
+
+def test_ir_datasets_docs_queries_qrels_through_its_own_api(tmp_path):
+    from ir_datasets.formats import TrecQrels, TsvDocs, TsvQueries
+    from ir_datasets.util import LocalDownload
+
+    (tmp_path / "docs.tsv").write_text("d1\tfirst doc\nd2\tsecond doc\n")
+    (tmp_path / "queries.tsv").write_text("7\tfirst\n")
+    (tmp_path / "qrels").write_text("7 0 d1 2\n")
+    dataset = ir_datasets.Dataset(TsvDocs(LocalDownload(tmp_path / "docs.tsv")),
+                                  TsvQueries(LocalDownload(tmp_path / "queries.tsv")),
+                                  TrecQrels(LocalDownload(tmp_path / "qrels"), {0: "no", 1: "yes", 2: "very"}))
+    ir_datasets.registry.register("td-ray-test/local", dataset)
+    source = IrDatasetsSource(format="ir_datasets", id="td-ray-test/local")
+    assert list(iter_rows(source, "docs")) == [("d1", "first doc"), ("d2", "second doc")]
+    assert list(iter_rows(source, "queries")) == [("7", "first")]
+    assert list(iter_rows(source, "qrels")) == [("7", "d1", 2)]
+    with pytest.raises(SourceError, match="no field.*'title'"):
+        list(iter_rows(IrDatasetsSource(format="ir_datasets", id="td-ray-test/local", text_fields=["title"]), "docs"))
+    with pytest.raises(SourceError, match="unknown ir_datasets id 'no/such/dataset'"):
+        list(iter_rows(IrDatasetsSource(format="ir_datasets", id="no/such/dataset"), "docs"))
+
+
+@pytest.mark.skipif(not (REALDATA / "msmarco").is_dir(), reason="../shared/realdata is absent")
+def test_real_msmarco_and_qrels_files_read_with_string_ids():
+    passages = list(iter_rows(TsvSource(format="tsv", path=str(REALDATA / "msmarco" / "passages.tsv"), header=True,
+                                        id_column="pid", text_column="text"), "docs"))
+    assert ("0", ) == passages[0][:1] and "Manhattan Project" in passages[0][1]
+    assert all(isinstance(pid, str) and text for pid, text in passages)
+    qrels = REALDATA / "eval_oracle" / "trec_eval" / "qrels.rel_level"
+    rows = list(iter_rows(TrecQrelsSource(format="trec_qrels", path=str(qrels)), "qrels"))
+    assert {relevance for _, _, relevance in rows} >= {0, 1, 2}
