@@ -23,5 +23,6 @@ def ensure_ray(config: RayConfig) -> None:
         ray.init(address=address)  # a submitted job keeps the runtime_env it was submitted with
         logger.info("joined Ray cluster at %s", address)
     else:
-        ray.init(num_cpus=config.num_cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
+        # address="local": always a fresh cluster of our own, never one that happens to run on this machine.
+        ray.init(address="local", num_cpus=config.num_cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
         logger.info("started a local Ray cluster with %s CPUs", ray.cluster_resources().get("CPU"))

@@ -104,8 +104,11 @@ def run(config: PipelineConfig) -> StageResult:
             "td_ray.config_hash": config.fingerprint(),
         }
         version = register_student(student_dir, config.mlflow.registered_model, config.mlflow.alias, lineage)
-        metrics = {"final_loss": float(result.metrics.get("loss", float("nan"))), "steps": float(result.metrics.get("step", 0)),
+        metrics = {"steps": float(result.metrics.get("step", 0)),
+                   "start_step": float(result.metrics.get("start_step", 0)),
                    "examples": float(examples.num_rows), "skipped_queries": float(len(skipped)), "model_version": float(version)}
+        if "loss" in result.metrics:  # absent when a finished run was resumed and trained no further
+            metrics["final_loss"] = float(result.metrics["loss"])
         stage = StageResult("distill", examples.num_rows, time.perf_counter() - started,
                             {"student": str(student_dir), "model": f"models:/{config.mlflow.registered_model}@{config.mlflow.alias}"},
                             metrics, run_id)
