@@ -11,6 +11,8 @@ import pytest
 
 from td_ray.distill.model import StudentEncoder
 
+pytestmark = pytest.mark.slow
+
 STAGES = ["translate", "score", "distill", "index", "evaluate"]
 
 
