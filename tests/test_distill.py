@@ -109,3 +109,14 @@ def test_fit_again_resumes_from_the_last_checkpoint(pipeline_run, ray_cluster):
     result = make_trainer(config, workspace, ray.data.from_arrow(examples), run_id=None).fit()
     assert result.metrics["start_step"] == config.distill.steps  # resumed, not retrained from step 0
     assert result.metrics["step"] == config.distill.steps
+
+
+def test_missing_input_column_is_named_before_training(make_workspace):
+    from td_ray import distill
+    from td_ray.schemas import MissingColumnsError
+
+    config = make_workspace()
+    Workspace(config.workspace).write_table(pa.table({"qid": ["q1"], "pid": ["p1"]}), "score/scores.parquet")
+    with pytest.raises(MissingColumnsError, match=r"'score/scores.parquet' is missing column\(s\) \['score'\]"):
+        distill.run(config)
+    assert not (Path(config.workspace) / "ray_train").exists()
