@@ -151,26 +151,31 @@ class TranslateTarget(_Strict):
         return self
 
 
-class TranslateConfig(_Strict):
-    """translate: English passages and queries into each target language with CTranslate2 actors."""
+class ActorPoolConfig(_Strict):
+    """How a stage's Ray Data actor pool is sized: shared by translate, score and index."""
 
-    targets: list[TranslateTarget] = Field(min_length=1, description="Target languages, each with its model or source.")
-    translate_queries: bool = Field(True, description="Also translate the training queries with each MT model.")
     batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch handed to one actor call.")
-    beam_size: int = Field(1, ge=1, description="CTranslate2 beam size (1 = greedy).")
-    max_input_length: int = Field(256, ge=1, description="Source tokens kept per text (longer text is cut and counted).")
-    max_decoding_length: int = Field(256, ge=1, description="Most target tokens generated per text.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CTranslate2 device; auto picks cuda when present.")
-    compute_type: str = Field("default", description="CTranslate2 compute type (default, int8, float16, bfloat16...).")
-    intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per actor (0 = all cores).")
-    num_actors: int = Field(1, ge=1, description="Translator actors in the pool.")
+    num_actors: int = Field(1, ge=1, description="Actors in the pool; each loads its model once.")
     num_cpus_per_actor: float = Field(
         0.5, gt=0, description="CPUs reserved per actor; below 1 so read tasks are never starved on small nodes."
     )
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (fractions allowed; 0 on CPU nodes).")
 
 
-class ScoreConfig(_Strict):
+class TranslateConfig(ActorPoolConfig):
+    """translate: English passages and queries into each target language with CTranslate2 actors."""
+
+    targets: list[TranslateTarget] = Field(min_length=1, description="Target languages, each with its model or source.")
+    translate_queries: bool = Field(True, description="Also translate the training queries with each MT model.")
+    beam_size: int = Field(1, ge=1, description="CTranslate2 beam size (1 = greedy).")
+    max_input_length: int = Field(256, ge=1, description="Source tokens kept per text (longer text is cut and counted).")
+    max_decoding_length: int = Field(256, ge=1, description="Most target tokens generated per text.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CTranslate2 device; auto picks cuda when present.")
+    compute_type: str = Field("default", description="CTranslate2 compute type (default, int8, float16, bfloat16...).")
+    intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per actor (0 = all cores).")
+
+
+class ScoreConfig(ActorPoolConfig):
     """score: a cross-encoder teacher scores each training query's candidates."""
 
     teacher: str = Field(description="Sequence-classification cross-encoder: local directory or hub id.")
@@ -180,10 +185,6 @@ class ScoreConfig(_Strict):
     )
     top_k: int = Field(50, ge=1, description="Candidates kept per query (the paper uses the top 50).")
     max_length: int = Field(256, ge=8, description="Most tokens of query + passage fed to the teacher.")
-    batch_size: int = Field(32, ge=1, description="Pairs per actor call.")
-    num_actors: int = Field(1, ge=1, description="Teacher actors in the pool.")
-    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor.")
-    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (fractions allowed).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
 
 
@@ -213,16 +214,12 @@ class DistillConfig(_Strict):
     seed: int = Field(0, description="Seed for model init order and data shuffling.")
 
 
-class IndexConfig(_Strict):
+class IndexConfig(ActorPoolConfig):
     """index: encode the evaluation collection with the student and build a merged FAISS index."""
 
     model: str | None = Field(None, description="Encoder to index with. Default: the student the distill stage saved.")
     num_shards: int = Field(2, ge=1, description="FAISS shards built in parallel, then merged into one index.")
-    batch_size: int = Field(64, ge=1, description="Documents per encoder call.")
     max_length: int = Field(180, ge=8, description="Most document tokens.")
-    num_actors: int = Field(1, ge=1, description="Encoder actors in the pool.")
-    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor.")
-    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor.")
 
 
 class EvaluateConfig(_Strict):

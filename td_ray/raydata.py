@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from td_ray.errors import TdRayError
+from td_ray.config import ActorPoolConfig
 from td_ray.sources import find_duplicates
 from td_ray.workspace import Workspace
 
@@ -25,13 +26,14 @@ def read_table_dataset(workspace: Workspace, relative: str):
     return ray.data.read_parquet(workspace.path(relative), filesystem=workspace.fs)
 
 
-def actor_map_args(num_actors: int, num_cpus: float, num_gpus: float, batch_size: int) -> dict:
+def actor_map_args(pool: ActorPoolConfig) -> dict:
     """`map_batches` arguments for a callable-class stage: a fixed pool of actors, each loading its model once."""
     import ray.data
 
-    arguments = {"compute": ray.data.ActorPoolStrategy(size=num_actors), "num_cpus": num_cpus, "batch_size": batch_size}
-    if num_gpus:
-        arguments["num_gpus"] = num_gpus
+    arguments = {"compute": ray.data.ActorPoolStrategy(size=pool.num_actors), "num_cpus": pool.num_cpus_per_actor,
+                 "batch_size": pool.batch_size}
+    if pool.num_gpus_per_actor:
+        arguments["num_gpus"] = pool.num_gpus_per_actor
     return arguments
 
 

@@ -9,9 +9,9 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from td_ray import schemas
+from td_ray.textjoin import attach_text
 from td_ray.errors import TdRayError
 
 logger = logging.getLogger(__name__)
@@ -27,16 +27,10 @@ def build_examples(scores: pa.Table, queries: pa.Table, passages: pa.Table, nway
 
     Returns the examples and the qids skipped for having fewer than `nway` candidates.
     """
-    joined = scores.select(["qid", "pid", "score"]).join(
-        passages.select(["id", "text"]).rename_columns(["pid", "passage"]), "pid", join_type="left outer"
-    ).join(queries.select(["id", "text"]).rename_columns(["qid", "query"]), "qid", join_type="left outer")
-    for column, key, table in (("passage", "pid", "passages"), ("query", "qid", "queries")):
-        lacking = joined.filter(pc.is_null(joined[column]))
-        if lacking.num_rows:
-            raise ValueError(
-                f"{lacking.num_rows} scored pair(s) have a {key} missing from the {table} table, e.g. "
-                f"{lacking[key].slice(0, 3).to_pylist()}; translate or ingest those {table} first"
-            )
+    joined = attach_text(scores.select(["qid", "pid", "score"]), passages, "pid", "passage", "passages",
+                         "translate those passages into distill.passage_lang first")
+    joined = attach_text(joined, queries, "qid", "query", "training queries",
+                         "the score table and the training queries must come from the same collection")
     ordered = joined.sort_by([("qid", "ascending"), ("score", "descending"), ("pid", "ascending")])
     qids = ordered["qid"].to_numpy(zero_copy_only=False)
     starts = np.concatenate([[0], np.flatnonzero(qids[1:] != qids[:-1]) + 1, [len(qids)]]) if len(qids) else np.array([0])

@@ -82,7 +82,7 @@ def run(config: PipelineConfig) -> StageResult:
         dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
             EncoderActor,
             fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size},
-            **actor_map_args(options.num_actors, options.num_cpus_per_actor, options.num_gpus_per_actor, options.batch_size),
+            **actor_map_args(options),
         )
         next_id = 0
 

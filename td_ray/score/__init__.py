@@ -51,7 +51,7 @@ def run(config: PipelineConfig) -> StageResult:
                 "model": options.teacher, "max_length": options.max_length, "revision": options.teacher_revision,
                 "trust_remote_code": options.trust_remote_code, "teacher_id": options.teacher,
             },
-            **actor_map_args(options.num_actors, options.num_cpus_per_actor, options.num_gpus_per_actor, options.batch_size),
+            **actor_map_args(options),
         )
         rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]))
         result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from td_ray.textjoin import attach_text
 from td_ray.translate.core import ModelError
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,7 @@ def build_pairs(candidates: pa.Table, queries: pa.Table, passages: pa.Table, top
     import pyarrow.compute as pc
 
     kept = candidates.filter(pc.less_equal(candidates["rank"], top_k)).select(["qid", "pid"])
-    pairs = kept.join(queries.rename_columns(["qid", "query"]), "qid", join_type="left outer")
-    pairs = pairs.join(passages.select(["id", "text"]).rename_columns(["pid", "passage"]), "pid", join_type="left outer")
-    for column, what, table in (("query", "qid", "training queries"), ("passage", "pid", "passages")):
-        lacking = pairs.filter(pc.is_null(pairs[column]))
-        if lacking.num_rows:
-            raise ValueError(
-                f"{lacking.num_rows} candidate(s) name a {what} with no text in the {table}, e.g. "
-                f"{lacking[what].slice(0, 3).to_pylist()}; the candidates and the {table} must come from the same collection"
-            )
+    fix = "the candidates, the training queries and the passages must come from the same collection"
+    pairs = attach_text(kept, queries, "qid", "query", "training queries", fix)
+    pairs = attach_text(pairs, passages, "pid", "passage", "passages", fix)
     return pairs.sort_by([("qid", "ascending"), ("pid", "ascending")])

@@ -38,7 +38,7 @@ def _translate_table(config: PipelineConfig, workspace: Workspace, source: str, 
             "device": options.device, "compute_type": options.compute_type, "intra_threads": options.intra_threads,
             "source_prefix": target.source_prefix,
         },
-        **actor_map_args(options.num_actors, options.num_cpus_per_actor, options.num_gpus_per_actor, options.batch_size),
+        **actor_map_args(options),
     )
 
     def count(batch: pa.Table) -> pa.Table:
