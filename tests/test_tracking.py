@@ -1,0 +1,69 @@
+"""MLflow store selection, and a stage tracked over HTTP by a real `mlflow server`."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import with_updates
+from td_ray import evaluate, tracking
+from td_ray.tracking import metric_key
+
+
+def test_store_is_the_workspace_sqlite_unless_env_or_config_say_otherwise(make_workspace, monkeypatch):
+    config = make_workspace()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(config) == f"sqlite:///{config.workspace}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri(config) == "http://127.0.0.1:5999"
+    configured = with_updates(config, mlflow={"tracking_uri": "sqlite:////tmp/other.db"})
+    assert tracking.tracking_uri(configured) == "sqlite:////tmp/other.db"
+
+
+def test_metric_names_drop_the_at_sign():
+    assert [metric_key(name) for name in ("nDCG@20", "R@100", "RR@10", "AP")] == ["nDCG_20", "R_100", "RR_10", "AP"]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            mlflow.MlflowClient(uri).search_experiments()
+            break
+        except Exception:  # not up yet: the client raises several kinds of connection errors
+            time.sleep(1)
+    else:
+        server.terminate()
+        pytest.fail("mlflow server did not answer within 60 s")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_a_stage_logs_to_an_http_tracking_server(pipeline_run, mlflow_server):
+    config, results = pipeline_run
+    remote = with_updates(config, mlflow={"tracking_uri": mlflow_server, "experiment": "td-ray-http"})
+    try:
+        result = evaluate.run(remote)
+    finally:
+        mlflow.set_tracking_uri(tracking.tracking_uri(config))  # later tests use the workspace store again
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["td_ray.stage"] == "evaluate"
+    assert run.data.metrics["nDCG_20"] == pytest.approx(results["evaluate"].metrics["nDCG@20"], abs=1e-6)
+    assert [item.path for item in client.list_artifacts(run.info.run_id) if item.path == "run.trec"] == ["run.trec"]
