@@ -25,7 +25,15 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(monkeypatch):
-    """A head node on 127.0.0.1 with free ports, stopped (with its processes) when the test ends."""
+    """A head node on 127.0.0.1 with free ports, stopped (with its processes) when the test ends.
+
+    The test session's own in-process cluster is shut down first: two clusters on one 2-core machine starve
+    each other, and later tests start a fresh one on demand.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     port, dashboard = _free_port(), _free_port()
     # Token auth on (Ray's secure default): the head writes ~/.ray/auth_token and the CLI reads it.
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}

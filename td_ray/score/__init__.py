@@ -33,7 +33,9 @@ def run(config: PipelineConfig) -> StageResult:
     started = time.perf_counter()
     options = config.score
     workspace = Workspace(config.workspace)
+    check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)  # before any work
     with tracking.stage_run(config, "score") as run_id:
+        ingest(workspace, config.data.passages, "docs", "passages")
         ingest(workspace, config.data.train_queries, "queries", "train_queries")
         ingest(workspace, config.data.candidates, "candidates", "candidates")
         passages_table = translated("passages", options.passage_lang)
@@ -42,7 +44,6 @@ def run(config: PipelineConfig) -> StageResult:
             schemas.require_columns(workspace.read_schema(table), columns, table)
         pairs = build_pairs(workspace.read_table(CANDIDATES), workspace.read_table(TRAIN_QUERIES_EN),
                             workspace.read_table(passages_table), options.top_k)
-        check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
         ensure_ray(config.ray)
         blocks = [pairs.slice(start, _BLOCK_ROWS) for start in range(0, pairs.num_rows, _BLOCK_ROWS)]
         dataset = ray.data.from_arrow(blocks).map_batches(
