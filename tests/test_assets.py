@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import ctranslate2
+import ir_measures
 import pytest
 import sentencepiece as spm
 import torch
+from ir_measures import nDCG
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -19,7 +23,13 @@ from transformers import (
 )
 
 from td_ray.assets import tiny_models
-from td_ray.assets.demo_data import SYNTHETIC_LANG, DemoSizes, corpus_sentences, write_demo_collection
+from td_ray.assets.demo_data import (
+    SYNTHETIC_LANG,
+    DemoSizes,
+    corpus_sentences,
+    english_training_examples,
+    write_demo_collection,
+)
 from td_ray.assets.tiny_models import TinyModels, build_tiny_models
 
 SIZES = DemoSizes()
@@ -161,7 +171,9 @@ def test_demo_sizes_are_validated(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- tiny models
 
 
-def test_build_is_cached_and_reproducible(models: TinyModels, tmp_path: Path) -> None:
+def test_build_is_cached_and_reproducible(
+    models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = models.root / tiny_models.COMPLETE_MARKER
     weights = models.student / "model.safetensors"
     stamps = (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns)
@@ -170,6 +182,8 @@ def test_build_is_cached_and_reproducible(models: TinyModels, tmp_path: Path) ->
     assert [p.name for p in models.root.parent.iterdir()] == [models.root.name], "no temp dirs left"
 
     same = build_tiny_models(tmp_path / "same", seed=0)
+    # Builds below only need to differ from seed 0's or to replace a cache: train their teachers briefly.
+    monkeypatch.setattr(tiny_models, "TEACHER_TRAINING", replace(tiny_models.TEACHER_TRAINING, steps=3))
     other = build_tiny_models(tmp_path / "other", seed=1)
     files = sorted(p.relative_to(models.root) for p in models.root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(same.root) for p in same.root.rglob("*") if p.is_file())
@@ -191,7 +205,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def boom(*args: object) -> None:
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(tiny_models, "_build_student", boom)
+    monkeypatch.setattr(tiny_models, "_fine_tune_cross_encoder", boom)
     with pytest.raises(RuntimeError, match="killed"):
         build_tiny_models(tmp_path / "tiny")
     assert list(tmp_path.iterdir()) == []
@@ -207,6 +221,9 @@ def test_models_load(models: TinyModels) -> None:
 
     student = AutoModel.from_pretrained(models.student, add_pooling_layer=False).eval()
     assert student.pooler is None and student.config.hidden_size == 64
+    assert cross_encoder.config.num_labels == 1
+    model_bytes = sum(p.stat().st_size for p in models.cross_encoder.iterdir())
+    assert model_bytes < 5 * 2**20, f"teacher directory is {model_bytes} bytes"
     student_tokenizer = AutoTokenizer.from_pretrained(models.student)
     assert student_tokenizer.get_vocab() == tokenizer.get_vocab()
     with torch.no_grad():
@@ -264,3 +281,104 @@ def test_tokenizers_cover_demo_vocabulary(models: TinyModels, demo: dict[str, Pa
 
     marian = MarianTokenizer.from_pretrained(models.marian_hf)
     assert all(marian.unk_token_id not in ids for ids in marian(texts).input_ids)
+
+
+# ---------------------------------------------------------------- the fine-tuned teacher
+
+
+def load_teacher(path: Path, random_init: bool = False) -> tuple[object, torch.nn.Module]:
+    """The built teacher, or (``random_init``) a random-init model of the same architecture."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if random_init:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    return tokenizer, model.eval()
+
+
+def teacher_scores(teacher: tuple[object, torch.nn.Module], query: str, passages: list[str]) -> list[float]:
+    tokenizer, model = teacher
+    batch = tokenizer([query] * len(passages), passages, truncation="longest_first", max_length=128,
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits[:, 0].tolist()
+
+
+def candidates_mrr(teacher: tuple[object, torch.nn.Module], demo: dict[str, Path]) -> float:
+    """MRR@10 of the positive when the teacher reranks each training query's candidates."""
+    queries, passages = read_tsv(demo["train_queries"]), read_tsv(demo["passages"])
+    positives = read_qrels(demo["train_qrels"])
+    run: dict[str, list[str]] = defaultdict(list)
+    for line in demo["candidates"].read_text().splitlines():
+        qid, _, pid, *_ = line.split()
+        run[qid].append(pid)
+    reciprocal_ranks = []
+    for qid, pids in run.items():
+        scores = dict(zip(pids, teacher_scores(teacher, queries[qid], [passages[p] for p in pids])))
+        (positive,) = positives[qid]
+        rank = 1 + sum(score > scores[positive] for score in scores.values())  # ties count in its favour
+        reciprocal_ranks.append(1 / rank if rank <= 10 else 0.0)
+    return sum(reciprocal_ranks) / len(reciprocal_ranks)
+
+
+def eval_reranking(teacher: tuple[object, torch.nn.Module], demo: dict[str, Path]) -> tuple[float, list[float]]:
+    """nDCG@10 of the teacher reranking each English eval topic's judged English docs, and all its scores."""
+    topics, docs = read_tsv(demo["eval_topics"]), read_tsv(demo["eval_docs"])
+    qrels = read_qrels(demo["eval_qrels"])
+    run, all_scores = [], []
+    for tid, judged in qrels.items():
+        dids = sorted(judged)
+        scores = teacher_scores(teacher, topics[tid], [docs[d] for d in dids])
+        all_scores += scores
+        run += [ir_measures.ScoredDoc(tid, did, score) for did, score in zip(dids, scores)]
+    qrel_rows = [ir_measures.Qrel(tid, did, rel) for tid, judged in qrels.items() for did, rel in judged.items()]
+    return ir_measures.calc_aggregate([nDCG @ 10], qrel_rows, run)[nDCG @ 10], all_scores
+
+
+@pytest.fixture(scope="module")
+def teacher(models: TinyModels) -> tuple[object, torch.nn.Module]:
+    return load_teacher(models.cross_encoder)
+
+
+@pytest.fixture(scope="module")
+def random_teacher(models: TinyModels) -> tuple[object, torch.nn.Module]:
+    return load_teacher(models.cross_encoder, random_init=True)
+
+
+def test_teacher_training_examples_are_the_english_training_data(demo: dict[str, Path]) -> None:
+    queries, passages = read_tsv(demo["train_queries"]), read_tsv(demo["passages"])
+    positives = read_qrels(demo["train_qrels"])
+    candidates: dict[str, list[str]] = defaultdict(list)
+    for line in demo["candidates"].read_text().splitlines():
+        qid, _, pid, *_ = line.split()
+        candidates[qid].append(passages[pid])
+    examples = english_training_examples(SIZES, seed=0)
+    assert [e.query for e in examples] == list(queries.values())
+    assert [e.positive for e in examples] == [passages[next(iter(positives[q]))] for q in queries]
+    assert [list(e.candidates) for e in examples] == [candidates[q] for q in queries]
+
+    extended = english_training_examples(SIZES, seed=0, extra_queries=50)
+    assert extended[: len(examples)] == examples and len(extended) == len(examples) + 50
+    training_passages = set(passages.values())
+    eval_docs = set(read_tsv(demo["eval_docs"]).values())
+    for example in extended:
+        assert example.positive in example.candidates
+        assert set(example.candidates) <= training_passages and not set(example.candidates) & eval_docs
+        assert set(example.query.split()) <= set(words(example.positive))
+
+
+def test_teacher_ranks_training_positives_first(teacher, random_teacher, demo: dict[str, Path]) -> None:
+    trained, random_init = candidates_mrr(teacher, demo), candidates_mrr(random_teacher, demo)
+    assert trained >= 0.6, f"fine-tuned teacher MRR@10 {trained:.3f} over the training candidates"
+    assert trained >= random_init + 0.25, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
+
+
+def test_teacher_generalises_to_eval_collection(teacher, random_teacher, demo: dict[str, Path]) -> None:
+    trained, scores = eval_reranking(teacher, demo)
+    random_init, random_scores = eval_reranking(random_teacher, demo)
+    assert trained >= 0.8, f"fine-tuned teacher nDCG@10 {trained:.3f} on the eval collection"
+    assert trained >= random_init + 0.15, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
+    # The scores spread, so a softmax over them (the distillation target) is far from uniform.
+    spread, random_spread = torch.tensor(scores).std().item(), torch.tensor(random_scores).std().item()
+    assert spread > 1.0 and spread > 20 * random_spread, f"score std {spread:.3f} vs random-init {random_spread:.4f}"

@@ -247,6 +247,74 @@ class _LexicalIndex:
         return sorted(scored, key=lambda t: -t[1])
 
 
+@dataclass(frozen=True)
+class _TrainingCollection:
+    passages: list[_Passage]
+    positives: list[int]
+    queries: list[list[str]]
+    candidates: list[list[tuple[int, float]]]
+    """Per query: ``(passage index, score)`` by score descending."""
+    index: _LexicalIndex
+
+
+def _training_collection(rng: random.Random, vocab: _Vocabulary, sizes: DemoSizes) -> _TrainingCollection:
+    """The training passages, queries, positives and candidates: the first draws of the collection's ``rng``."""
+    passages = [_passage(rng, vocab, i % sizes.n_topics) for i in range(sizes.n_passages)]
+    positives = (
+        rng.sample(range(sizes.n_passages), sizes.n_train_queries)
+        if sizes.n_train_queries <= sizes.n_passages
+        else [rng.randrange(sizes.n_passages) for _ in range(sizes.n_train_queries)]
+    )
+    queries = [_query_words(rng, vocab, passages[p]) for p in positives]
+    index = _LexicalIndex.build(rng, passages)
+    candidates = [
+        index.candidates(rng, query, pos, sizes.candidates_per_query) for query, pos in zip(queries, positives)
+    ]
+    return _TrainingCollection(
+        passages=passages, positives=positives, queries=queries, candidates=candidates, index=index
+    )
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One English training query of the demo collection, with its positive and its candidates (as text)."""
+
+    query: str
+    positive: str
+    candidates: tuple[str, ...]
+    """The query's candidate passages, best-scored first; the positive is among them."""
+
+
+def english_training_examples(
+    sizes: DemoSizes = DemoSizes(), seed: int = 0, extra_queries: int = 0
+) -> list[TrainingExample]:
+    """The English training queries of ``write_demo_collection(_, sizes, seed)``, in memory, in qid order.
+
+    Texts are exactly those of ``train_queries.tsv`` and ``passages.tsv``; only the training part of the
+    collection is generated, never the evaluation collection. ``extra_queries`` more examples follow, drawn
+    the same way (a random training passage as positive, some of its topic words as query, candidates from
+    the same lexical index) but from a separate random stream, so the collection's files do not change.
+    """
+    sizes.validate()
+    vocab = _vocabulary()
+    train = _training_collection(random.Random(seed), vocab, sizes)
+    positives, queries, candidates = list(train.positives), list(train.queries), list(train.candidates)
+    rng = random.Random(f"td_ray-demo-extra-queries-{seed}")
+    for _ in range(extra_queries):
+        pos = rng.randrange(sizes.n_passages)
+        query = _query_words(rng, vocab, train.passages[pos])
+        positives.append(pos)
+        queries.append(query)
+        candidates.append(train.index.candidates(rng, query, pos, sizes.candidates_per_query))
+    texts = [_render(p.sentences) for p in train.passages]
+    return [
+        TrainingExample(
+            query=" ".join(query), positive=texts[pos], candidates=tuple(texts[pi] for pi, _ in ranking)
+        )
+        for query, pos, ranking in zip(queries, positives, candidates)
+    ]
+
+
 def write_demo_collection(out_dir: Path, sizes: DemoSizes = DemoSizes(), seed: int = 0) -> dict[str, Path]:
     """Write the demo collection into ``out_dir``; return file name key -> path of each file written.
 
@@ -259,17 +327,11 @@ def write_demo_collection(out_dir: Path, sizes: DemoSizes = DemoSizes(), seed: i
     vocab = _vocabulary()
     rng = random.Random(seed)
 
-    passages = [_passage(rng, vocab, i % sizes.n_topics) for i in range(sizes.n_passages)]
-    positives = (
-        rng.sample(range(sizes.n_passages), sizes.n_train_queries)
-        if sizes.n_train_queries <= sizes.n_passages
-        else [rng.randrange(sizes.n_passages) for _ in range(sizes.n_train_queries)]
-    )
-    queries = [_query_words(rng, vocab, passages[p]) for p in positives]
-    index = _LexicalIndex.build(rng, passages)
+    train = _training_collection(rng, vocab, sizes)
+    passages, positives, queries = train.passages, train.positives, train.queries
     run_lines = []
-    for qi, (query, pos) in enumerate(zip(queries, positives)):
-        for rank, (pi, score) in enumerate(index.candidates(rng, query, pos, sizes.candidates_per_query), 1):
+    for qi, ranking in enumerate(train.candidates):
+        for rank, (pi, score) in enumerate(ranking, 1):
             run_lines.append(f"q{qi} Q0 p{pi} {rank} {score:.4f} demo-bm25")
 
     docs = [_passage(rng, vocab, i % sizes.n_topics) for i in range(sizes.n_eval_docs)]

@@ -8,7 +8,9 @@ vocabulary in English and in the synthetic language:
 - ``cross_encoder``: a BERT relevance scorer (one logit), the stand-in teacher;
 - ``student``: a BERT encoder without pooler, the stand-in student (DDP rejects unused parameters).
 
-Weights are random: the models exercise the pipeline's mechanics, not translation or ranking quality.
+The Marian models and the student are random: they exercise the pipeline's mechanics. The teacher is
+fine-tuned briefly on the demo collection's English training queries (never its evaluation collection),
+so its scores rank passages meaningfully and distilling it into the student teaches something.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import logging
 import os
 import shutil
 import tempfile
+import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +43,11 @@ from transformers import (
     MarianTokenizer,
 )
 
-from td_ray.assets.demo_data import corpus_sentences
+from td_ray.assets.demo_data import DemoSizes, TrainingExample, corpus_sentences, english_training_examples
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump when the build changes, so cached model directories are rebuilt."""
 
 COMPLETE_MARKER = ".complete"
@@ -54,6 +59,47 @@ WORDPIECE_VOCAB_SIZE = 2000
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SUPPRESSED_LOGIT_BIAS = -1e4
 """Final-logits bias on </s>, <unk> and <pad>: greedy decoding then never stops early or emits unk."""
+
+
+@dataclass(frozen=True)
+class TeacherTraining:
+    """How the cross-encoder teacher is fine-tuned (softmax cross-entropy, one positive per group)."""
+
+    steps: int = 300
+    queries_per_step: int = 8
+    candidate_negatives: int = 4
+    """Negatives per query drawn from its candidate list (hard, mostly same-topic)."""
+    random_negatives: int = 3
+    """Negatives per query drawn from all candidate passages (mostly other topics)."""
+    extra_queries: int = 2400
+    """Queries drawn like the training queries over the training passages, after the real ones: with only
+    the real queries the tiny model memorises which passages are positives instead of learning to match."""
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.0
+    """Clip gradients to this norm (0: no clipping)."""
+    hidden: int = 64
+    intermediate: int = 128
+    heads: int = 4
+    init_std: float = 0.05
+    """Weight init std, larger than BERT's 0.02 so the tiny model leaves its flat start quickly."""
+    word_embedding_scale: float = 3.0
+    """Word embeddings start this many times larger than segment embeddings."""
+    position_embedding_scale: float = 1.0
+    """Position embeddings start this many times as large as segment embeddings (0: no position signal
+    yet, so the two copies of a word in query and passage look alike but for their segment)."""
+    head_init_std: float = 0.125
+    """Init std of the pooler and the classifier, about 1/sqrt(hidden): a readout with unit gain, so the
+    loss reaches the encoder from the first step."""
+    match_attention_std: float = 0.2
+    """First-layer query and key projections start tied with this std: attention starts out matching
+    identical tokens, which the teacher must learn to do to rank passages by the query's terms."""
+    dropout: float = 0.0
+    threads: int = 1
+
+
+TEACHER_TRAINING = TeacherTraining()
 
 
 @dataclass(frozen=True)
@@ -189,12 +235,14 @@ def _train_wordpiece(sentences: list[str]) -> BertTokenizerFast:
     return BertTokenizerFast(vocab=vocab, do_lower_case=True, strip_accents=False, model_max_length=512)
 
 
-def _bert_config(tokenizer: BertTokenizerFast, hidden: int, intermediate: int, **kwargs: object) -> BertConfig:
+def _bert_config(
+    tokenizer: BertTokenizerFast, hidden: int, intermediate: int, heads: int = 2, **kwargs: object
+) -> BertConfig:
     return BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         intermediate_size=intermediate,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
@@ -202,9 +250,136 @@ def _bert_config(tokenizer: BertTokenizerFast, hidden: int, intermediate: int, *
     )
 
 
-def _build_cross_encoder(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with exactly ``n`` intra-op threads (a fixed count keeps float reductions, so weights, reproducible)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _init_cross_encoder(tokenizer: BertTokenizerFast, seed: int, cfg: TeacherTraining) -> BertForSequenceClassification:
+    """The untrained teacher: BERT's random init, with a start that makes learning to match terms quick."""
+    config = _bert_config(
+        tokenizer,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.heads,
+        num_labels=1,
+        initializer_range=cfg.init_std,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(_bert_config(tokenizer, 32, 64, num_labels=1))
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.mul_(cfg.word_embedding_scale)
+        model.bert.embeddings.position_embeddings.weight.mul_(cfg.position_embedding_scale)
+        model.bert.pooler.dense.weight.normal_(0.0, cfg.head_init_std)
+        model.classifier.weight.normal_(0.0, cfg.head_init_std)
+        first, *later = model.bert.encoder.layer
+        first.attention.self.query.weight.normal_(0.0, cfg.match_attention_std)
+        first.attention.self.key.weight.copy_(first.attention.self.query.weight)
+        for layer in later:
+            # Zero queries: later layers start by averaging over all tokens, a mean-pooling readout.
+            layer.attention.self.query.weight.zero_()
+            layer.attention.self.query.bias.zero_()
+    return model
+
+
+class _PairEncoder:
+    """Builds BERT pair batches from token ids computed once per distinct text (the tokenizer is slow per step)."""
+
+    def __init__(self, tokenizer: BertTokenizerFast, texts: list[str]):
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.ids = dict(zip(texts, ids))
+        self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self.max_length = tokenizer.model_max_length
+
+    def __call__(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
+        rows = []
+        for query, passage in zip(queries, passages):
+            q, p = self.ids[query], self.ids[passage]
+            ids = [self.cls, *q, self.sep, *p, self.sep]
+            if len(ids) > self.max_length:
+                raise ValueError(f"training pair of {len(ids)} tokens exceeds {self.max_length}")
+            rows.append((ids, [0] * (len(q) + 2) + [1] * (len(p) + 1)))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        token_type_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, types) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            token_type_ids[i, : len(ids)] = torch.tensor(types)
+            attention_mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+
+def _fine_tune_cross_encoder(
+    model: BertForSequenceClassification,
+    tokenizer: BertTokenizerFast,
+    examples: list[TrainingExample],
+    seed: int,
+    cfg: TeacherTraining,
+) -> list[float]:
+    """Fine-tune ``model`` in place: per query, softmax cross-entropy of its positive against negatives.
+
+    Each step takes the next ``queries_per_step`` examples of a seeded shuffle. Returns the loss per step.
+    """
+    rng = random.Random(seed)
+    pool = sorted({text for e in examples for text in e.candidates})
+    encode = _PairEncoder(tokenizer, sorted({e.query for e in examples} | set(pool)))
+    group = 1 + cfg.candidate_negatives + cfg.random_negatives
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * max(0.0, 1.0 - step / cfg.steps)
+    )
+    order: list[TrainingExample] = []
+    losses = []
+    model.train()
+    for _ in range(cfg.steps):
+        while len(order) < cfg.queries_per_step:
+            order += rng.sample(examples, len(examples))
+        batch, order = order[: cfg.queries_per_step], order[cfg.queries_per_step :]
+        queries, passages = [], []
+        for example in batch:
+            hard = [c for c in example.candidates if c != example.positive]
+            texts = [example.positive, *rng.sample(hard, min(cfg.candidate_negatives, len(hard)))]
+            while len(texts) < group:
+                text = rng.choice(pool)
+                if text not in texts:
+                    texts.append(text)
+            queries += [example.query] * group
+            passages += texts
+        logits = model(**encode(queries, passages)).logits.view(len(batch), group)
+        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(batch), dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _build_cross_encoder(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
+    """Build the teacher: fine-tune a tiny BERT on the English training queries of the seed's demo collection."""
+    cfg = TEACHER_TRAINING
+    start = time.perf_counter()
+    examples = english_training_examples(DemoSizes(), seed, extra_queries=cfg.extra_queries)
+    with _torch_threads(cfg.threads):
+        model = _init_cross_encoder(tokenizer, seed, cfg)
+        losses = _fine_tune_cross_encoder(model, tokenizer, examples, seed, cfg)
+    tail = losses[-20:]
+    logger.info(
+        "fine-tuned the teacher on %d English training queries in %d steps (%.1f s); loss %.3f -> %.3f",
+        len(examples), cfg.steps, time.perf_counter() - start, losses[0], sum(tail) / len(tail),
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
