@@ -47,7 +47,7 @@ from td_ray.assets.demo_data import DemoSizes, TrainingExample, corpus_sentences
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Bump when the build changes, so cached model directories are rebuilt."""
 
 COMPLETE_MARKER = ".complete"
@@ -65,7 +65,7 @@ SUPPRESSED_LOGIT_BIAS = -1e4
 class TeacherTraining:
     """How the cross-encoder teacher is fine-tuned (softmax cross-entropy, one positive per group)."""
 
-    steps: int = 300
+    steps: int = 200
     queries_per_step: int = 8
     candidate_negatives: int = 4
     """Negatives per query drawn from its candidate list (hard, mostly same-topic)."""
