@@ -40,8 +40,15 @@ def configure(config: PipelineConfig) -> str:
     import mlflow
 
     uri = tracking_uri(config)
+    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # MLflow exports these to the environment; restore the user's, so the next config resolves its own store.
+    for name, value in exported.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -69,6 +69,7 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     assert current.tags["td_ray.passage_lang"] == "syn" and "cross_encoder" in current.tags["td_ray.teacher"]
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/td-ray-student@candidate")
     texts = ["balto mirek", "a second query"]
     expected = StudentEncoder(str(workspace / "distill" / "student")).encode(texts)
