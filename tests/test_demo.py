@@ -1,6 +1,7 @@
 """The CLI demo end to end in a fresh process: outputs, MLflow runs, the registered model, and a safe re-run."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -17,8 +18,10 @@ STAGES = ["translate", "score", "distill", "index", "evaluate"]
 
 
 def _demo(workspace) -> subprocess.CompletedProcess:
+    # The demo's default store is under its workspace: no tracking URI inherited from this test process.
+    env = {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     return subprocess.run([sys.executable, "-m", "td_ray.cli", "demo", "--workspace", str(workspace)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     versions = client.search_model_versions("name='td-ray-student'")
     assert len(versions) == 2
     current = client.get_model_version_by_alias("td-ray-student", "candidate")
-    assert current.version == str(max(int(v.version) for v in versions))
+    assert int(current.version) == max(int(v.version) for v in versions)
     assert current.tags["td_ray.passage_lang"] == "syn" and "cross_encoder" in current.tags["td_ray.teacher"]
 
     mlflow.set_tracking_uri(uri)

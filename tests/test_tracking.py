@@ -1,6 +1,7 @@
 """MLflow store selection, and a stage tracked over HTTP by a real `mlflow server`."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -58,10 +59,8 @@ def mlflow_server(tmp_path):
 def test_a_stage_logs_to_an_http_tracking_server(pipeline_run, mlflow_server):
     config, results = pipeline_run
     remote = with_updates(config, mlflow={"tracking_uri": mlflow_server, "experiment": "td-ray-http"})
-    try:
-        result = evaluate.run(remote)
-    finally:
-        mlflow.set_tracking_uri(tracking.tracking_uri(config))  # later tests use the workspace store again
+    result = evaluate.run(remote)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the server's URI does not leak into later configs
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     assert run.data.tags["td_ray.stage"] == "evaluate"
