@@ -370,15 +370,18 @@ def test_teacher_training_examples_are_the_english_training_data(demo: dict[str,
 
 def test_teacher_ranks_training_positives_first(teacher, random_teacher, demo: dict[str, Path]) -> None:
     trained, random_init = candidates_mrr(teacher, demo), candidates_mrr(random_teacher, demo)
-    assert trained >= 0.6, f"fine-tuned teacher MRR@10 {trained:.3f} over the training candidates"
-    assert trained >= random_init + 0.25, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
+    # For scale: ranking by the number of query words a candidate holds scores about 0.68 (several
+    # candidates hold them all); the random-init teacher about 0.29.
+    assert trained >= 0.65, f"fine-tuned teacher MRR@10 {trained:.3f} over the training candidates"
+    assert trained >= random_init + 0.3, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
 
 
 def test_teacher_generalises_to_eval_collection(teacher, random_teacher, demo: dict[str, Path]) -> None:
     trained, scores = eval_reranking(teacher, demo)
     random_init, random_scores = eval_reranking(random_teacher, demo)
-    assert trained >= 0.8, f"fine-tuned teacher nDCG@10 {trained:.3f} on the eval collection"
-    assert trained >= random_init + 0.15, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
+    # The teacher never saw the eval collection: this is what it learnt to do, match a query's terms.
+    assert trained >= 0.85, f"fine-tuned teacher nDCG@10 {trained:.3f} on the eval collection"
+    assert trained >= random_init + 0.2, f"fine-tuned {trained:.3f} vs random-init {random_init:.3f}"
     # The scores spread, so a softmax over them (the distillation target) is far from uniform.
     spread, random_spread = torch.tensor(scores).std().item(), torch.tensor(random_scores).std().item()
     assert spread > 1.0 and spread > 20 * random_spread, f"score std {spread:.3f} vs random-init {random_spread:.4f}"

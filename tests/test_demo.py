@@ -43,7 +43,7 @@ def test_summary_names_every_stage_its_metrics_and_outputs(demo_twice):
     assert f"workspace: {workspace}" in first.stdout and "evaluate.run:" in first.stdout
 
 
-def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_twice):
+def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_twice, monkeypatch):
     workspace, _, _ = demo_twice
     uri = f"sqlite:///{workspace}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -71,6 +71,8 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     assert int(current.version) == max(int(v.version) for v in versions)
     assert current.tags["td_ray.passage_lang"] == "syn" and "cross_encoder" in current.tags["td_ray.teacher"]
 
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # MLflow exports these; undo it after the test
+        monkeypatch.setenv(name, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/td-ray-student@candidate")

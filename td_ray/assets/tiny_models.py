@@ -19,9 +19,9 @@ import io
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,11 +43,16 @@ from transformers import (
     MarianTokenizer,
 )
 
-from td_ray.assets.demo_data import DemoSizes, TrainingExample, corpus_sentences, english_training_examples
+from td_ray.assets.demo_data import (
+    DemoSizes,
+    TrainingExample,
+    corpus_sentences,
+    english_training_examples,
+)
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 """Bump when the build changes, so cached model directories are rebuilt."""
 
 COMPLETE_MARKER = ".complete"
@@ -77,8 +82,6 @@ class TeacherTraining:
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    max_grad_norm: float = 0.0
-    """Clip gradients to this norm (0: no clipping)."""
     hidden: int = 64
     intermediate: int = 128
     heads: int = 4
@@ -86,7 +89,7 @@ class TeacherTraining:
     """Weight init std, larger than BERT's 0.02 so the tiny model leaves its flat start quickly."""
     word_embedding_scale: float = 3.0
     """Word embeddings start this many times larger than segment embeddings."""
-    position_embedding_scale: float = 1.0
+    position_embedding_scale: float = 0.0
     """Position embeddings start this many times as large as segment embeddings (0: no position signal
     yet, so the two copies of a word in query and passage look alike but for their segment)."""
     head_init_std: float = 0.125
@@ -358,8 +361,6 @@ def _fine_tune_cross_encoder(
         loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(batch), dtype=torch.long))
         optimizer.zero_grad()
         loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
