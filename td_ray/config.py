@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +25,27 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- sources
-class TsvSource(_Strict):
+class _TextPolicies(_Strict):
+    """What ingest does with the defects real collections carry; applies when the source gives docs or queries."""
+
+    duplicates: Literal["error", "keep_first"] = Field(
+        "error", description="A repeated id: stop with an error naming it, or keep its first row (the rest are "
+        "counted and logged).",
+    )
+    invalid_text: Literal["error", "replace"] = Field(
+        "error", description="Text that is not valid Unicode (lone surrogates): stop naming the id, or replace the "
+        "bad code points with U+FFFD.",
+    )
+
+
+class _LocalTextPolicies(_TextPolicies):
+    repair: Literal["none", "ftfy"] = Field(
+        "none", description="Repair mojibake (double-encoded UTF-8 such as `Ã©` for `é`) and C1 controls with ftfy "
+        "before use; the repair applied is recorded with the ingested table. ir_datasets repairs MS MARCO itself.",
+    )
+
+
+class TsvSource(_LocalTextPolicies):
     """A tab-separated file of docs or queries (MS MARCO's ``id<TAB>text`` by default)."""
 
     format: Literal["tsv"] = Field(description="Local TSV file (no quoting, like MS MARCO's collection.tsv).")
@@ -35,7 +55,7 @@ class TsvSource(_Strict):
     text_column: str | int = Field(1, description="Text column: a 0-based index, or a name when `header` is set.")
 
 
-class JsonlSource(_Strict):
+class JsonlSource(_LocalTextPolicies):
     """JSON lines with an id field and one or more text fields (joined with a space)."""
 
     format: Literal["jsonl"] = Field(description="Local JSON-lines file (.jsonl or .jsonl.gz).")
@@ -44,7 +64,7 @@ class JsonlSource(_Strict):
     text_fields: list[str] = Field(["text"], description="Fields joined with a space to make the text.")
 
 
-class ParquetSource(_Strict):
+class ParquetSource(_LocalTextPolicies):
     """A Parquet file or directory with an id and a text column."""
 
     format: Literal["parquet"] = Field(description="Local Parquet file or directory.")
@@ -67,7 +87,7 @@ class TrecQrelsSource(_Strict):
     path: str = Field(description="Path to the qrels file; `{workspace}` is replaced.")
 
 
-class IrDatasetsSource(_Strict):
+class IrDatasetsSource(_TextPolicies):
     """A dataset read through ir_datasets' own API (docs, queries, qrels or scoreddocs by role)."""
 
     format: Literal["ir_datasets"] = Field(description="Read through ir_datasets, e.g. msmarco-passage/train.")
@@ -81,7 +101,7 @@ class IrDatasetsSource(_Strict):
 
 
 DataSource = Annotated[
-    Union[TsvSource, JsonlSource, ParquetSource, TrecRunSource, TrecQrelsSource, IrDatasetsSource],
+    TsvSource | JsonlSource | ParquetSource | TrecRunSource | TrecQrelsSource | IrDatasetsSource,
     Field(discriminator="format"),
 ]
 
@@ -122,10 +142,22 @@ class DataConfig(_Strict):
     eval_qrels: DataSource = Field(description="Graded relevance judgements for the evaluation topics.")
 
 
+def _check_language_code(code: str, field: str) -> str:
+    import langcodes
+
+    if not langcodes.tag_is_valid(code):
+        raise ValueError(
+            f"{field} {code!r} is not a known language code; use an ISO 639 / BCP 47 code such as zh, fa, ru, "
+            "zh-Hans, or qaa-qtz for a private language"
+        )
+    return code
+
+
 class TranslateTarget(_Strict):
     """One target language: translated by a CTranslate2 model, or read from a pre-translated collection."""
 
-    lang: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,15}$", description="Language code of the output, e.g. zh, fa, ru.")
+    lang: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,15}$",
+                      description="Language code of the output (ISO 639 / BCP 47), e.g. zh, fa, ru.")
     model: str | None = Field(
         None,
         description="MT model: a CTranslate2 model directory, or a Marian (opus-mt) HF directory or hub id, "
@@ -137,15 +169,22 @@ class TranslateTarget(_Strict):
         "instead of an MT model.",
     )
     source_prefix: str | None = Field(
-        None, description="Token put before every source text, for multi-target models (e.g. `>>cmn_Hans<<` for "
-        "Helsinki-NLP/opus-mt-en-zh).",
+        None, description="Token put before every source segment: the target token of multi-target opus-mt models "
+        "(e.g. `>>cmn_Hans<<` for Helsinki-NLP/opus-mt-en-zh), or the source language token of NLLB (`eng_Latn`) "
+        "and M2M100 (`__en__`).",
+    )
+    target_prefix: str | None = Field(
+        None, description="Token that starts every translation (CTranslate2 `target_prefix`): the target language "
+        "of a multilingual model, e.g. `zho_Hans` for NLLB or `__zh__` for M2M100. One model then serves many "
+        "targets, each with its own prefix.",
     )
     pretranslated_queries: DataSource | None = Field(
         None, description="An existing translation of the training queries (optional)."
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TranslateTarget":
+    def _one_source(self) -> TranslateTarget:
+        _check_language_code(self.lang, "lang")
         if (self.model is None) == (self.pretranslated is None):
             raise ValueError(f"target {self.lang!r}: set exactly one of `model` or `pretranslated`")
         return self
@@ -155,30 +194,132 @@ class ActorPoolConfig(_Strict):
     """How a stage's Ray Data actor pool is sized: shared by translate, score and index."""
 
     batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch handed to one actor call.")
-    num_actors: int = Field(1, ge=1, description="Actors in the pool; each loads its model once.")
+    num_actors: int = Field(1, ge=1, description="Actors in the pool (its minimum when max_actors is set); each "
+                            "loads its model once.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Set to autoscale the pool between num_actors and max_actors with the backlog."
+    )
     num_cpus_per_actor: float = Field(
         0.5, gt=0, description="CPUs reserved per actor; below 1 so read tasks are never starved on small nodes."
     )
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (fractions allowed; 0 on CPU nodes).")
 
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ActorPoolConfig:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be at least num_actors ({self.num_actors})")
+        return self
+
+
+class DecodingConfig(_Strict):
+    """CTranslate2 decoding settings (``Translator.translate_batch``)."""
+
+    beam_size: int = Field(1, ge=1, description="Beam size (1 = greedy).")
+    max_decoding_length: int = Field(256, ge=1, description="Most target tokens generated per segment.")
+    decoding_length_ratio: float | None = Field(
+        None, gt=0, description="Also cap each batch's decoding length at ratio x its longest source segment + 8 "
+        "tokens, so a degenerate model cannot decode to max_decoding_length every time.",
+    )
+    length_penalty: float = Field(1.0, description="Beam search length penalty.")
+    repetition_penalty: float = Field(1.0, ge=1.0, description="Penalty on tokens already generated (1 = none).")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    replace_unknowns: bool = Field(False, description="Replace <unk> outputs by the source token with most attention.")
+
+
+class QualityConfig(_Strict):
+    """Checks run on every translated row; a flagged row is kept, with its reasons, never dropped."""
+
+    min_length_ratio: float = Field(0.2, gt=0, description="Flag output shorter than this x the source (characters).")
+    max_length_ratio: float = Field(4.0, gt=0, description="Flag output longer than this x the source (characters).")
+    ratio_min_source_chars: int = Field(
+        20, ge=1, description="Length ratios are checked only for sources of at least this many characters."
+    )
+    repeated_ngram_size: int = Field(4, ge=2, description="Word n-gram size for the repetition check (x2 characters "
+                                     "for scripts written without spaces).")
+    repeated_ngram_count: int = Field(3, ge=2, description="Flag an n-gram seen this many times or more in the output "
+                                      "when the source repeats no n-gram that often.")
+    retry: DecodingConfig | None = Field(
+        DecodingConfig(beam_size=4, repetition_penalty=1.2, no_repeat_ngram_size=4),
+        description="Decoding settings for one more try on flagged rows (the try with fewer flags is kept); "
+        "null turns retries off.",
+    )
+
 
 class TranslateConfig(ActorPoolConfig):
-    """translate: English passages and queries into each target language with CTranslate2 actors."""
+    """translate: English passages and queries into each target language with CTranslate2 actors.
+
+    Incremental: rows are keyed by (id, lang, MT model, hash of the source text) and committed per block, so a
+    re-run, a killed run started again, a new language or an edited source translates only what is missing.
+    """
 
     targets: list[TranslateTarget] = Field(min_length=1, description="Target languages, each with its model or source.")
     translate_queries: bool = Field(True, description="Also translate the training queries with each MT model.")
-    beam_size: int = Field(1, ge=1, description="CTranslate2 beam size (1 = greedy).")
-    max_input_length: int = Field(256, ge=1, description="Source tokens kept per text (longer text is cut and counted).")
-    max_decoding_length: int = Field(256, ge=1, description="Most target tokens generated per text.")
+    source_lang: str = Field("en", description="Language of the source text (picks the sentence splitter's rules).")
+    split_sentences: bool = Field(
+        True, description="Translate sentence by sentence (sentencex) and join the translations in order; MT models "
+        "are trained on sentences and drop or repeat content in long inputs.",
+    )
+    max_input_length: int = Field(
+        200, ge=8, description="Most source tokens per segment, special tokens included; a longer sentence is cut into "
+        "chunks at word boundaries and each chunk translated, never truncated.",
+    )
+    max_batch_tokens: int = Field(
+        4096, ge=16, description="Token budget per CTranslate2 batch (`max_batch_size` with `batch_type=tokens`).",
+    )
+    length_bucketing: bool = Field(
+        True, description="Sort each block's segments by length before batching, so batches hold similar lengths "
+        "and little padding.",
+    )
+    decoding: DecodingConfig = Field(DecodingConfig(), description="CTranslate2 decoding settings.")
+    quality: QualityConfig = Field(QualityConfig(), description="Checks on every output row, and retries.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CTranslate2 device; auto picks cuda when present.")
-    compute_type: str = Field("default", description="CTranslate2 compute type (default, int8, float16, bfloat16...).")
-    intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per actor (0 = all cores).")
+    compute_type: Literal["auto", "default", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                          "float16", "bfloat16", "float32"] = Field(
+        "default", description="CTranslate2 precision: default keeps the model's own (converted to what the device "
+        "supports); auto takes the fastest the device supports, int8 included.")
+    intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per batch within an actor (0 = all cores).")
+    inter_threads: int = Field(1, ge=1, description="Batches an actor's translator runs in parallel.")
+
+    @model_validator(mode="after")
+    def _source_lang_known(self) -> TranslateConfig:
+        _check_language_code(self.source_lang, "translate.source_lang")
+        return self
+
+
+class ScoreImport(_Strict):
+    """A teacher score file made elsewhere, imported instead of scoring (never unpickled)."""
+
+    format: Literal["colbertx", "st_hard_negatives", "pylate"] = Field(
+        description="colbertx: JSON lines `[qid, [pid, score], ...]` (e.g. hltcoe/tdist-msmarco-scores); "
+        "st_hard_negatives: sentence-transformers' `{qid, pos, neg}` lines with ce-scores; "
+        "pylate: `{query_id, document_ids, scores}` rows (JSON lines or Parquet)."
+    )
+    path: str = Field(description="The file (.jsonl, .jsonl.gz, or .parquet for pylate); `{workspace}` is replaced.")
 
 
 class ScoreConfig(ActorPoolConfig):
-    """score: a cross-encoder teacher scores each training query's candidates."""
+    """score: a teacher scores each training query's candidates, or a score file is imported."""
 
-    teacher: str = Field(description="Sequence-classification cross-encoder: local directory or hub id.")
+    teacher: str | None = Field(
+        None, description="Teacher model: local directory or hub id; a one-logit sequence-classification "
+        "cross-encoder, or a monoT5/mT5 reranker with `teacher_kind: seq2seq`.",
+    )
+    teacher_kind: Literal["cross_encoder", "seq2seq"] = Field(
+        "cross_encoder", description="cross_encoder: the score is the relevance logit. seq2seq (monoT5, mT5): the "
+        "score is log P(true_word) against false_word at the first decoding step of `template`.",
+    )
+    true_word: str = Field("true", description="seq2seq: the word meaning relevant (monoT5: true; mMARCO's mT5: yes).")
+    false_word: str = Field("false", description="seq2seq: the word meaning not relevant (monoT5: false; mT5: no).")
+    template: str = Field("Query: {query} Document: {document} Relevant:",
+                          description="seq2seq: the input text; holds {query} and {document} once each.")
+    max_batch_tokens: int | None = Field(None, ge=16, description="seq2seq: token budget per batch, pairs sorted by "
+                                         "length (default 16384).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="seq2seq: auto runs bf16 on GPU and fp32 on CPU (float16 overflows in T5)."
+    )
+    import_scores: ScoreImport | None = Field(
+        None, description="Import this score file instead of running a teacher (set either this or `teacher`)."
+    )
     teacher_revision: str | None = Field(None, description="Hub revision (commit) of the teacher, for provenance.")
     passage_lang: str = Field(
         "en", description="Language of the passages the teacher sees: `en` (English x English) or a target lang (CLIR)."
@@ -186,6 +327,23 @@ class ScoreConfig(ActorPoolConfig):
     top_k: int = Field(50, ge=1, description="Candidates kept per query (the paper uses the top 50).")
     max_length: int = Field(256, ge=8, description="Most tokens of query + passage fed to the teacher.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScoreConfig:
+        if (self.teacher is None) == (self.import_scores is None):
+            raise ValueError("set exactly one of `teacher` (score with a model) or `import_scores` (a score file)")
+        if self.teacher_kind == "seq2seq":
+            from td_ray.score.seq2seq import split_template
+
+            split_template(self.template)
+        return self
+
+    @property
+    def provenance(self) -> str:
+        """Where the scores come from, as recorded with them and on the registered student."""
+        if self.import_scores is not None:
+            return f"import:{self.import_scores.format}:{Path(self.import_scores.path).name}"
+        return self.teacher
 
 
 class DistillConfig(_Strict):
@@ -251,7 +409,7 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage.")
 
     @model_validator(mode="after")
-    def _languages_exist(self) -> "PipelineConfig":
+    def _languages_exist(self) -> PipelineConfig:
         langs = {"en"} | {t.lang for t in self.translate.targets}
         if len({t.lang for t in self.translate.targets}) != len(self.translate.targets):
             raise ValueError("translate.targets: each lang may appear once")
@@ -263,6 +421,8 @@ class PipelineConfig(_Strict):
     def local_sources(self) -> list[tuple[str, DataSource]]:
         """Every (config field, source) that names a local path."""
         found = [(f"data.{name}", source) for name, source in self.data if hasattr(source, "path")]
+        if self.score.import_scores is not None:
+            found.append(("score.import_scores", self.score.import_scores))
         for target in self.translate.targets:
             for kind in ("pretranslated", "pretranslated_queries"):
                 source = getattr(target, kind)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from td_ray.errors import TdRayError
 from td_ray.config import ActorPoolConfig
+from td_ray.errors import TdRayError
 from td_ray.sources import find_duplicates
 from td_ray.workspace import Workspace
 
@@ -27,10 +27,15 @@ def read_table_dataset(workspace: Workspace, relative: str):
 
 
 def actor_map_args(pool: ActorPoolConfig) -> dict:
-    """`map_batches` arguments for a callable-class stage: a fixed pool of actors, each loading its model once."""
+    """`map_batches` arguments for a callable-class stage: a pool of actors (fixed, or autoscaling between
+    num_actors and max_actors), each loading its model once."""
     import ray.data
 
-    arguments = {"compute": ray.data.ActorPoolStrategy(size=pool.num_actors), "num_cpus": pool.num_cpus_per_actor,
+    if pool.max_actors is None:
+        strategy = ray.data.ActorPoolStrategy(size=pool.num_actors)
+    else:
+        strategy = ray.data.ActorPoolStrategy(min_size=pool.num_actors, max_size=pool.max_actors)
+    arguments = {"compute": strategy, "num_cpus": pool.num_cpus_per_actor,
                  "batch_size": pool.batch_size}
     if pool.num_gpus_per_actor:
         arguments["num_gpus"] = pool.num_gpus_per_actor

@@ -21,9 +21,33 @@ QRELS = pa.schema([("qid", pa.string()), ("docid", pa.string()), ("relevance", p
 CANDIDATES = pa.schema(
     [("qid", pa.string()), ("pid", pa.string()), ("rank", pa.int32()), ("score", pa.float32())]
 )
-#: translate: one row per (id, lang), the text in that language and the model that made it.
+#: translate: the work list of one (kind, lang, model): English rows not yet in the store, with their text hash.
+TRANSLATE_TODO = pa.schema([("id", pa.string()), ("text", pa.string()), ("source_hash", pa.string())])
+#: translate: every translation made, keyed by (id, lang, mt_model, source_hash); flags say what looked wrong.
+TRANSLATION_STORE = pa.schema(
+    [
+        ("id", pa.string()),
+        ("lang", pa.string()),
+        ("mt_model", pa.string()),
+        ("source_hash", pa.string()),
+        ("text", pa.string()),
+        ("segments", pa.int32()),
+        ("source_tokens", pa.int32()),
+        ("target_tokens", pa.int32()),
+        ("attempts", pa.int8()),
+        ("flags", pa.list_(pa.string())),
+    ]
+)
+#: translate: the current view, one row per (id, lang) of the current input; later stages read only this.
 TRANSLATIONS = pa.schema(
-    [("id", pa.string()), ("lang", pa.string()), ("text", pa.string()), ("mt_model", pa.string())]
+    [
+        ("id", pa.string()),
+        ("lang", pa.string()),
+        ("text", pa.string()),
+        ("mt_model", pa.string()),
+        ("source_hash", pa.string()),
+        ("flags", pa.list_(pa.string())),
+    ]
 )
 #: score: the teacher's raw score (a logit, never squashed) per (qid, pid). Ids and scores only.
 SCORES = pa.schema(

@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -202,6 +203,58 @@ def iter_rows(source: DataSource, role: Role) -> Iterator[tuple]:
     return _READERS[source.format](source)
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TextPolicy:
+    """Applies a docs/queries source's text policies row by row: repair, invalid Unicode, controls, duplicates.
+
+    Control characters (C0 but tab and newlines, DEL and C1) become spaces: MT tokenizers map them to <unk> or
+    drop them unpredictably. Counts of every change are kept for the ingest log and the table's metadata.
+    """
+
+    def __init__(self, source: DataSource, name: str):
+        self.source, self.name = source, name
+        self.repair = getattr(source, "repair", "none")
+        self.seen: set[str] | None = set() if getattr(source, "duplicates", "error") == "keep_first" else None
+        self.counts = {"repaired": 0, "invalid_replaced": 0, "controls_replaced": 0, "duplicates_dropped": 0}
+        if self.repair == "ftfy":
+            import ftfy
+
+            self._fix = ftfy.fix_text
+            self.repair = f"ftfy {ftfy.__version__}"
+
+    def __call__(self, rows: Iterator[tuple]) -> Iterator[tuple]:
+        for doc_id, text in rows:
+            if self.seen is not None:
+                if doc_id in self.seen:
+                    self.counts["duplicates_dropped"] += 1
+                    continue
+                self.seen.add(doc_id)
+            yield doc_id, self._clean(doc_id, text or "")
+
+    def _clean(self, doc_id: str, text: str) -> str:
+        if _SURROGATE.search(text):
+            if getattr(self.source, "invalid_text", "error") == "error":
+                raise SourceError(
+                    f"input {self.name!r} id {doc_id!r}: text holds lone surrogates (not valid Unicode); fix the "
+                    "source, or set invalid_text: replace on it to put U+FFFD in their place"
+                )
+            text = _SURROGATE.sub("\ufffd", text)
+            self.counts["invalid_replaced"] += 1
+        if self.repair != "none":
+            fixed = self._fix(text)
+            self.counts["repaired"] += fixed != text
+            text = fixed
+        cleaned = _CONTROL.sub(" ", text)
+        self.counts["controls_replaced"] += cleaned != text
+        return cleaned
+
+    def metadata(self) -> dict[str, str]:
+        return {"td_ray_repair": self.repair, "td_ray_text_counts": json.dumps(self.counts)}
+
+
 def _fingerprint(source: DataSource) -> str:
     """What identifies a source's content: its settings, and a local file's size and mtime."""
     described = source.model_dump(mode="json")
@@ -239,12 +292,15 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> 
     relative = f"inputs/{name}.parquet"
     fingerprint = _fingerprint(source)
     if workspace.exists(relative):
-        metadata = workspace.read_schema(relative).metadata or {}
-        if metadata.get(b"td_ray_source", b"").decode() == fingerprint:
+        if workspace.file_metadata(relative).get("td_ray_source") == fingerprint:
             logger.info("input %s: reusing %s", name, workspace.path(relative))
             return relative
-    schema = ROLE_SCHEMAS[role].with_metadata({"td_ray_source": fingerprint})
     keys = _key_columns(role)
+    rows_in = iter_rows(source, role)
+    policy = None
+    if role in ("docs", "queries"):
+        policy = TextPolicy(source, name)
+        rows_in = policy(rows_in)
 
     def validate(written: pa.Table) -> None:
         if written.num_rows == 0:
@@ -257,9 +313,12 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> 
             )
 
     rows = 0
-    with workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys) as writer:
+    schema = ROLE_SCHEMAS[role]
+    temporary = workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys,
+                                        metadata=lambda: {"td_ray_source": fingerprint} | (policy.metadata() if policy else {}))
+    with temporary as writer:
         buffer: list[tuple] = []
-        for row in iter_rows(source, role):
+        for row in rows_in:
             buffer.append(row)
             if len(buffer) >= _BATCH_ROWS:
                 writer.write_table(_to_table(buffer, schema))
@@ -268,7 +327,8 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> 
         if buffer:
             writer.write_table(_to_table(buffer, schema))
             rows += len(buffer)
-    logger.info("input %s: %d rows -> %s", name, rows, workspace.path(relative))
+    changed = {key: value for key, value in (policy.counts if policy else {}).items() if value}
+    logger.info("input %s: %d rows -> %s%s", name, rows, workspace.path(relative), f" ({changed})" if changed else "")
     return relative
 
 

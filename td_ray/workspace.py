@@ -61,6 +61,12 @@ class Workspace:
             )
         return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
 
+    def file_metadata(self, relative: str) -> dict[str, str]:
+        """The key-value pairs in a Parquet file's footer (as written by `atomic_writer(metadata=...)`)."""
+        with self.fs.open_input_file(self.path(relative)) as handle:
+            pairs = pq.read_metadata(handle).metadata or {}
+        return {key.decode(): value.decode() for key, value in pairs.items() if key != b"ARROW:schema"}
+
     def read_schema(self, relative: str) -> pa.Schema:
         if not self.exists(relative):
             raise FileNotFoundError(
@@ -71,10 +77,13 @@ class Workspace:
     @contextlib.contextmanager
     def atomic_writer(self, relative: str, schema: pa.Schema,
                       validate: Callable[[pa.Table], None] | None = None,
-                      validate_columns: list[str] | None = None) -> Iterator[pq.ParquetWriter]:
+                      validate_columns: list[str] | None = None,
+                      metadata: Callable[[], dict[str, str]] | None = None) -> Iterator[pq.ParquetWriter]:
         """A ParquetWriter whose file appears under `relative` only if the block exits cleanly.
 
         `validate`, if given, sees the finished file (its `validate_columns`) before the rename commits it.
+        `metadata`, if given, is called once all rows are written; its pairs go in the file's footer
+        (read back with `file_metadata`).
         """
         target = self.path(relative)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
@@ -82,6 +91,8 @@ class Workspace:
         writer = pq.ParquetWriter(temporary, schema, filesystem=self.fs)
         try:
             yield writer
+            if metadata is not None:
+                writer.add_key_value_metadata(metadata())
             writer.close()
             if validate is not None:
                 validate(pq.read_table(temporary, columns=validate_columns, filesystem=self.fs))

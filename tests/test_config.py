@@ -49,6 +49,16 @@ def test_language_rules(raw, tmp_path):
     raw["distill"]["passage_lang"] = "syn"
     raw["translate"]["targets"][1]["pretranslated"] = {"format": "tsv", "path": "x"}
     assert "set exactly one of `model` or `pretranslated`" in _error(raw, tmp_path)
+    raw["translate"]["targets"][1] = {"lang": "zn", "model": "x"}  # a typo for zh
+    assert "lang 'zn' is not a known language code" in _error(raw, tmp_path)
+
+
+def test_translate_options_are_checked(raw, tmp_path):
+    raw["translate"]["compute_type"] = "float8"
+    assert "translate.compute_type" in _error(raw, tmp_path)
+    raw["translate"]["compute_type"] = "int8_float16"
+    raw["translate"]["num_actors"], raw["translate"]["max_actors"] = 4, 2
+    assert "max_actors (2) must be at least num_actors (4)" in _error(raw, tmp_path)
 
 
 def test_not_yaml_not_a_mapping_and_no_file(tmp_path):
@@ -83,3 +93,11 @@ def test_cli_prints_one_clear_line_and_exits_2(raw, tmp_path, capsys):
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "td-ray: error: invalid config" in err and "evaluate.depth" in err and "Traceback" not in err
+
+
+def test_score_needs_a_teacher_or_a_score_file_and_a_sound_template(raw, tmp_path):
+    raw["score"]["import_scores"] = {"format": "colbertx", "path": "scores.jsonl"}
+    assert "set exactly one of `teacher`" in _error(raw, tmp_path)
+    del raw["score"]["import_scores"]
+    raw["score"].update(teacher_kind="seq2seq", template="Query: {query} Relevant:")
+    assert "must contain {query} and {document}" in _error(raw, tmp_path)

@@ -149,3 +149,12 @@ def test_rayjob_runs_a_config_that_exists_and_mounts_the_workspace():
     gpus = sum(int(group["replicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for group in cluster["workerGroupSpecs"])
     assert gpus >= target.distill.num_workers
+
+
+def test_multilingual_translate_config_steers_one_model_per_language(tmp_path: Path):
+    config = load_config(ROOT / "configs" / "translate" / "msmarco-nllb-zh-fa-ru.yaml", workspace=str(tmp_path))
+    targets = config.translate.targets
+    assert [target.lang for target in targets] == ["zh", "fa", "ru"]
+    assert len({target.model for target in targets}) == 1 and len({target.target_prefix for target in targets}) == 3
+    assert {target.source_prefix for target in targets} == {"eng_Latn"}
+    assert config.translate.max_actors > config.translate.num_actors  # an autoscaling pool

@@ -83,7 +83,7 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
 
 def test_rerun_keeps_every_id_exactly_once_and_resumes_training(demo_twice):
     workspace, _, _ = demo_twice
-    for table, key in (("translate/passages.xx.parquet", "id"), ("score/scores.parquet", None),
+    for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None),
                        ("index/docids.parquet", "docid")):
         data = pq.read_table(workspace / table)
         keys = list(zip(data["qid"].to_pylist(), data["pid"].to_pylist())) if key is None else data[key].to_pylist()

@@ -7,9 +7,16 @@ import json
 import ir_datasets
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REALDATA
-from td_ray.config import IrDatasetsSource, JsonlSource, ParquetSource, TrecQrelsSource, TrecRunSource, TsvSource
+
+from td_ray.config import (
+    IrDatasetsSource,
+    JsonlSource,
+    ParquetSource,
+    TrecQrelsSource,
+    TrecRunSource,
+    TsvSource,
+)
 from td_ray.sources import SourceError, ingest, iter_rows
 from td_ray.workspace import Workspace
 
@@ -116,3 +123,39 @@ def test_real_msmarco_and_qrels_files_read_with_string_ids():
     qrels = REALDATA / "eval_oracle" / "trec_eval" / "qrels.rel_level"
     rows = list(iter_rows(TrecQrelsSource(format="trec_qrels", path=str(qrels)), "qrels"))
     assert {relevance for _, _, relevance in rows} >= {0, 1, 2}
+
+
+def test_duplicates_keep_first_policy_keeps_the_first_row_and_counts_the_rest(tmp_path):
+    path = tmp_path / "dup.tsv"
+    path.write_text("a\tone\nb\ttwo\nb\tagain\na\tthrice\n")
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, TsvSource(format="tsv", path=str(path), duplicates="keep_first"), "docs", "passages")
+    table = workspace.read_table("inputs/passages.parquet")
+    assert list(zip(table["id"].to_pylist(), table["text"].to_pylist())) == [("a", "one"), ("b", "two")]
+    assert json.loads(workspace.file_metadata("inputs/passages.parquet")["td_ray_text_counts"])["duplicates_dropped"] == 2
+
+
+def test_lone_surrogates_fail_naming_the_id_or_are_replaced_by_policy(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "q1", "text": "fine"}\n{"id": "q2", "text": "bad \\ud800 text"}\n')
+    workspace = Workspace(str(tmp_path / "ws"))
+    with pytest.raises(SourceError, match=r"id 'q2'.*invalid_text: replace"):
+        ingest(workspace, JsonlSource(format="jsonl", path=str(path)), "queries", "queries")
+    assert not workspace.exists("inputs/queries.parquet")
+    ingest(workspace, JsonlSource(format="jsonl", path=str(path), invalid_text="replace"), "queries", "queries")
+    assert workspace.read_table("inputs/queries.parquet")["text"].to_pylist() == ["fine", "bad \ufffd text"]
+
+
+def test_control_characters_become_spaces_and_mojibake_is_repaired_on_request(tmp_path):
+    path = tmp_path / "mojibake.tsv"
+    path.write_text("1\tcafÃ© au lait\x85 dÃ©jÃ  vu\n2\tbell\x07 and nul\x00 here\n", encoding="utf-8")
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, TsvSource(format="tsv", path=str(path)), "docs", "raw")
+    raw = workspace.read_table("inputs/raw.parquet")["text"].to_pylist()
+    assert raw == ["cafÃ© au lait  dÃ©jÃ  vu", "bell  and nul  here"]  # controls out, mojibake kept as given
+    assert workspace.file_metadata("inputs/raw.parquet")["td_ray_repair"] == "none"
+    ingest(workspace, TsvSource(format="tsv", path=str(path), repair="ftfy"), "docs", "fixed")
+    fixed = workspace.read_table("inputs/fixed.parquet")["text"].to_pylist()
+    assert fixed[0].startswith("café au lait") and "déjà" in fixed[0]
+    metadata = workspace.file_metadata("inputs/fixed.parquet")
+    assert metadata["td_ray_repair"].startswith("ftfy ") and json.loads(metadata["td_ray_text_counts"])["repaired"] >= 1

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import with_updates
+
 from td_ray import evaluate, tracking
 from td_ray.tracking import metric_key
 

@@ -52,7 +52,7 @@ from td_ray.assets.demo_data import (
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 """Bump when the build changes, so cached model directories are rebuilt."""
 
 COMPLETE_MARKER = ".complete"
@@ -60,6 +60,9 @@ MT_CONFIG_NAME = "td_ray_mt.json"
 """File in the CT2 model directory telling the translate stage how to tokenize."""
 
 SPM_VOCAB_SIZE = 1000
+LANGUAGE_TOKENS = ["__qaa__", "__qab__"]
+"""Target-language tokens in the Marian vocabulary, so the model can stand in for a multilingual one
+(NLLB/M2M100 style, steered by CTranslate2's target_prefix) in tests."""
 WORDPIECE_VOCAB_SIZE = 2000
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SUPPRESSED_LOGIT_BIAS = -1e4
@@ -151,6 +154,7 @@ def _train_sentencepiece(sentences: list[str]) -> bytes:
         pad_id=-1,
         num_threads=1,
         minloglevel=2,
+        user_defined_symbols=LANGUAGE_TOKENS,
     )
     return model.getvalue()
 

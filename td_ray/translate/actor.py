@@ -1,45 +1,74 @@
-"""The Ray Data callable class that holds one ctranslate2.Translator per actor."""
+"""The Ray Data callable class that holds one ctranslate2.Translator per actor and commits each block it translates."""
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
 
-from td_ray.translate.core import DecodingOptions, SentencePieceCodec, translate_texts
+from td_ray.config import TranslateConfig
+from td_ray.translate.core import SentencePieceCodec, translate_texts
+from td_ray.translate.quality import flag_names
+from td_ray.translate.store import commit_block
+from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-#: Columns the actor reads from each batch.
-INPUT_COLUMNS = ("id", "text")
+#: Columns the actor reads from each batch (the stage's work list).
+INPUT_COLUMNS = ("id", "text", "source_hash")
+
+
+def open_translator(model_dir: str, settings: TranslateConfig):
+    """A ctranslate2.Translator on the configured device, precision and threads."""
+    import ctranslate2
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return ctranslate2.Translator(model_dir, device=device, compute_type=settings.compute_type,
+                                  intra_threads=settings.intra_threads, inter_threads=settings.inter_threads)
 
 
 class CT2TranslatorActor:
-    """Translates batches of ``{id, text}`` into ``{id, lang, text, mt_model}``; loads the model once."""
+    """Translates blocks of ``{id, text, source_hash}`` and commits each as one store file; returns its statistics.
 
-    def __init__(self, model_dir: str, lang: str, mt_model: str, options: DecodingOptions,
-                 device: str = "auto", compute_type: str = "default", intra_threads: int = 1,
-                 source_prefix: str | None = None):
-        import ctranslate2
+    The model is loaded once per actor. The output rows go to the store, not back through Ray, so the
+    driver only sees one small row of counts per block.
+    """
 
-        if device == "auto":
-            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        self.translator = ctranslate2.Translator(model_dir, device=device, compute_type=compute_type,
-                                                 intra_threads=intra_threads, inter_threads=1)
-        self.codec = SentencePieceCodec(Path(model_dir), source_prefix)
-        self.lang, self.mt_model, self.options = lang, mt_model, options
-        logger.info("translator for %s loaded on %s from %s", lang, device, model_dir)
+    def __init__(self, model_dir: str, lang: str, mt_model: str, source_prefix: str | None,
+                 target_prefix: str | None, settings: TranslateConfig, workspace: str, directory: str):
+        import ray
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = ["" if text is None else str(text) for text in batch["text"]]
-        translations = translate_texts(self.translator, self.codec, texts, self.options)
+        self.translator = open_translator(model_dir, settings)
+        self.codec = SentencePieceCodec(Path(model_dir), source_prefix, target_prefix)
+        self.lang, self.mt_model, self.settings = lang, mt_model, settings
+        self.workspace, self.directory = Workspace(workspace), directory
+        self.actor = (ray.get_runtime_context().get_actor_id() or "driver")[-8:]
+        logger.info("translator for %s loaded on %s from %s", lang, self.translator.device, model_dir)
+
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        started = time.perf_counter()
+        texts = ["" if text is None else text for text in batch["text"].to_pylist()]
+        results, stats = translate_texts(self.translator, self.codec, texts, self.settings, self.lang)
         size = len(texts)
+        block = pa.table({
+            "id": batch["id"], "lang": pa.array([self.lang] * size), "mt_model": pa.array([self.mt_model] * size),
+            "source_hash": batch["source_hash"], "text": pa.array([item.text for item in results]),
+            "segments": pa.array([item.segments for item in results], pa.int32()),
+            "source_tokens": pa.array([item.source_tokens for item in results], pa.int32()),
+            "target_tokens": pa.array([item.target_tokens for item in results], pa.int32()),
+            "attempts": pa.array([item.attempts for item in results], pa.int8()),
+            "flags": pa.array([item.flags for item in results], pa.list_(pa.string())),
+        })
+        name = commit_block(self.workspace, self.directory, block)
+        flags = Counter(flag for item in results for flag in set(flag_names(item.flags)))
         return {
-            "id": batch["id"],
-            "lang": np.full(size, self.lang, dtype=object),
-            "text": np.array([item.text for item in translations], dtype=object),
-            "mt_model": np.full(size, self.mt_model, dtype=object),
-            "source_tokens": np.array([item.source_tokens for item in translations], dtype=np.int64),
-            "target_tokens": np.array([item.target_tokens for item in translations], dtype=np.int64),
-            "truncated": np.array([item.truncated for item in translations], dtype=bool),
+            "block": [name], "rows": [size], "actor": [self.actor], "seconds": [time.perf_counter() - started],
+            "segments": [stats.segments], "source_tokens": [stats.source_tokens],
+            "target_tokens": [stats.target_tokens], "positions": [stats.positions], "retried": [stats.retried],
+            "flags": [json.dumps(dict(flags))],
         }

@@ -1,0 +1,73 @@
+"""Checks on every translated row, for the defects users report in published MS MARCO translations.
+
+Each check returns a flag as ``name: reason``. Flags are recorded with the row; a row is never dropped.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+
+from td_ray.config import QualityConfig
+
+#: Subtitle and web markup: `{\fn...}` override tags, HTML/XML tags and entities.
+_MARKUP = re.compile(r"\{\\[^}]*\}|</?[A-Za-z][^<>]{0,80}>|&(?:[a-z]+|#\d+);")
+_UNSPACED_CHARACTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\u0e00-\u0e7f]")
+
+#: Every flag name, in the order flags are reported.
+FLAGS = ("empty_source", "empty_output", "punctuation_only", "markup", "repeated_ngram", "length_ratio",
+         "copy_of_source", "decoding_limit")
+
+
+def _is_punctuation_only(text: str) -> bool:
+    return not any(unicodedata.category(char)[0] in "LN" for char in text)
+
+
+def _units(text: str, size: int) -> tuple[list[str], int]:
+    """Words, or characters for scripts without spaces (then n-grams are twice as long)."""
+    characters = [char for char in text if not char.isspace()]
+    if characters and sum(bool(_UNSPACED_CHARACTER.match(char)) for char in characters) > 0.3 * len(characters):
+        return characters, size * 2
+    return text.lower().split(), size
+
+
+def _most_repeated(text: str, size: int) -> tuple[tuple[str, ...] | None, int]:
+    units, size = _units(text, size)
+    grams = Counter(tuple(units[i:i + size]) for i in range(len(units) - size + 1))
+    if not grams:
+        return None, 0
+    gram, count = grams.most_common(1)[0]
+    return gram, count
+
+
+def check_translation(source: str, output: str, quality: QualityConfig, hit_decoding_limit: bool = False) -> list[str]:
+    """Flags for one (source, output) pair; empty when the output looks sound."""
+    if not source.strip():
+        return ["empty_source: the source text is empty, so is the translation"]
+    flags = []
+    if not output.strip():
+        return ["empty_output: the model produced nothing for a non-empty source"]
+    if _is_punctuation_only(output):
+        flags.append(f"punctuation_only: output {output[:20]!r} has no letters or digits")
+    source_markup = set(_MARKUP.findall(source))
+    added = [tag for tag in _MARKUP.findall(output) if tag not in source_markup]
+    if added:
+        flags.append(f"markup: output holds {added[0][:30]!r}, which the source lacks")
+    gram, count = _most_repeated(output, quality.repeated_ngram_size)
+    if count >= quality.repeated_ngram_count and _most_repeated(source, quality.repeated_ngram_size)[1] < count:
+        flags.append(f"repeated_ngram: {' '.join(gram)[:40]!r} occurs {count} times")
+    source_chars, output_chars = len(source.strip()), len(output.strip())
+    if source_chars >= quality.ratio_min_source_chars:
+        ratio = output_chars / source_chars
+        if not quality.min_length_ratio <= ratio <= quality.max_length_ratio:
+            flags.append(f"length_ratio: {ratio:.2f} (output/source characters) outside "
+                         f"[{quality.min_length_ratio}, {quality.max_length_ratio}]")
+    if output.strip().lower() == source.strip().lower() and sum(char.isalpha() for char in source) >= 3:
+        flags.append("copy_of_source: output equals the source")
+    if hit_decoding_limit:
+        flags.append("decoding_limit: a segment stopped at the decoding length limit (output may be cut)")
+    return flags
+
+
+def flag_names(flags: list[str]) -> list[str]:
+    return [flag.split(":", 1)[0] for flag in flags]
