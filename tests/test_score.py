@@ -77,3 +77,39 @@ def test_teacher_with_several_labels_is_rejected(make_workspace, tmp_path, asset
     config = make_workspace(score={"teacher": str(tmp_path / "two-labels")})
     with pytest.raises(ModelError, match="2 output labels"):
         score.run(config)
+
+
+def test_a_monot5_style_teacher_scores_through_the_stage(make_workspace, ray_cluster, tmp_path):
+    from td_ray.assets.tiny_t5 import build_tiny_t5
+    from td_ray.score.seq2seq import Seq2SeqTeacher
+
+    t5 = str(build_tiny_t5(tmp_path / "t5"))
+    config = make_workspace(score={"teacher": t5, "teacher_kind": "seq2seq", "top_k": 2, "max_length": 64})
+    result = score.run(config)
+    workspace = Workspace(config.workspace)
+    scores = workspace.read_table(SCORES)
+    assert result.rows == scores.num_rows == 2 * workspace.read_table("inputs/train_queries.parquet").num_rows
+    queries = dict(zip(*(workspace.read_table("inputs/train_queries.parquet")[c].to_pylist() for c in ("id", "text"))))
+    passages = dict(zip(*(workspace.read_table("inputs/passages.parquet")[c].to_pylist() for c in ("id", "text"))))
+    sample = scores.slice(0, 12)
+    expected = Seq2SeqTeacher(t5, max_length=64).score([queries[q] for q in sample["qid"].to_pylist()],
+                                                       [passages[p] for p in sample["pid"].to_pylist()])
+    assert sample["score"].to_pylist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert max(scores["score"].to_pylist()) <= 0  # raw log-probabilities, not squashed
+
+
+def test_a_colbertx_score_file_is_imported_instead_of_scoring(pipeline_run, make_workspace, tmp_path):
+    from td_ray.score.importers import export_colbertx
+
+    config, _ = pipeline_run
+    produced = Workspace(config.workspace).read_table(SCORES)
+    path = tmp_path / "scores.jsonl.gz"
+    export_colbertx(produced, path)
+    imported = make_workspace(score={"teacher": None, "import_scores": {"format": "colbertx", "path": str(path)}})
+    result = score.run(imported)
+    table = Workspace(imported.workspace).read_table(SCORES)
+    assert result.rows == produced.num_rows
+    got = {(q, p): s for q, p, s in zip(*(table[c].to_pylist() for c in ("qid", "pid", "score")))}
+    want = {(q, p): s for q, p, s in zip(*(produced[c].to_pylist() for c in ("qid", "pid", "score")))}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in want)
+    assert set(table["teacher"].to_pylist()) == {"import:colbertx:scores.jsonl.gz"}

@@ -39,11 +39,11 @@ TOPIC_WORD_RATE = 0.5
 """Share of topic words among the words of a passage sentence."""
 
 _VOCAB_SEED = 20_240_611
-_EN_ONSETS = "b d f g k l m n p r s t v z".split()
-_EN_VOWELS = "a e i o u".split()
+_EN_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"]
+_EN_VOWELS = ["a", "e", "i", "o", "u"]
 _EN_CODAS = ["", "", "", "n", "r", "l", "s", "k", "t"]
-_SYN_ONSETS = "c h j q w x y".split()
-_SYN_VOWELS = "ø é å ü ä ö i".split()
+_SYN_ONSETS = ["c", "h", "j", "q", "w", "x", "y"]
+_SYN_VOWELS = ["ø", "é", "å", "ü", "ä", "ö", "i"]
 _SYN_CODAS = ["", "", "j", "x", "h"]
 
 

@@ -94,7 +94,7 @@ def run(config: PipelineConfig) -> StageResult:
         student_dir = Path(workspace.path(STUDENT_DIR))
         with result.checkpoint.as_directory() as directory:
             _replace_dir(Path(directory) / HF_DIR, student_dir)
-        teacher = config.score.teacher
+        teacher = config.score.provenance
         lineage = {
             "td_ray.teacher": teacher,
             "td_ray.passage_lang": options.passage_lang,

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from td_ray import schemas
-from td_ray.textjoin import attach_text
 from td_ray.errors import TdRayError
+from td_ray.textjoin import attach_text
 
 logger = logging.getLogger(__name__)
 

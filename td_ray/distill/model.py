@@ -39,7 +39,7 @@ class DualEncoder(nn.Module):
         self.encoder, self.pooling = encoder, pooling
 
     @classmethod
-    def from_pretrained(cls, model: str, pooling: str | None = None) -> "DualEncoder":
+    def from_pretrained(cls, model: str, pooling: str | None = None) -> DualEncoder:
         """Load a student; `pooling` defaults to the one saved with it, else CLS."""
         spec_path = Path(model) / STUDENT_SPEC_FILE
         saved = json.loads(spec_path.read_text())["pooling"] if spec_path.is_file() else None

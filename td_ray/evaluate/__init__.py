@@ -32,7 +32,7 @@ from td_ray.workspace import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "evaluate_run"]
+__all__ = ["evaluate_run", "run"]
 
 
 def run(config: PipelineConfig) -> StageResult:

@@ -37,7 +37,7 @@ from td_ray.workspace import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "EncoderActor"]
+__all__ = ["EncoderActor", "run"]
 
 
 def vectors_of(column: pa.ChunkedArray) -> np.ndarray:

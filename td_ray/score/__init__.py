@@ -14,14 +14,16 @@ from td_ray.config import PipelineConfig
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, write_stream
 from td_ray.result import StageResult
-from td_ray.score.actor import CrossEncoderActor
+from td_ray.score.actor import TeacherActor
 from td_ray.score.core import CrossEncoderTeacher, build_pairs, check_teacher
+from td_ray.score.importers import import_score_file
+from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
 from td_ray.sources import ingest
 from td_ray.workspace import CANDIDATES, SCORES, TRAIN_QUERIES_EN, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "CrossEncoderActor", "CrossEncoderTeacher"]
+__all__ = ["CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "run"]
 
 _BLOCK_ROWS = 2048
 
@@ -33,7 +35,14 @@ def run(config: PipelineConfig) -> StageResult:
     started = time.perf_counter()
     options = config.score
     workspace = Workspace(config.workspace)
-    check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)  # before any work
+    if options.import_scores is not None:
+        return _import(config, workspace, started)
+    if options.teacher_kind == "seq2seq":  # before any work
+        check_seq2seq_teacher(options.teacher, revision=options.teacher_revision,
+                              trust_remote_code=options.trust_remote_code, true_word=options.true_word,
+                              false_word=options.false_word)
+    else:
+        check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
     with tracking.stage_run(config, "score") as run_id:
         ingest(workspace, config.data.passages, "docs", "passages")
         ingest(workspace, config.data.train_queries, "queries", "train_queries")
@@ -47,16 +56,27 @@ def run(config: PipelineConfig) -> StageResult:
         ensure_ray(config.ray)
         blocks = [pairs.slice(start, _BLOCK_ROWS) for start in range(0, pairs.num_rows, _BLOCK_ROWS)]
         dataset = ray.data.from_arrow(blocks).map_batches(
-            CrossEncoderActor,
-            fn_constructor_kwargs={
-                "model": options.teacher, "max_length": options.max_length, "revision": options.teacher_revision,
-                "trust_remote_code": options.trust_remote_code, "teacher_id": options.teacher,
-            },
+            TeacherActor,
+            fn_constructor_kwargs={"options": options},
             **actor_map_args(options),
         )
         rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]))
         result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
                              {"queries": float(len(set(pairs["qid"].to_pylist())))}, run_id)
+        tracking.log_result(result)
+    logger.info(result.summary())
+    return result
+
+
+def _import(config: PipelineConfig, workspace: Workspace, started: float) -> StageResult:
+    """Import `score.import_scores` as the score table: validated line by line, short lists per distill's policy."""
+    source = config.score.import_scores
+    with tracking.stage_run(config, "score") as run_id:
+        summary = import_score_file(workspace, SCORES, source.path, source.format, teacher=config.score.provenance,
+                                    nway=config.distill.nway, short_list=config.distill.short_list_policy)
+        result = StageResult("score", summary.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
+                             {"queries": float(summary.queries), "skipped_queries": float(len(summary.skipped))},
+                             run_id)
         tracking.log_result(result)
     logger.info(result.summary())
     return result
