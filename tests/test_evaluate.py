@@ -8,8 +8,8 @@ from pathlib import Path
 import ir_measures
 import pyarrow as pa
 import pytest
-
 from conftest import REALDATA
+
 from td_ray.config import TrecQrelsSource, TrecRunSource
 from td_ray.evaluate.core import MeasureError, evaluate_run, parse_measures
 from td_ray.sources import iter_rows

@@ -1,13 +1,19 @@
 """index: every document encoded once, FAISS shards built in parallel and merged into one index."""
 from __future__ import annotations
 
-
 import faiss
 import numpy as np
 
 from td_ray.distill.model import StudentEncoder
 from td_ray.index.core import build_shard, merge_shards, reconstruct_all, stored_ids
-from td_ray.workspace import DOC_IDS, EMBEDDINGS, EVAL_DOCS, FAISS_INDEX, STUDENT_DIR, Workspace
+from td_ray.workspace import (
+    DOC_IDS,
+    EMBEDDINGS,
+    EVAL_DOCS,
+    FAISS_INDEX,
+    STUDENT_DIR,
+    Workspace,
+)
 
 
 def test_merged_index_holds_every_document_once_and_each_vector_finds_itself(pipeline_run):
