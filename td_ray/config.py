@@ -355,6 +355,23 @@ class DistillConfig(_Strict):
     short_list_policy: Literal["skip", "error"] = Field(
         "skip", description="A query with fewer than nway scored candidates: skip it (logged) or stop with an error."
     )
+    top_k: int | None = Field(
+        None, ge=2, description="Candidates per query the sampler draws from, best-scored first (default: all "
+        "the score stage kept).",
+    )
+    sampler: Literal["only_top", "random", "beta"] = Field(
+        "only_top", description="How the nway passages are drawn from the top_k: the nway best (the paper's "
+        "default), uniformly, or by PLAID-X's Beta curriculum (uniform at the start, top-heavy by the end).",
+    )
+    sampling_max_beta: float = Field(1.0, ge=1, description="beta sampler: Beta(1, b) ends at b = this (1 = uniform).")
+    keep_top: bool = Field(False, description="random/beta samplers: always include the best-scored passage.")
+    loss: Literal["kl", "margin_mse", "contrastive"] = Field(
+        "kl", description="kl: KL to the teacher's score distribution (Translate-Distill). margin_mse: MSE of "
+        "score margins to the first passage. contrastive: cross-entropy with the best-scored passage as the "
+        "positive (the Translate-Train baseline, with teacher-ranked candidates).",
+    )
+    student_temperature: float = Field(1.0, gt=0, description="kl: student scores are divided by this first.")
+    contrastive_temperature: float = Field(1.0, gt=0, description="contrastive: scores are divided by this.")
     alpha: float = Field(1.0, gt=0, description="Teacher scores are multiplied by alpha before the softmax.")
     pooling: Literal["cls", "mean"] = Field("cls", description="How token vectors become one vector.")
     query_maxlen: int = Field(32, ge=4, description="Most query tokens.")
@@ -369,7 +386,16 @@ class DistillConfig(_Strict):
     use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
     max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by restarting.")
     run_name: str = Field("distill", description="Ray Train run name; the same name resumes from its last checkpoint.")
-    seed: int = Field(0, description="Seed for model init order and data shuffling.")
+    seed: int = Field(0, description="Seed for model init order, data shuffling and passage sampling.")
+
+    @model_validator(mode="after")
+    def _sampling_fits(self) -> DistillConfig:
+        if self.top_k is not None and self.top_k < self.nway:
+            raise ValueError(f"top_k ({self.top_k}) must be at least nway ({self.nway})")
+        if self.loss == "contrastive" and self.sampler != "only_top" and not self.keep_top:
+            raise ValueError("loss contrastive takes the first passage as the positive: with a random or beta "
+                             "sampler set keep_top: true")
+        return self
 
 
 class IndexConfig(ActorPoolConfig):

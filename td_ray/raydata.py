@@ -43,18 +43,21 @@ def actor_map_args(pool: ActorPoolConfig) -> dict:
 
 
 def write_stream(dataset, workspace: Workspace, relative: str, schema: pa.Schema, keys: list[str],
-                 expected: pa.Table | None = None, transform: Callable[[pa.Table], pa.Table] | None = None) -> int:
+                 expected: pa.Table | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
+                 metadata: dict[str, str] | None = None) -> int:
     """Stream `dataset` into one Parquet table, committed only if each key appears exactly once.
 
     `expected` (a table of the key columns) must then match the output's keys exactly. `transform` sees each
-    batch with all its columns (to count, or to add columns) before it is cut to `schema`.
+    batch with all its columns (to count, or to add columns) before it is cut to `schema`. `metadata` goes in
+    the file's footer.
     """
     rows = 0
 
     def validate(written: pa.Table) -> None:
         check_exactly_once(written, keys, expected, relative)
 
-    with workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys) as writer:
+    with workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys,
+                                 metadata=(lambda: metadata) if metadata else None) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if transform is not None:
                 batch = transform(batch)

@@ -15,7 +15,7 @@ from td_ray.distill import make_trainer
 from td_ray.distill.data import ShortListError, build_examples
 from td_ray.distill.losses import KLDistillationLoss
 from td_ray.distill.model import DualEncoder, StudentEncoder
-from td_ray.distill.train import STATE_FILE, train_step
+from td_ray.distill.train import STATE_FILE, make_loss, sample_batch, train_step
 from td_ray.workspace import STUDENT_DIR, Workspace
 
 
@@ -42,11 +42,13 @@ def _scores_table(rows):
     return pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows], "score": pa.array([r[2] for r in rows], pa.float32())})
 
 
-def test_examples_take_the_top_nway_by_teacher_score_in_the_configured_language():
+def test_examples_take_the_top_k_by_teacher_score_in_the_configured_language():
     scores = _scores_table([("q1", "a", 0.1), ("q1", "b", 5.0), ("q1", "c", 2.0), ("q2", "a", 1.0)])
     queries = pa.table({"id": ["q1", "q2"], "text": ["first", "second"]})
     passages = pa.table({"id": ["a", "b", "c"], "text": ["A-syn", "B-syn", "C-syn"]})
-    examples, skipped = build_examples(scores, queries, passages, nway=2)
+    every, _ = build_examples(scores, queries, passages, nway=2)
+    assert every["pids"].to_pylist() == [["b", "c", "a"]]  # best first; the trainer samples nway of them
+    examples, skipped = build_examples(scores, queries, passages, nway=2, top_k=2)
     assert skipped == ["q2"]
     assert examples.to_pylist() == [{"qid": "q1", "query": "first", "pids": ["b", "c"], "passages": ["B-syn", "C-syn"],
                                      "teacher_scores": [5.0, 2.0]}]
@@ -56,18 +58,40 @@ def test_examples_take_the_top_nway_by_teacher_score_in_the_configured_language(
         build_examples(scores, queries, passages.slice(0, 2), nway=2)
 
 
-def test_loss_falls_over_steps_on_a_fixed_batch(assets_root):
+BATCH = {"qid": ["q1", "q2"], "query": ["balto mirek", "fobe kanu"],
+         "pids": [["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+         "passages": [["balto mirek dusa", "kanu lete", "rima sote", "lete sote"],
+                      ["fobe kanu rima", "mirek lete", "dusa", "sote rima"]],
+         "teacher_scores": [np.array([5.0, 1.0, 0.0, -1.0]), np.array([4.0, 1.0, 0.0, -2.0])]}
+
+
+def test_samplers_draw_nway_of_the_ranked_candidates_with_their_text():
+    config = DistillConfig(student="s", passage_lang="syn", nway=3)
+    _, passages, scores = sample_batch(BATCH, config, np.random.default_rng(0), 0.0)
+    assert passages == BATCH["passages"][0][:3] + BATCH["passages"][1][:3] and scores[0] == [5.0, 1.0, 0.0]
+    drawn = DistillConfig(student="s", passage_lang="syn", nway=3, sampler="random")
+    seen = set()
+    for seed in range(40):
+        _, passages, scores = sample_batch(BATCH, drawn, np.random.default_rng(seed), 0.5)
+        text_to_score = dict(zip(BATCH["passages"][0], BATCH["teacher_scores"][0]))
+        assert [text_to_score[text] for text in passages[:3]] == scores[0]  # text and score stay paired
+        seen.add(tuple(passages[:3]))
+    assert len(seen) == 4  # every 3-of-4 subset is drawn
+    again = sample_batch(BATCH, drawn, np.random.default_rng(7), 0.5)
+    assert again == sample_batch(BATCH, drawn, np.random.default_rng(7), 0.5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "margin_mse", "contrastive"])
+def test_loss_falls_over_steps_on_a_fixed_batch(assets_root, loss):
     path = str(assets_root / "tiny-models" / "student")
     torch.manual_seed(0)
     model, tokenizer = DualEncoder.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    config = DistillConfig(student=path, passage_lang="syn", nway=3, query_maxlen=16, passage_maxlen=32)
-    batch = {"query": ["balto mirek", "fobe kanu"],
-             "passages": [["balto mirek dusa", "kanu lete", "rima sote"], ["fobe kanu rima", "dusa", "mirek lete"]],
-             "teacher_scores": [np.array([5.0, 1.0, 0.0]), np.array([4.0, 0.0, 1.0])]}
+    config = DistillConfig(student=path, passage_lang="syn", nway=3, query_maxlen=16, passage_maxlen=32, loss=loss)
+    loss_fn = make_loss(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        loss = train_step(model, KLDistillationLoss(), tokenizer, batch, config, torch.device("cpu"))
+        loss = train_step(model, loss_fn, tokenizer, BATCH, config, torch.device("cpu"), np.random.default_rng(0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,6 +1,7 @@
 """score: one finite raw teacher logit per (query, candidate), in English or against translated passages."""
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow as pa
@@ -96,6 +97,10 @@ def test_a_monot5_style_teacher_scores_through_the_stage(make_workspace, ray_clu
                                                        [passages[p] for p in sample["pid"].to_pylist()])
     assert sample["score"].to_pylist() == pytest.approx(expected.tolist(), abs=1e-5)
     assert max(scores["score"].to_pylist()) <= 0  # raw log-probabilities, not squashed
+    made = json.loads(workspace.file_metadata(SCORES)["td_ray_provenance"])
+    assert (made["teacher"], made["teacher_kind"], made["template"], made["max_length"]) == (
+        t5, "seq2seq", "Query: {query} Document: {document} Relevant:", 64)
+    assert (made["query_lang"], made["passage_lang"]) == ("en", "en")
 
 
 def test_a_colbertx_score_file_is_imported_instead_of_scoring(pipeline_run, make_workspace, tmp_path):
@@ -104,7 +109,10 @@ def test_a_colbertx_score_file_is_imported_instead_of_scoring(pipeline_run, make
     config, _ = pipeline_run
     produced = Workspace(config.workspace).read_table(SCORES)
     path = tmp_path / "scores.jsonl.gz"
-    export_colbertx(produced, path)
+    made = json.loads(Workspace(config.workspace).file_metadata(SCORES)["td_ray_provenance"])
+    assert made["teacher"] == config.score.teacher and made["score"] == "relevance logit"
+    export_colbertx(produced, path, made)
+    assert json.loads((tmp_path / "scores.jsonl.gz.provenance.json").read_text()) == made
     imported = make_workspace(score={"teacher": None, "import_scores": {"format": "colbertx", "path": str(path)}})
     result = score.run(imported)
     table = Workspace(imported.workspace).read_table(SCORES)
@@ -113,3 +121,5 @@ def test_a_colbertx_score_file_is_imported_instead_of_scoring(pipeline_run, make
     want = {(q, p): s for q, p, s in zip(*(produced[c].to_pylist() for c in ("qid", "pid", "score")))}
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in want)
     assert set(table["teacher"].to_pylist()) == {"import:colbertx:scores.jsonl.gz"}
+    imported_from = json.loads(Workspace(imported.workspace).file_metadata(SCORES)["td_ray_provenance"])
+    assert imported_from["format"] == "colbertx" and len(imported_from["sha256"]) == 64

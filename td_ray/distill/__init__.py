@@ -80,7 +80,8 @@ def run(config: PipelineConfig) -> StageResult:
         for table, columns in ((SCORES, ("qid", "pid", "score")), (TRAIN_QUERIES_EN, ("id", "text")), (passages, ("id", "text"))):
             schemas.require_columns(workspace.read_schema(table), columns, table)
         examples, skipped = build_examples(workspace.read_table(SCORES), workspace.read_table(TRAIN_QUERIES_EN),
-                                           workspace.read_table(passages), options.nway, options.short_list_policy)
+                                           workspace.read_table(passages), options.nway, options.short_list_policy,
+                                           options.top_k)
         if examples.num_rows < options.batch_size * options.num_workers:
             raise ValueError(f"only {examples.num_rows} training examples for batch_size {options.batch_size} x "
                              f"{options.num_workers} workers; lower them or score more queries")

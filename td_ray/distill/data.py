@@ -11,19 +11,19 @@ import numpy as np
 import pyarrow as pa
 
 from td_ray import schemas
-from td_ray.errors import TdRayError
+from td_ray.distill.sampling import ShortListError
 from td_ray.textjoin import attach_text
 
 logger = logging.getLogger(__name__)
 
 
-class ShortListError(TdRayError):
-    """A query has fewer scored candidates than nway and the policy is `error`."""
+__all__ = ["ShortListError", "build_examples"]
 
 
 def build_examples(scores: pa.Table, queries: pa.Table, passages: pa.Table, nway: int,
-                   short_list_policy: str = "skip") -> tuple[pa.Table, list[str]]:
-    """One example per query: its `nway` best-scored passages (only_top), with their teacher scores.
+                   short_list_policy: str = "skip", top_k: int | None = None) -> tuple[pa.Table, list[str]]:
+    """One example per query: its `top_k` best-scored passages (all when None, at least `nway`), best first,
+    with their teacher scores; the trainer samples nway of them at each step.
 
     Returns the examples and the qids skipped for having fewer than `nway` candidates.
     """
@@ -46,7 +46,7 @@ def build_examples(scores: pa.Table, queries: pa.Table, passages: pa.Table, nway
                 )
             skipped.append(str(qids[start]))
             continue
-        take = slice(start, start + nway)
+        take = slice(start, end if top_k is None else min(end, start + top_k))
         rows["qid"].append(str(qids[start]))
         rows["query"].append(query_text[start])
         rows["pids"].append(pids[take])

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from td_ray.config import DistillConfig
-from td_ray.distill.losses import KLDistillationLoss
+from td_ray.distill.losses import ContrastiveLoss, KLDistillationLoss, MarginMSELoss
 from td_ray.distill.model import DualEncoder
+from td_ray.distill.sampling import build_entries
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,37 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
-def train_step(model, loss_fn, tokenizer, batch: dict, config: DistillConfig, device: torch.device) -> torch.Tensor:
-    """The loss of one batch of examples (queries with their nway passages and teacher scores)."""
-    queries = [str(text) for text in batch["query"]]
-    passages = [str(text) for group in batch["passages"] for text in group]
-    teacher = torch.as_tensor(np.stack(list(batch["teacher_scores"])), dtype=torch.float32, device=device)
+def make_loss(config: DistillConfig) -> torch.nn.Module:
+    """The configured training loss over student and teacher scores [batch, nway]."""
+    if config.loss == "margin_mse":
+        return MarginMSELoss()
+    if config.loss == "contrastive":
+        return ContrastiveLoss(config.contrastive_temperature)
+    return KLDistillationLoss(config.alpha, config.student_temperature)
+
+
+def sample_batch(batch: dict, config: DistillConfig, rng: np.random.Generator, progress: float) -> tuple[list, list, list]:
+    """Per example, nway of its ranked candidates drawn by the configured sampler: (queries, passages, scores)."""
+    queries, passages, scores = [], [], []
+    for qid, query, pids, texts, values in zip(batch["qid"], batch["query"], batch["pids"], batch["passages"],
+                                               batch["teacher_scores"]):
+        entry = build_entries(str(qid), list(pids), list(values), config.nway, rng, languages=[config.passage_lang],
+                              sampler=config.sampler, progress=progress, max_beta=config.sampling_max_beta,
+                              keep_top=config.keep_top, short_list_policy="error")[0]
+        queries.append(str(query))
+        passages.extend(str(texts[index]) for index in entry.candidate_indices)
+        scores.append(entry.teacher_scores)
+    return queries, passages, scores
+
+
+def train_step(model, loss_fn, tokenizer, batch: dict, config: DistillConfig, device: torch.device,
+               rng: np.random.Generator, progress: float = 0.0) -> torch.Tensor:
+    """The loss of one batch of examples: each query with nway sampled passages and their teacher scores."""
+    queries, passages, scores = sample_batch(batch, config, rng, progress)
+    teacher = torch.as_tensor(np.asarray(scores), dtype=torch.float32, device=device)
     student = model(_tokenize(tokenizer, queries, config.query_maxlen, device),
                     _tokenize(tokenizer, passages, config.passage_maxlen, device))
-    return loss_fn(student, teacher)
+    return loss_fn(student) if config.loss == "contrastive" else loss_fn(student, teacher)
 
 
 def _save(directory: Path, model, optimizer, scheduler, step: int, tokenizer, final: bool) -> None:
@@ -90,7 +114,7 @@ def train_loop(loop_config: dict) -> None:
         step = int(state["step"])
         logger.info("rank %d resumed at step %d", rank, step)
     model = ray.train.torch.prepare_model(student)
-    loss_fn = KLDistillationLoss(config.alpha)
+    loss_fn = make_loss(config)
     shard = ray.train.get_dataset_shard("train")
     step_logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
 
@@ -110,7 +134,9 @@ def train_loop(loop_config: dict) -> None:
         for batch in shard.iter_batches(batch_size=config.batch_size, drop_last=True, batch_format="numpy"):
             batches += 1
             model.train()
-            loss = train_step(model, loss_fn, tokenizer, batch, config, device)
+            # Seeded by step and rank, so a resumed run draws the same passages without saving generator state.
+            rng = np.random.default_rng([config.seed, rank, step])
+            loss = train_step(model, loss_fn, tokenizer, batch, config, device, rng, step / config.steps)
             optimizer.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)

@@ -6,11 +6,12 @@ scores only, so one English score table serves every translated language in the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from td_ray import schemas, tracking
-from td_ray.config import PipelineConfig
+from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, write_stream
 from td_ray.result import StageResult
@@ -60,12 +61,26 @@ def run(config: PipelineConfig) -> StageResult:
             fn_constructor_kwargs={"options": options},
             **actor_map_args(options),
         )
-        rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]))
+        rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]),
+                            metadata={"td_ray_provenance": json.dumps(provenance(options))})
         result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
                              {"queries": float(len(set(pairs["qid"].to_pylist())))}, run_id)
         tracking.log_result(result)
     logger.info(result.summary())
     return result
+
+
+def provenance(options: ScoreConfig) -> dict:
+    """How the scores were made, stored with the table (and beside an exported score file)."""
+    made = {"source": "model", "teacher": options.teacher, "teacher_revision": options.teacher_revision,
+            "teacher_kind": options.teacher_kind, "query_lang": "en", "passage_lang": options.passage_lang,
+            "max_length": options.max_length, "top_k": options.top_k}
+    if options.teacher_kind == "seq2seq":
+        made |= {"template": options.template, "true_word": options.true_word, "false_word": options.false_word,
+                 "score": "log_softmax([false, true])[true] at the first decoding step"}
+    else:
+        made["score"] = "relevance logit"
+    return made
 
 
 def _import(config: PipelineConfig, workspace: Workspace, started: float) -> StageResult:

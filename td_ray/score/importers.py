@@ -9,6 +9,7 @@ the 1-based line (or Parquet row) and the query id, and says how to fix it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 
 from td_ray import schemas
 from td_ray.errors import TdRayError
-from td_ray.workspace import Workspace
+from td_ray.workspace import Workspace, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +69,34 @@ def read_score_file(path: str | os.PathLike, fmt: ScoreFormat, *, teacher: str, 
 
 def import_score_file(workspace: Workspace, relative: str, path: str | os.PathLike, fmt: ScoreFormat, *,
                       teacher: str, nway: int | None = None, short_list: ShortListPolicy = "error") -> ImportSummary:
-    """Stream a score file into the workspace table `relative` (atomic: nothing appears if the file is bad)."""
+    """Stream a score file into the workspace table `relative` (atomic: nothing appears if the file is bad).
+
+    The table's provenance (`td_ray_provenance` in its metadata) names the file, its format and its sha256.
+    """
     reader = _ScoreReader(path, fmt, teacher, nway, short_list)
-    with workspace.atomic_writer(relative, schemas.SCORES) as writer:
+    provenance = {"source": "import", "format": fmt, "path": str(path), "sha256": _sha256(path)}
+    with workspace.atomic_writer(relative, schemas.SCORES,
+                                 metadata=lambda: {"td_ray_provenance": json.dumps(provenance)}) as writer:
         for batch in reader.batches():
             writer.write_table(batch)
     logger.info("score import: %d rows -> %s", reader.rows, workspace.path(relative))
     return ImportSummary(reader.rows, reader.queries, reader.skipped)
 
 
-def export_colbertx(scores: pa.Table | Iterable[pa.Table], path: str | os.PathLike) -> int:
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_colbertx(scores: pa.Table | Iterable[pa.Table], path: str | os.PathLike,
+                    provenance: dict | None = None) -> int:
     """Write scores in the ColBERT-X format (gzip if `path` ends in .gz); returns the queries written.
+
+    `provenance` (e.g. a score table's `td_ray_provenance`: teacher, revision, template, languages, max
+    lengths) goes beside it as ``<path>.provenance.json``, so a published file says how it was made.
 
     Queries keep their first-appearance order and candidates are sorted by score, best first, so the file
     also serves ColBERT-X's only_top sampling. Holds every row in memory; the write is atomic.
@@ -106,6 +124,8 @@ def export_colbertx(scores: pa.Table | Iterable[pa.Table], path: str | os.PathLi
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if provenance is not None:
+        atomic_write_text(target.with_name(f"{target.name}.provenance.json"), json.dumps(provenance, indent=1))
     logger.info("exported %d queries, %d scores -> %s", queries, table.num_rows, target)
     return queries
 

@@ -1,0 +1,319 @@
+"""The ColBERT-X student: one vector per token, scored by late interaction (MaxSim).
+
+Khattab & Zaharia, "ColBERT", SIGIR 2020; Nair et al., "Transfer Learning Approaches for Building
+Cross-Language Dense Retrieval Models" (ColBERT-X), ECIR 2022. Tokenization, projection and scoring follow
+PLAID-X 0.3.1 (hltcoe/ColBERT-X, branch plaid-x), the code that trained the Translate-Distill students:
+
+- queries are ``[CLS] [Q] query [SEP]`` padded with ``[MASK]`` to exactly ``query_maxlen``; every position,
+  the ``[MASK]`` ones included, takes part in MaxSim. By default (``attend_to_mask_tokens=False``, as in
+  PLAID-X) the ``[MASK]`` positions attend to the query but the query's tokens do not attend to them;
+- documents are ``[CLS] [D] document [SEP]`` padded to the longest in the batch; padding never scores;
+- ``[Q]`` and ``[D]`` are the tokens ``[unused0]`` and ``[unused1]``; a vocabulary without them (XLM-R, or
+  td-ray's tiny student) gets them added, in that order, and the embeddings grow to match, as PLAID-X does;
+- a bias-free linear layer projects each token to ``dim`` (128) and the vectors are L2-normalised.
+
+Swapped in for :class:`td_ray.distill.model.DualEncoder`: ``ColBERTEncoder.forward`` takes the same
+(query, passages) batches and returns the same [batch, nway] scores, but the batches must come from
+:class:`ColBERTTokenizer` (or :func:`score`, which tokenizes and calls the model, DDP-wrapped or not).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from td_ray.distill.model import load_encoder
+
+logger = logging.getLogger(__name__)
+
+COLBERT_SPEC_FILE = "td_ray_colbert.json"
+"""JSON beside the HF weights: the :class:`ColBERTSpec` a ColBERT student was trained with."""
+PROJECTION_FILE = "colbert_linear.safetensors"
+"""The projection to ``dim`` (tensor ``weight``, [dim, hidden]), beside the HF weights."""
+MASKED_SIMILARITY = -9999.0
+"""Similarity given to masked document tokens before the max (PLAID-X's value; cosines are >= -1)."""
+_WORD_START_PREFIXES = ("", "\u2581", "\u0120")
+"""Word-start spellings a punctuation token can have: plain (WordPiece), sentencepiece, byte-level BPE."""
+
+
+@dataclass(frozen=True)
+class ColBERTSpec:
+    """How a ColBERT student tokenizes and projects; saved with it so indexing and search match training."""
+
+    dim: int = 128
+    query_maxlen: int = 32
+    doc_maxlen: int = 220
+    """PLAID-X's default; td-ray's training passes distill.passage_maxlen instead."""
+    query_marker: str = "[unused0]"
+    doc_marker: str = "[unused1]"
+    attend_to_mask_tokens: bool = False
+    """PLAID-X's default: the query's tokens do not attend to its [MASK] padding (the padding still scores)."""
+    mask_punctuation: bool = False
+    """Drop punctuation tokens from documents' MaxSim. Off: RECIPE.md does not state it (PLAID-X turns it on)."""
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"ColBERT dim must be at least 1, got {self.dim}")
+        for name in ("query_maxlen", "doc_maxlen"):
+            if getattr(self, name) < 4:
+                raise ValueError(f"ColBERT {name} must be at least 4 ([CLS], marker, one token, [SEP]), "
+                                 f"got {getattr(self, name)}")
+
+    @classmethod
+    def load(cls, model: str | Path) -> ColBERTSpec | None:
+        """The spec saved in a student directory, or None when `model` is not a td-ray ColBERT student."""
+        path = Path(model) / COLBERT_SPEC_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except TypeError as error:
+            raise ValueError(f"{path} does not describe a ColBERT student ({error}); re-save the model") from None
+
+
+def is_colbert(model: str | Path) -> bool:
+    """Whether `model` is a directory holding a td-ray ColBERT student (as opposed to a dense one)."""
+    return (Path(model) / COLBERT_SPEC_FILE).is_file()
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+class ColBERTTokenizer:
+    """Texts to ColBERT inputs: ``input_ids``, ``attention_mask`` and ``scoring_mask`` (the tokens MaxSim uses)."""
+
+    def __init__(self, tokenizer, spec: ColBERTSpec):
+        self.hf, self.spec = tokenizer, spec
+        missing = [marker for marker in (spec.query_marker, spec.doc_marker) if marker not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing)
+            logger.info("added ColBERT marker tokens %s to the vocabulary (now %d tokens)", missing, len(tokenizer))
+        for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"the student's tokenizer has no {name[:-9]} token, which ColBERT needs; "
+                                 "start from a BERT- or XLM-R-style model")
+        self.query_marker_id = tokenizer.convert_tokens_to_ids(spec.query_marker)
+        self.doc_marker_id = tokenizer.convert_tokens_to_ids(spec.doc_marker)
+        self.skip_ids = torch.tensor(sorted(self._punctuation_ids()) if spec.mask_punctuation else [], dtype=torch.long)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, spec: ColBERTSpec | None = None) -> ColBERTTokenizer:
+        """The model's tokenizer; `spec` defaults to the one saved with the model, else ColBERT-X's defaults."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(model)), spec or ColBERTSpec.load(model) or ColBERTSpec())
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def _punctuation_ids(self) -> set[int]:
+        """Vocabulary ids of the ASCII punctuation marks, in each word-start spelling the vocabulary has.
+
+        PLAID-X takes the first id of each mark's encoding instead; for XLM-R that is often the bare word-start
+        piece, so it masks that piece and keeps the marks. Looking the marks up avoids both.
+        """
+        vocab = self.hf.get_vocab()
+        return {vocab[prefix + mark] for mark in string.punctuation for prefix in _WORD_START_PREFIXES
+                if prefix + mark in vocab}
+
+    def _token_ids(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.hf(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+
+    def _frame(self, texts: list[str], marker_id: int, max_length: int, width: int | None, fill_id: int):
+        ids = self._token_ids(texts, max_length - 3)
+        rows = [[self.hf.cls_token_id, marker_id, *tokens, self.hf.sep_token_id] for tokens in ids]
+        width = width or max((len(row) for row in rows), default=0)
+        input_ids = torch.full((len(rows), width), fill_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, :len(row)] = torch.tensor(row)
+            attention_mask[index, :len(row)] = 1
+        return input_ids, attention_mask
+
+    def queries(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``[CLS] [Q] query [SEP] [MASK]...``, exactly query_maxlen long (query augmentation)."""
+        input_ids, attention_mask = self._frame(texts, self.query_marker_id, self.spec.query_maxlen,
+                                                self.spec.query_maxlen, self.hf.mask_token_id)
+        if self.spec.attend_to_mask_tokens:
+            attention_mask = torch.ones_like(attention_mask)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "scoring_mask": torch.ones_like(input_ids, dtype=torch.bool)}
+
+    def documents(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``[CLS] [D] document [SEP] [PAD]...``, at most `max_length` (default doc_maxlen) tokens."""
+        max_length = max_length or self.spec.doc_maxlen
+        if max_length < 4:
+            raise ValueError(f"ColBERT documents need max_length >= 4, got {max_length}")
+        input_ids, attention_mask = self._frame(texts, self.doc_marker_id, max_length, None, self.hf.pad_token_id)
+        scoring_mask = attention_mask.bool() & ~torch.isin(input_ids, self.skip_ids)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "scoring_mask": scoring_mask}
+
+
+def maxsim(query_vectors: torch.Tensor, query_mask: torch.Tensor,
+           doc_vectors: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+    """Late-interaction scores [B, n]: per query and document, the sum over the query's unmasked tokens of the
+    best dot product with any unmasked document token.
+
+    query_vectors [B, Lq, d] with query_mask [B, Lq]; doc_vectors either [B, n, Ld, d] with doc_mask [B, n, Ld],
+    or [B * n, Ld, d] with doc_mask [B * n, Ld] grouped query by query (each query's n documents in a row).
+    With B = 1 and 3-D documents, one query is scored against every document (reranking).
+    """
+    if query_vectors.dim() != 3 or query_mask.shape != query_vectors.shape[:2]:
+        raise ValueError(f"query vectors {tuple(query_vectors.shape)} must be [B, Lq, d] with a [B, Lq] mask, "
+                         f"got mask {tuple(query_mask.shape)}")
+    batch = query_vectors.shape[0]
+    if doc_vectors.dim() == 3:
+        if batch == 0 or doc_vectors.shape[0] % batch:
+            raise ValueError(f"got {doc_vectors.shape[0]} documents for {batch} queries; pass the same number of "
+                             "documents (nway) for every query, grouped query by query")
+        doc_vectors = doc_vectors.reshape(batch, -1, *doc_vectors.shape[1:])
+        doc_mask = doc_mask.reshape(batch, -1, doc_mask.shape[-1])
+    if doc_vectors.dim() != 4 or doc_vectors.shape[0] != batch or doc_vectors.shape[-1] != query_vectors.shape[-1]:
+        raise ValueError(f"document vectors {tuple(doc_vectors.shape)} must be [B, n, Ld, d] or [B * n, Ld, d] "
+                         f"for query vectors {tuple(query_vectors.shape)}")
+    if doc_mask.shape != doc_vectors.shape[:3]:
+        raise ValueError(f"document mask {tuple(doc_mask.shape)} must match document vectors "
+                         f"{tuple(doc_vectors.shape)} without their last dimension")
+    similarity = torch.einsum("bqd,bnkd->bnqk", query_vectors, doc_vectors.to(query_vectors.dtype))
+    similarity = similarity.masked_fill(~doc_mask.bool()[:, :, None, :], MASKED_SIMILARITY)
+    best = similarity.max(dim=-1).values
+    return (best * query_mask[:, None, :].to(best.dtype)).sum(-1)
+
+
+class ColBERTEncoder(nn.Module):
+    """A transformer and a bias-free projection to `dim`: one L2-normalised vector per token."""
+
+    def __init__(self, encoder: nn.Module, dim: int = 128):
+        super().__init__()
+        self.encoder = encoder
+        self.linear = nn.Linear(encoder.config.hidden_size, dim, bias=False)
+        nn.init.normal_(self.linear.weight, std=getattr(encoder.config, "initializer_range", 0.02))
+
+    @property
+    def dim(self) -> int:
+        return self.linear.out_features
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, tokenizer: ColBERTTokenizer) -> ColBERTEncoder:
+        """A saved ColBERT student, or a fresh projection on any HF encoder (embeddings grown for the markers)."""
+        encoder = load_encoder(str(model))
+        rows = encoder.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            encoder.resize_token_embeddings(len(tokenizer))
+            logger.info("resized the student's embeddings from %d to %d tokens for the ColBERT markers",
+                        rows, len(tokenizer))
+        colbert = cls(encoder, tokenizer.spec.dim)
+        path = Path(model) / PROJECTION_FILE
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            weight = load_file(str(path))["weight"]
+            if weight.shape != colbert.linear.weight.shape:
+                raise ValueError(f"{path} projects {weight.shape[1]} to {weight.shape[0]} dims, but dim="
+                                 f"{tokenizer.spec.dim} was asked; set the ColBERT dim to the saved one")
+            colbert.linear.load_state_dict({"weight": weight})
+        return colbert
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               scoring_mask: torch.Tensor) -> torch.Tensor:
+        """Token vectors [batch, length, dim], unit length where scoring_mask is set and zero elsewhere."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vectors = self.linear(hidden) * scoring_mask.unsqueeze(-1).to(hidden.dtype)
+        return nn.functional.normalize(vectors, p=2, dim=-1)
+
+    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query)."""
+        for name, inputs in (("query", query), ("passages", passages)):
+            if "scoring_mask" not in inputs:
+                raise ValueError(f"the {name} batch has no scoring_mask: tokenize with ColBERTTokenizer.queries "
+                                 "and .documents (td_ray.distill.colbert), not the plain HF tokenizer")
+        return maxsim(self.encode(**query), query["scoring_mask"], self.encode(**passages), passages["scoring_mask"])
+
+    def save_pretrained(self, directory: Path, tokenizer: ColBERTTokenizer) -> None:
+        """An HF folder (backbone, tokenizer with markers) plus the projection and the spec td-ray loads back."""
+        from safetensors.torch import save_file
+
+        if tokenizer.spec.dim != self.dim:
+            raise ValueError(f"the tokenizer's spec says dim {tokenizer.spec.dim} but the model projects to "
+                             f"{self.dim}; build both from the same ColBERTSpec")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory)
+        tokenizer.hf.save_pretrained(directory)
+        save_file({"weight": self.linear.weight.detach().cpu().contiguous()}, str(directory / PROJECTION_FILE))
+        (directory / COLBERT_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(tokenizer.spec), indent=1),
+                                                   encoding="utf-8")
+
+
+def load_colbert(model: str | Path, spec: ColBERTSpec | None = None) -> tuple[ColBERTEncoder, ColBERTTokenizer]:
+    """Model and tokenizer together (the tokenizer decides the vocabulary size the model needs)."""
+    tokenizer = ColBERTTokenizer.from_pretrained(model, spec)
+    return ColBERTEncoder.from_pretrained(model, tokenizer), tokenizer
+
+
+def score(model: nn.Module, tokenizer: ColBERTTokenizer, queries: list[str], passages: list[list[str]],
+          device: torch.device | str | None = None) -> torch.Tensor:
+    """Scores [len(queries), n] of each query against its own n passages; `model` may be DDP-wrapped."""
+    if len(queries) != len(passages):
+        raise ValueError(f"got {len(queries)} queries but {len(passages)} passage lists; pass one list per query")
+    for index, group in enumerate(passages):
+        if not group or len(group) != len(passages[0]):
+            raise ValueError(f"query 0 has {len(passages[0])} passages but query {index} has {len(group)}: every "
+                             "query needs the same number of passages, at least one (distill.nway); drop short "
+                             "lists (distill.short_list_policy) or cut long ones")
+    device = device or next(model.parameters()).device
+    flat = [text for group in passages for text in group]
+    return model(_to_device(tokenizer.queries(queries), device), _to_device(tokenizer.documents(flat), device))
+
+
+class ColBERTStudentEncoder:
+    """Inference wrapper for the index and evaluate stages: texts in, float32 token vectors out."""
+
+    def __init__(self, model: str | Path, max_length: int | None = None, device: str | None = None,
+                 batch_size: int = 64):
+        spec = ColBERTSpec.load(model)
+        if spec is None:
+            raise ValueError(f"{model} holds no {COLBERT_SPEC_FILE}: it is not a td-ray ColBERT student; "
+                             "index it as a dense student")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_colbert(model, spec)
+        self.model = self.model.to(self.device).eval()
+        self.max_length, self.batch_size = max_length or spec.doc_maxlen, batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), query_maxlen, dim]: every query position scores, so none is dropped."""
+        batches = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                inputs = _to_device(self.tokenizer.queries(texts[start:start + self.batch_size]), self.device)
+                batches.append(self.model.encode(**inputs).float().cpu().numpy())
+        if not batches:
+            return np.zeros((0, self.tokenizer.spec.query_maxlen, self.dim), dtype=np.float32)
+        return np.concatenate(batches)
+
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """One [Li, dim] array per text, holding only the tokens MaxSim uses (no padding, nor punctuation
+        when the spec masks it), like PLAID-X's ``doc(keep_dims=False)``."""
+        documents = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                inputs = _to_device(self.tokenizer.documents(texts[start:start + self.batch_size], self.max_length),
+                                    self.device)
+                vectors = self.model.encode(**inputs).float().cpu().numpy()
+                keep = inputs["scoring_mask"].cpu().numpy()
+                documents.extend(row[mask] for row, mask in zip(vectors, keep))
+        return documents
