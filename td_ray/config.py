@@ -252,6 +252,10 @@ class TranslateConfig(ActorPoolConfig):
     re-run, a killed run started again, a new language or an edited source translates only what is missing.
     """
 
+    batch_size: int = Field(
+        1000, ge=1, description="Rows per block: each actor call translates one block and commits it as one store "
+        "file, so this is also the unit of resume (fewer, larger files at MS MARCO scale).",
+    )
     targets: list[TranslateTarget] = Field(min_length=1, description="Target languages, each with its model or source.")
     translate_queries: bool = Field(True, description="Also translate the training queries with each MT model.")
     source_lang: str = Field("en", description="Language of the source text (picks the sentence splitter's rules).")

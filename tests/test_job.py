@@ -85,14 +85,15 @@ def test_demo_job_succeeds_on_a_local_head_and_writes_its_outputs(ray_head, tmp_
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     deadline = time.time() + 480
     while True:
-        status = _ray_job(env, "status", "--address", address, submission).stdout
-        final = [word for word in ("SUCCEEDED", "FAILED", "STOPPED") if word in status]
+        checked = _ray_job(env, "status", "--address", address, submission)
+        status = checked.stdout + checked.stderr  # the CLI logs the status line to stderr
+        final = [word for word in ("succeeded", "failed", "stopped") if f"job '{submission}' {word}" in status.lower()]
         if final:
             break
         assert time.time() < deadline, _ray_job(env, "logs", "--address", address, submission).stdout[-3000:]
         time.sleep(3)
     logs = _ray_job(env, "logs", "--address", address, submission).stdout
-    assert final == ["SUCCEEDED"], logs[-5000:]
+    assert final == ["succeeded"], logs[-5000:]
     assert "joined Ray cluster" in logs  # it ran on the submitted-to cluster, not a cluster of its own
     for output in ("translate/passages.qaa.parquet", "score/scores.parquet", "distill/student/config.json",
                    "index/index.faiss", "evaluate/run.trec"):
