@@ -155,10 +155,17 @@ class BatchStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+#: With bucketing, a batch closes when the next segment is longer than its shortest by more than this share
+#: (and BUCKET_SLACK tokens), so no batch pads much whatever the token budget.
+BUCKET_SPREAD = 0.1
+BUCKET_SLACK = 2
+
+
 def make_batches(lengths: list[int], max_batch_tokens: int, bucketing: bool = True) -> list[list[int]]:
     """Indexes of `lengths` grouped into batches whose padded size (count x longest) fits the token budget.
 
-    With bucketing the segments are sorted by length first, so each batch holds similar lengths.
+    With bucketing the segments are sorted by length first and a batch holds only similar lengths (within
+    BUCKET_SPREAD of its shortest, or BUCKET_SLACK tokens), so padding stays small even with a large budget.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucketing else list(range(len(lengths)))
     batches: list[list[int]] = []
@@ -166,7 +173,9 @@ def make_batches(lengths: list[int], max_batch_tokens: int, bucketing: bool = Tr
     longest = 0
     for index in order:
         candidate = max(longest, lengths[index])
-        if current and candidate * (len(current) + 1) > max_batch_tokens:
+        too_spread = bucketing and current and candidate > max(lengths[current[0]] * (1 + BUCKET_SPREAD),
+                                                               lengths[current[0]] + BUCKET_SLACK)
+        if current and (candidate * (len(current) + 1) > max_batch_tokens or too_spread):
             batches.append(current)
             current, candidate = [], lengths[index]
         current.append(index)
