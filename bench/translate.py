@@ -53,8 +53,18 @@ MSMARCO_TOKENS = 500e6
 LANG = "qaa"
 
 # ------------------------------------------------------------------------------------------------ corpus
-FUNCTION_WORDS = ["the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no", "she", "other", "its", "may", "these", "about", "than", "into", "after", "first", "two", "most", "also", "only", "over", "such", "some", "time", "could", "them", "new", "used", "between", "under", "each", "many", "where", "how", "what", "why", "while", "during", "because", "through", "both", "then", "those", "very"]
-ONSETS = ["b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr", "h", "j", "k", "l", "m", "n", "p", "pl", "pr", "qu", "r", "s", "sh", "sl", "sp", "st", "str", "t", "th", "tr", "v", "w", "wh", "z"]
+FUNCTION_WORDS = [
+    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not",
+    "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "their",
+    "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so",
+    "no", "she", "other", "its", "may", "these", "about", "than", "into", "after", "first", "two", "most", "also",
+    "only", "over", "such", "some", "time", "could", "them", "new", "used", "between", "under", "each", "many",
+    "where", "how", "what", "why", "while", "during", "because", "through", "both", "then", "those", "very",
+]
+ONSETS = [
+    "b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr", "h", "j", "k", "l", "m",
+    "n", "p", "pl", "pr", "qu", "r", "s", "sh", "sl", "sp", "st", "str", "t", "th", "tr", "v", "w", "wh", "z",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "ie", "oo", "ou"]
 CODAS = ["", "", "", "n", "r", "l", "s", "t", "nd", "st", "ng", "ck", "rt", "m", "x", "sh"]
 SUFFIXES = ["", "", "", "", "s", "ed", "ing", "er", "ly", "tion", "ment", "ness", "al", "ity", "ous"]
@@ -618,10 +628,12 @@ DEFINITIONS = {
     "like_with_like": "CT2 intra_threads = --threads in the bare loop and the actor (one actor, num_cpus_per_actor = "
     "threads); the local Ray cluster has threads + 1 logical CPUs so Ray Data's read tasks can be scheduled beside "
     "the actor; Ray workers run at niceness --ray-worker-niceness (RAY_worker_niceness; Ray's default is 15), "
-    "the bare loop at the benchmark's own.",
+    "the bare loop at the benchmark's own. Blocks hold --batch-size passages (64, not the stage's default 1000, so "
+    "the steady state spans several blocks; per-block costs weigh more than they would at the default).",
     "ct2_vs_hf": "CTranslate2 target tokens/s at the stage's compute_type over HF MarianMTModel.generate's (float32, "
-    "greedy), same batches, same per-batch max length, torch.set_num_threads = CT2 intra_threads; the engines take "
-    "turns batch by batch. ct2_vs_hf_cpu is the same ratio per CPU-second of the benchmark's process.",
+    "greedy), over the segments of the first --hf-blocks blocks batched as the stage batches them, same per-batch "
+    "max length, torch.set_num_threads = CT2 intra_threads; the engines take turns batch by batch. ct2_vs_hf_cpu "
+    "is the same ratio per CPU-second of the benchmark's process.",
     "padding_waste": "1 - real source tokens / padded positions (batch size x longest segment) of make_batches, "
     "per block of batch_size passages as the stage batches them; corpus-wide figures are in padding.",
     "rss_ratio_10x": "peak summed RSS of the driver and all its descendants (Ray GCS, raylet, workers, ...) sampled "
@@ -670,7 +682,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--passages", type=int, default=300, help="passages of the main corpus")
-    parser.add_argument("--hf-segments", type=int, default=96, help="segments in the HF-vs-CT2 sample")
+    parser.add_argument("--hf-blocks", type=int, default=1,
+                        help="HF-vs-CT2 sample: the segments of this many blocks of batch_size passages")
     parser.add_argument("--rss-passages", type=int, default=None,
                         help="passages of the 1x peak-memory run (default: --passages)")
     parser.add_argument("--rss-scale", type=int, default=10, help="the larger peak-memory run is this many times 1x")
@@ -684,7 +697,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-worker-niceness", type=int, default=0,
                         help="niceness of Ray's worker processes (Ray's own default, 15, starves the actor whenever "
                         "anything else wants the CPU)")
-    parser.add_argument("--batch-size", type=int, default=64, help="passages per actor call (translate.batch_size)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="passages per block, i.e. per actor call and store file (translate.batch_size; the "
+                        "stage's default, 1000, would leave this corpus one block and no steady state to measure)")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="translate.max_batch_tokens")
     parser.add_argument("--compute-type", default=None, help="translate.compute_type (default: the stage's default)")
     parser.add_argument("--max-decoding-length", type=int, default=256, help="translate.decoding.max_decoding_length")
@@ -750,8 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         report["bare"] = {"runs": runs}
 
         busy["hf_vs_ct2"] = contention()
-        logger.info("HF generate vs CTranslate2 on %d segments", args.hf_segments)
-        sample = random.Random(args.seed).sample(segments, min(args.hf_segments, len(segments)))
+        sample = [segment for block in blocks[:args.hf_blocks] for segment in block]
+        logger.info("HF generate vs CTranslate2 on %d segments", len(sample))
         report["hf_vs_ct2"] = hf_vs_ct2(hf_dir, ct2_dir, sample, settings, args.threads)
 
         busy["rss"] = contention()
