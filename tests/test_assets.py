@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from td_ray.assets import tiny_models
+from td_ray.assets.build import COMPLETE_MARKER
 from td_ray.assets.demo_data import (
     SYNTHETIC_LANG,
     DemoSizes,
@@ -174,7 +175,7 @@ def test_demo_sizes_are_validated(tmp_path: Path) -> None:
 def test_build_is_cached_and_reproducible(
     models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    marker = models.root / tiny_models.COMPLETE_MARKER
+    marker = models.root / COMPLETE_MARKER
     weights = models.student / "model.safetensors"
     stamps = (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns)
     assert build_tiny_models(models.root, seed=0) == models
@@ -192,7 +193,7 @@ def test_build_is_cached_and_reproducible(
     for rel in ("marian_hf/model.safetensors", "cross_encoder/model.safetensors", "student/model.safetensors"):
         assert (other.root / rel).read_bytes() != (models.root / rel).read_bytes(), rel
 
-    same_marker = same.root / tiny_models.COMPLETE_MARKER
+    same_marker = same.root / COMPLETE_MARKER
     before = same_marker.stat().st_mtime_ns
     build_tiny_models(same.root, seed=0, force=True)
     assert same_marker.stat().st_mtime_ns != before, "force rebuilds"

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BertConfig
 from transformers.utils import HF_MODULES_CACHE
 
-from td_ray.assets.tiny_t5 import COMPLETE_MARKER, build_tiny_t5
+from td_ray.assets.build import COMPLETE_MARKER
+from td_ray.assets.tiny_t5 import build_tiny_t5
 from td_ray.score.seq2seq import (
     Seq2SeqTeacher,
     check_seq2seq_teacher,

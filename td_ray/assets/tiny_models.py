@@ -18,10 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +40,7 @@ from transformers import (
     MarianTokenizer,
 )
 
+from td_ray.assets.build import cached_build
 from td_ray.assets.demo_data import (
     DemoSizes,
     TrainingExample,
@@ -55,7 +53,6 @@ logger = logging.getLogger(__name__)
 BUILD_VERSION = 5
 """Bump when the build changes, so cached model directories are rebuilt."""
 
-COMPLETE_MARKER = ".complete"
 MT_CONFIG_NAME = "td_ray_mt.json"
 """File in the CT2 model directory telling the translate stage how to tokenize."""
 
@@ -132,11 +129,6 @@ class TinyModels:
 
 def _build_key(seed: int) -> str:
     return json.dumps({"seed": seed, "build_version": BUILD_VERSION}, sort_keys=True)
-
-
-def _is_complete(root: Path, key: str) -> bool:
-    marker = root / COMPLETE_MARKER
-    return marker.is_file() and marker.read_text(encoding="utf-8") == key
 
 
 def _train_sentencepiece(sentences: list[str]) -> bytes:
@@ -396,36 +388,14 @@ def _build_student(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing any old ``dst``; ``dst`` is never half-made."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> TinyModels:
     """Build the tiny models under ``out_dir`` unless a complete build with the same key is there.
 
     The build happens in a temp directory next to ``out_dir`` and is renamed into place at the end,
     so a killed build leaves nothing half-made under the final name.
     """
-    out_dir = Path(out_dir).absolute()
-    key = _build_key(seed)
-    result = TinyModels.under(out_dir)
-    if not force and _is_complete(out_dir, key):
-        logger.info("tiny models already built in %s", out_dir)
-        return result
-
-    start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
-    tmp.chmod(0o755)
-    try:
-        staged = TinyModels.under(tmp)
+    def build(staged_dir: Path) -> None:
+        staged = TinyModels.under(staged_dir)
         sentences = corpus_sentences(seed)
         logger.info("building Marian model (%d tokenizer sentences)", len(sentences))
         _build_marian(staged.marian_hf, sentences, seed)
@@ -435,14 +405,5 @@ def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> Tiny
         bert_tokenizer = _train_wordpiece(sentences)
         _build_cross_encoder(staged.cross_encoder, bert_tokenizer, seed)
         _build_student(staged.student, bert_tokenizer, seed)
-        (tmp / COMPLETE_MARKER).write_text(key, encoding="utf-8")
-        if not force and _is_complete(out_dir, key):
-            logger.info("another process finished the same build in %s; keeping it", out_dir)
-            shutil.rmtree(tmp)
-        else:
-            _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("built tiny models in %s in %.1f s", out_dir, time.perf_counter() - start)
-    return result
+
+    return TinyModels.under(cached_build(out_dir, _build_key(seed), build, "tiny models", force))

@@ -11,10 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,13 +18,13 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
+from td_ray.assets.build import cached_build
 from td_ray.assets.demo_data import corpus_sentences
 
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = 1
 """Bump when the build changes, so cached model directories are rebuilt."""
-COMPLETE_MARKER = ".complete"
 SPM_VOCAB_SIZE = 1000
 ANSWER_WORDS = ("true", "false", "yes", "no")
 PROMPT_SENTENCES = 200
@@ -38,11 +34,6 @@ ANSWER_PIECE_SCORE = 0.0
 
 def _build_key(seed: int) -> str:
     return json.dumps({"seed": seed, "build_version": BUILD_VERSION}, sort_keys=True)
-
-
-def _is_complete(root: Path, key: str) -> bool:
-    marker = root / COMPLETE_MARKER
-    return marker.is_file() and marker.read_text(encoding="utf-8") == key
 
 
 def _train_sentencepiece(sentences: list[str]) -> bytes:
@@ -79,7 +70,6 @@ def _prompt_sentences(sentences: list[str]) -> list[str]:
 
 def _build(out: Path, seed: int) -> None:
     """Write spiece.model, the T5 tokenizer and a random tiny T5 into the new directory ``out``."""
-    out.mkdir(parents=True)
     sentences = corpus_sentences(seed)
     (out / "spiece.model").write_bytes(_train_sentencepiece(sentences + _prompt_sentences(sentences)))
     tokenizer = T5Tokenizer.from_pretrained(out, extra_ids=0, model_max_length=512)
@@ -104,40 +94,6 @@ def _build(out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing any old ``dst``; ``dst`` is never half-made."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_tiny_t5(out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny T5 into ``out_dir`` (a from_pretrained directory) unless a build with the same key is there.
-
-    The build happens in a temp directory beside ``out_dir`` and is renamed into place at the end, so a killed
-    build leaves nothing half-made under the final name.
-    """
-    out_dir = Path(out_dir).absolute()
-    key = _build_key(seed)
-    if _is_complete(out_dir, key):
-        logger.info("tiny T5 already built in %s", out_dir)
-        return out_dir
-    start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
-    try:
-        staged = tmp / "model"
-        _build(staged, seed)
-        (staged / COMPLETE_MARKER).write_text(key, encoding="utf-8")
-        if _is_complete(out_dir, key):
-            logger.info("another process finished the same tiny T5 build in %s; keeping it", out_dir)
-        else:
-            _replace_dir(staged, out_dir)
-            logger.info("built tiny T5 in %s in %.1f s", out_dir, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    """Build the tiny T5 into ``out_dir`` (a from_pretrained directory) unless a build with the same key is there."""
+    return cached_build(out_dir, _build_key(seed), lambda staged: _build(staged, seed), "tiny T5")
