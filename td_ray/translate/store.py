@@ -97,15 +97,16 @@ def plan(current: pa.Table, committed: pa.Table) -> pa.Table:
 
 
 def write_todo(workspace: Workspace, english: str, todo: pa.Table, relative: str) -> int:
-    """Write the rows of `english` whose ids are in `todo`, with their hashes, as this run's work list."""
+    """Write the rows of `english` whose ids are in `todo`, with the hashes `plan` gave them, as this run's work list."""
     wanted = todo["id"].combine_chunks()
+    hashes = todo["source_hash"].combine_chunks()
     rows = 0
     with workspace.atomic_writer(relative, schemas.TRANSLATE_TODO) as writer:
         for batch in iter_source_batches(workspace, english, ["id", "text"]):
             chosen = batch.filter(pc.is_in(batch.column(0), value_set=wanted))
             if chosen.num_rows:
                 table = pa.table({"id": chosen.column(0), "text": chosen.column(1),
-                                  "source_hash": text_hash(chosen.column(1))})
+                                  "source_hash": hashes.take(pc.index_in(chosen.column(0), value_set=wanted))})
                 # Small row groups: Ray Data's read tasks and blocks follow them, and a block is a commit unit.
                 writer.write_table(table, row_group_size=4096)
                 rows += table.num_rows
