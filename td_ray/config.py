@@ -137,6 +137,10 @@ class DataConfig(_Strict):
     candidates: DataSource = Field(
         description="First-stage candidates per training query: a TREC run or ir_datasets scoreddocs."
     )
+    train_qrels: DataSource | None = Field(
+        None, description="Relevance judgements of the training queries (e.g. msmarco-passage/train qrels): the "
+        "positives of the Translate-Train baseline (`distill.positives: qrels`).",
+    )
     eval_docs: DataSource = Field(description="Evaluation collection, in the language the student is trained for.")
     eval_topics: DataSource = Field(description="Evaluation topics (English queries).")
     eval_qrels: DataSource = Field(description="Graded relevance judgements for the evaluation topics.")
@@ -328,6 +332,10 @@ class ScoreConfig(ActorPoolConfig):
     passage_lang: str = Field(
         "en", description="Language of the passages the teacher sees: `en` (English x English) or a target lang (CLIR)."
     )
+    query_lang: str = Field(
+        "en", description="Language of the queries the teacher sees: `en`, or the passage language for a "
+        "translated x translated teacher (the queries must then be translated: translate.translate_queries).",
+    )
     top_k: int = Field(50, ge=1, description="Candidates kept per query (the paper uses the top 50).")
     max_length: int = Field(256, ge=8, description="Most tokens of query + passage fed to the teacher.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
@@ -351,10 +359,25 @@ class ScoreConfig(ActorPoolConfig):
 
 
 class DistillConfig(_Strict):
-    """distill: Ray Train fits the student dual encoder to the teacher's score distribution (KL)."""
+    """distill: Ray Train fits the student (dense or ColBERT-X) to the teacher's score distribution (KL).
+
+    Examples hold ids and scores only; each worker joins query and passage text from its shard as it trains.
+    """
 
     student: str = Field(description="Student encoder to start from: local directory or hub id.")
-    passage_lang: str = Field(description="Language of the passages the student sees (a translate target).")
+    student_kind: Literal["dense", "colbert"] = Field(
+        "dense", description="dense: one vector per text (pooling, similarity). colbert: ColBERT-X, one vector "
+        "per token projected to colbert_dim, scored by MaxSim, queries padded with [MASK] to query_maxlen.",
+    )
+    colbert_dim: int = Field(128, ge=1, description="colbert: dimension of the token vectors (PLAID-X: 128).")
+    passage_lang: str | list[str] = Field(
+        description="Language of the passages the student sees (a translate target, or `en`). A list trains on "
+        "several at once (Multilingual Translate-Distill), mixed as `mixing` says.",
+    )
+    mixing: Literal["mix-passages", "mix-entries", "round-robin"] = Field(
+        "mix-entries", description="Several passage languages (MTD): mix-passages draws a language per passage, "
+        "mix-entries one per query, round-robin repeats each query once per language.",
+    )
     nway: int = Field(6, ge=2, description="Passages per query in each example (the paper uses 6).")
     short_list_policy: Literal["skip", "error"] = Field(
         "skip", description="A query with fewer than nway scored candidates: skip it (logged) or stop with an error."
@@ -371,34 +394,62 @@ class DistillConfig(_Strict):
     keep_top: bool = Field(False, description="random/beta samplers: always include the best-scored passage.")
     loss: Literal["kl", "margin_mse", "contrastive"] = Field(
         "kl", description="kl: KL to the teacher's score distribution (Translate-Distill). margin_mse: MSE of "
-        "score margins to the first passage. contrastive: cross-entropy with the best-scored passage as the "
-        "positive (the Translate-Train baseline, with teacher-ranked candidates).",
+        "score margins to the first passage. contrastive: cross-entropy over a positive and negatives (the "
+        "Translate-Train baseline with `positives: qrels`).",
+    )
+    positives: Literal["teacher", "qrels"] = Field(
+        "teacher", description="contrastive: the positive is the best-scored passage drawn (teacher), or a judged "
+        "relevant passage from data.train_qrels with nway - 1 negatives drawn from the unjudged candidates (qrels).",
+    )
+    in_batch_negatives: bool = Field(
+        False, description="contrastive: every other passage of the worker's batch is also a negative."
     )
     student_temperature: float = Field(1.0, gt=0, description="kl: student scores are divided by this first.")
     contrastive_temperature: float = Field(1.0, gt=0, description="contrastive: scores are divided by this.")
     alpha: float = Field(1.0, gt=0, description="Teacher scores are multiplied by alpha before the softmax.")
-    pooling: Literal["cls", "mean"] = Field("cls", description="How token vectors become one vector.")
-    query_maxlen: int = Field(32, ge=4, description="Most query tokens.")
+    pooling: Literal["cls", "mean"] = Field("cls", description="dense: how token vectors become one vector.")
+    similarity: Literal["dot", "cosine"] = Field("dot", description="dense: how query and passage vectors compare.")
+    query_maxlen: int = Field(32, ge=4, description="Most query tokens (colbert: queries are padded to this).")
     passage_maxlen: int = Field(180, ge=8, description="Most passage tokens.")
-    batch_size: int = Field(8, ge=1, description="Queries per step per worker.")
+    batch_size: int = Field(8, ge=1, description="Queries per micro-batch per worker (the paper: 8 per GPU).")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches whose gradients add up to one optimizer step.")
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="Autocast on GPU: auto takes bf16 where the GPU supports it; fp16 adds a gradient "
+        "scaler. CPU training always runs in float32.",
+    )
     steps: int = Field(200, ge=1, description="Optimizer steps in total.")
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (one is always written at the end).")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP; gloo on CPU, nccl on GPU).")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs per training worker.")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs reserved per training worker. Leave at least one CPU of the cluster free: the "
+        "example shards are read by Ray Data tasks while the workers train.",
+    )
     use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
     max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by restarting.")
     run_name: str = Field("distill", description="Ray Train run name; the same name resumes from its last checkpoint.")
     seed: int = Field(0, description="Seed for model init order, data shuffling and passage sampling.")
 
+    @property
+    def passage_langs(self) -> list[str]:
+        """The passage languages as a list (one for Translate-Distill, several for MTD)."""
+        return [self.passage_lang] if isinstance(self.passage_lang, str) else list(self.passage_lang)
+
     @model_validator(mode="after")
     def _sampling_fits(self) -> DistillConfig:
+        if not self.passage_langs or len(set(self.passage_langs)) != len(self.passage_langs):
+            raise ValueError(f"passage_lang {self.passage_lang!r}: give one language or a list of distinct ones")
         if self.top_k is not None and self.top_k < self.nway:
             raise ValueError(f"top_k ({self.top_k}) must be at least nway ({self.nway})")
-        if self.loss == "contrastive" and self.sampler != "only_top" and not self.keep_top:
+        if self.loss != "contrastive" and (self.positives != "teacher" or self.in_batch_negatives):
+            raise ValueError("positives: qrels and in_batch_negatives apply to loss: contrastive only")
+        if (self.loss == "contrastive" and self.positives == "teacher" and self.sampler != "only_top"
+                and not self.keep_top):
             raise ValueError("loss contrastive takes the first passage as the positive: with a random or beta "
                              "sampler set keep_top: true")
+        if self.student_kind == "colbert" and (self.pooling != "cls" or self.similarity != "dot"):
+            raise ValueError("pooling and similarity describe the dense student; a colbert student scores by MaxSim")
         return self
 
 
@@ -443,9 +494,13 @@ class PipelineConfig(_Strict):
         langs = {"en"} | {t.lang for t in self.translate.targets}
         if len({t.lang for t in self.translate.targets}) != len(self.translate.targets):
             raise ValueError("translate.targets: each lang may appear once")
-        for field, lang in (("score.passage_lang", self.score.passage_lang), ("distill.passage_lang", self.distill.passage_lang)):
+        pairs = [("score.passage_lang", self.score.passage_lang), ("score.query_lang", self.score.query_lang)]
+        pairs += [("distill.passage_lang", lang) for lang in self.distill.passage_langs]
+        for field, lang in pairs:
             if lang not in langs:
                 raise ValueError(f"{field}: {lang!r} is not `en` nor a translate target ({sorted(langs)})")
+        if self.distill.positives == "qrels" and self.data.train_qrels is None:
+            raise ValueError("distill.positives: qrels needs data.train_qrels (the training queries' judgements)")
         return self
 
     def local_sources(self) -> list[tuple[str, DataSource]]:

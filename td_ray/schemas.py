@@ -53,14 +53,14 @@ TRANSLATIONS = pa.schema(
 SCORES = pa.schema(
     [("qid", pa.string()), ("pid", pa.string()), ("score", pa.float32()), ("teacher", pa.string())]
 )
-#: distill: one training example per query; passage text is joined late, in the configured language.
+#: distill: one training example per query, PyLate-style: candidate ids best-scored first with their raw teacher
+#: scores, and the qrels positives (empty unless the Translate-Train baseline asks for them). Text is joined late.
 EXAMPLES = pa.schema(
     [
         ("qid", pa.string()),
-        ("query", pa.string()),
         ("pids", pa.list_(pa.string())),
-        ("passages", pa.list_(pa.string())),
         ("teacher_scores", pa.list_(pa.float32())),
+        ("positives", pa.list_(pa.string())),
     ]
 )
 #: index: the student's embedding of each document, with its FAISS id and shard.
@@ -72,8 +72,25 @@ EMBEDDINGS = pa.schema(
         ("vector", pa.list_(pa.float32())),
     ]
 )
+#: index, ColBERT students: each document's token vectors, flattened (``tokens`` rows of the index's dim),
+#: with its document number (faiss_id), shard and first global token row: its token ids are
+#: ``first_token .. first_token + tokens - 1``, contiguous and in document-number order.
+TOKEN_EMBEDDINGS = pa.schema(
+    [
+        ("docid", pa.string()),
+        ("faiss_id", pa.int64()),
+        ("shard", pa.int32()),
+        ("first_token", pa.int64()),
+        ("tokens", pa.int32()),
+        ("vectors", pa.list_(pa.float32())),
+    ]
+)
 #: index: FAISS stores int64 ids; this maps them back to document ids.
 DOC_IDS = pa.schema([("faiss_id", pa.int64()), ("docid", pa.string())])
+#: index, ColBERT students: the token rows of each document, so a token hit maps back to its document.
+TOKEN_DOCS = pa.schema(
+    [("faiss_id", pa.int64()), ("docid", pa.string()), ("first_token", pa.int64()), ("tokens", pa.int32())]
+)
 #: evaluate: a ranked run, the Parquet twin of the TREC run file.
 RUN = pa.schema(
     [("qid", pa.string()), ("docid", pa.string()), ("rank", pa.int32()), ("score", pa.float32())]

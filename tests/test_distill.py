@@ -8,14 +8,29 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import with_updates
 from transformers import AutoTokenizer
 
 from td_ray.config import DistillConfig
-from td_ray.distill import make_trainer
-from td_ray.distill.data import ShortListError, build_examples
+from td_ray.distill import EXAMPLES, make_trainer
+from td_ray.distill.data import (
+    ExampleFilter,
+    ShortListError,
+    rank_query,
+    read_positives,
+)
 from td_ray.distill.losses import KLDistillationLoss
 from td_ray.distill.model import DualEncoder, StudentEncoder
-from td_ray.distill.train import STATE_FILE, make_loss, sample_batch, train_step
+from td_ray.distill.train import (
+    STATE_FILE,
+    Student,
+    TrainingTexts,
+    join_text,
+    make_entries,
+    make_loss,
+    train_step,
+)
+from td_ray.raydata import read_table_dataset
 from td_ray.workspace import STUDENT_DIR, Workspace
 
 
@@ -38,60 +53,123 @@ def test_kl_loss_shape_error_says_how_to_fix():
         KLDistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-def _scores_table(rows):
-    return pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows], "score": pa.array([r[2] for r in rows], pa.float32())})
+def _group(rows):
+    return {"qid": np.array([r[0] for r in rows]), "pid": np.array([r[1] for r in rows]),
+            "score": np.array([r[2] for r in rows], dtype=np.float32)}
 
 
-def test_examples_take_the_top_k_by_teacher_score_in_the_configured_language():
-    scores = _scores_table([("q1", "a", 0.1), ("q1", "b", 5.0), ("q1", "c", 2.0), ("q2", "a", 1.0)])
-    queries = pa.table({"id": ["q1", "q2"], "text": ["first", "second"]})
-    passages = pa.table({"id": ["a", "b", "c"], "text": ["A-syn", "B-syn", "C-syn"]})
-    every, _ = build_examples(scores, queries, passages, nway=2)
-    assert every["pids"].to_pylist() == [["b", "c", "a"]]  # best first; the trainer samples nway of them
-    examples, skipped = build_examples(scores, queries, passages, nway=2, top_k=2)
-    assert skipped == ["q2"]
-    assert examples.to_pylist() == [{"qid": "q1", "query": "first", "pids": ["b", "c"], "passages": ["B-syn", "C-syn"],
-                                     "teacher_scores": [5.0, 2.0]}]
-    with pytest.raises(ShortListError, match="'q2' has 1 scored candidates"):
-        build_examples(scores, queries, passages, nway=2, short_list_policy="error")
-    with pytest.raises(ValueError, match=r"1 row\(s\) name a pid with no text in the passages, e.g. \['c'\]"):
-        build_examples(scores, queries, passages.slice(0, 2), nway=2)
+def test_a_query_becomes_its_candidates_best_first_cut_to_top_k():
+    group = _group([("q1", "a", 0.1), ("q1", "b", 5.0), ("q1", "c", 2.0), ("q1", "d", 2.0)])
+    assert rank_query(group) == {"qid": ["q1"], "pids": [["b", "c", "d", "a"]],
+                                 "teacher_scores": [[5.0, 2.0, 2.0, pytest.approx(0.1)]], "positives": [[]]}
+    assert rank_query(group, top_k=2)["pids"] == [["b", "c"]]  # ties broken by pid
+    with pytest.raises(ValueError, match="'q1' has a teacher score that is NaN"):
+        rank_query(_group([("q1", "a", float("nan")), ("q1", "b", 1.0)]))
 
 
-BATCH = {"qid": ["q1", "q2"], "query": ["balto mirek", "fobe kanu"],
-         "pids": [["a", "b", "c", "d"], ["e", "f", "g", "h"]],
-         "passages": [["balto mirek dusa", "kanu lete", "rima sote", "lete sote"],
-                      ["fobe kanu rima", "mirek lete", "dusa", "sote rima"]],
-         "teacher_scores": [np.array([5.0, 1.0, 0.0, -1.0]), np.array([4.0, 1.0, 0.0, -2.0])]}
+def _examples(rows):
+    return pa.table({"qid": [r[0] for r in rows], "pids": [r[1] for r in rows],
+                     "teacher_scores": [[1.0] * len(r[1]) for r in rows], "positives": [[] for _ in rows]})
+
+
+def test_short_lists_are_skipped_or_refused_and_qrels_positives_attached():
+    batch = _examples([("q1", ["a", "b", "c"]), ("q2", ["a"]), ("q3", ["a", "b", "c"])])
+    keep = ExampleFilter(nway=2)
+    assert keep(batch)["qid"].to_pylist() == ["q1", "q3"] and keep.skipped == ["q2"]
+    with pytest.raises(ShortListError, match="'q2' has 1 scored candidates, fewer than nway=2"):
+        ExampleFilter(nway=2, short_list_policy="error")(batch)
+
+    qrels = pa.table({"qid": ["q1", "q1", "q3", "q3", "q3"], "docid": ["a", "x", "a", "b", "c"],
+                      "relevance": pa.array([1, 2, 0, 1, 1], pa.int32())})
+    keep = ExampleFilter(nway=3, positives=read_positives(qrels))
+    kept = keep(batch).sort_by("qid")
+    # q1: positives a and x (x is no candidate), negatives b and c; q2: no judgement; q3: one negative (a,
+    # judged 0) where nway - 1 = 2 are needed
+    assert kept["qid"].to_pylist() == ["q1"] and sorted(kept["positives"][0].as_py()) == ["a", "x"]
+    assert sorted(keep.skipped) == ["q2", "q3"]
+
+
+BATCH = {"qid": ["q1", "q2"], "pids": [["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+         "teacher_scores": [np.array([5.0, 1.0, 0.0, -1.0]), np.array([4.0, 1.0, 0.0, -2.0])],
+         "positives": [np.array([], dtype=object), np.array([], dtype=object)]}
+QUERIES = {"q1": "balto mirek", "q2": "fobe kanu"}
+PASSAGES = {"a": "balto mirek dusa", "b": "kanu lete", "c": "rima sote", "d": "lete sote",
+            "e": "fobe kanu rima", "f": "mirek lete", "g": "dusa", "h": "sote rima"}
+
+
+def texts_in(*langs: str) -> TrainingTexts:
+    """Texts as the workers see them; a passage in language `xx` reads `xx:<text>`."""
+    return TrainingTexts(lambda ids: [QUERIES[i] for i in ids],
+                         {lang: (lambda ids, lang=lang: [f"{lang}:{PASSAGES[i]}" for i in ids]) for lang in langs})
 
 
 def test_samplers_draw_nway_of_the_ranked_candidates_with_their_text():
     config = DistillConfig(student="s", passage_lang="syn", nway=3)
-    _, passages, scores = sample_batch(BATCH, config, np.random.default_rng(0), 0.0)
-    assert passages == BATCH["passages"][0][:3] + BATCH["passages"][1][:3] and scores[0] == [5.0, 1.0, 0.0]
+    entries = make_entries(BATCH, config, np.random.default_rng(0), 0.0)
+    queries, passages = join_text(entries, texts_in("syn"))
+    assert queries == ["balto mirek", "fobe kanu"]
+    assert passages == [f"syn:{PASSAGES[p]}" for p in "abcefg"] and entries[0].teacher_scores == [5.0, 1.0, 0.0]
     drawn = DistillConfig(student="s", passage_lang="syn", nway=3, sampler="random")
     seen = set()
     for seed in range(40):
-        _, passages, scores = sample_batch(BATCH, drawn, np.random.default_rng(seed), 0.5)
-        text_to_score = dict(zip(BATCH["passages"][0], BATCH["teacher_scores"][0]))
-        assert [text_to_score[text] for text in passages[:3]] == scores[0]  # text and score stay paired
-        seen.add(tuple(passages[:3]))
+        entry = make_entries(BATCH, drawn, np.random.default_rng(seed), 0.5)[0]
+        score_of = dict(zip(BATCH["pids"][0], BATCH["teacher_scores"][0]))
+        assert [score_of[pid] for pid in entry.pids] == entry.teacher_scores  # ids and scores stay paired
+        seen.add(tuple(entry.pids))
     assert len(seen) == 4  # every 3-of-4 subset is drawn
-    again = sample_batch(BATCH, drawn, np.random.default_rng(7), 0.5)
-    assert again == sample_batch(BATCH, drawn, np.random.default_rng(7), 0.5)
+    again = make_entries(BATCH, drawn, np.random.default_rng(7), 0.5)
+    assert again == make_entries(BATCH, drawn, np.random.default_rng(7), 0.5)
 
 
-@pytest.mark.parametrize("loss", ["kl", "margin_mse", "contrastive"])
-def test_loss_falls_over_steps_on_a_fixed_batch(assets_root, loss):
+@pytest.mark.parametrize("mixing", ["mix-passages", "mix-entries", "round-robin"])
+def test_the_trainer_reads_each_passage_in_the_language_mtd_mixing_picked(mixing):
+    config = DistillConfig(student="s", passage_lang=["syn", "qaa"], mixing=mixing, nway=3)
+    counts = {"syn": 0, "qaa": 0}
+    for seed in range(30):
+        entries = make_entries(BATCH, config, np.random.default_rng(seed), 0.0)
+        queries, passages = join_text(entries, texts_in("syn", "qaa"))
+        assert len(entries) == (4 if mixing == "round-robin" else 2) and len(queries) == len(entries)
+        for entry, texts in zip(entries, (passages[i:i + 3] for i in range(0, len(passages), 3))):
+            assert texts == [f"{lang}:{PASSAGES[pid]}" for pid, lang in zip(entry.pids, entry.langs)]
+            if mixing != "mix-passages":
+                assert len(set(entry.langs)) == 1  # one language per entry
+            for lang in entry.langs:
+                counts[lang] += 1
+        if mixing == "round-robin":  # each query once per language, same passages and scores
+            assert [e.langs[0] for e in entries] == ["syn", "qaa", "syn", "qaa"]
+            assert entries[0].pids == entries[1].pids and entries[0].teacher_scores == entries[1].teacher_scores
+    assert counts["syn"] > 0.35 * sum(counts.values()) and counts["qaa"] > 0.35 * sum(counts.values())
+
+
+def test_translate_train_draws_a_judged_positive_then_unjudged_negatives():
+    config = DistillConfig(student="s", passage_lang="syn", nway=3, loss="contrastive", positives="qrels",
+                           sampler="random")
+    batch = dict(BATCH, positives=[np.array(["c", "z"], dtype=object), np.array(["e"], dtype=object)])
+    firsts, negatives = set(), set()
+    for seed in range(40):
+        first, second = make_entries(batch, config, np.random.default_rng(seed), 0.0)
+        assert first.pids[0] in ("c", "z") and second.pids[0] == "e"
+        assert first.teacher_scores == [1.0, 0.0, 0.0]
+        assert not {"c", "z"} & set(first.pids[1:]) and "e" not in second.pids[1:]
+        firsts.add(first.pids[0])
+        negatives.update(first.pids[1:])
+    assert firsts == {"c", "z"} and negatives == {"a", "b", "d"}
+
+
+@pytest.mark.parametrize(("loss", "kind"), [("kl", "dense"), ("margin_mse", "dense"), ("contrastive", "dense"),
+                                            ("kl", "colbert")])
+def test_loss_falls_over_steps_on_a_fixed_batch(assets_root, loss, kind):
     path = str(assets_root / "tiny-models" / "student")
     torch.manual_seed(0)
-    model, tokenizer = DualEncoder.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    config = DistillConfig(student=path, passage_lang="syn", nway=3, query_maxlen=16, passage_maxlen=32, loss=loss)
+    config = DistillConfig(student=path, passage_lang="syn", nway=3, query_maxlen=16, passage_maxlen=32, loss=loss,
+                           student_kind=kind, colbert_dim=16)
+    student = Student(config, path)
     loss_fn = make_loss(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(student.model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        loss = train_step(model, loss_fn, tokenizer, BATCH, config, torch.device("cpu"), np.random.default_rng(0))
+        loss = train_step(student.model, loss_fn, student, texts_in("syn"), BATCH, config, torch.device("cpu"),
+                          np.random.default_rng(0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -99,12 +177,26 @@ def test_loss_falls_over_steps_on_a_fixed_batch(assets_root, loss):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("kind", ["dense", "colbert"])
+def test_in_batch_negatives_score_every_query_against_every_passage(assets_root, kind):
+    path = str(assets_root / "tiny-models" / "student")
+    config = DistillConfig(student=path, passage_lang="syn", nway=2, student_kind=kind, colbert_dim=16,
+                           query_maxlen=8, passage_maxlen=16)
+    student = Student(config, path)
+    student.model.eval()
+    inputs = student.inputs(["balto mirek", "fobe kanu"], [PASSAGES[p] for p in "abef"], torch.device("cpu"))
+    with torch.no_grad():
+        own, every = student.model(*inputs), student.model(*inputs, all_pairs=True)
+    assert every.shape == (2, 4)
+    torch.testing.assert_close(every[0, :2], own[0]) and torch.testing.assert_close(every[1, 2:], own[1])
+
+
 def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(pipeline_run):
     config, results = pipeline_run
     workspace = Workspace(config.workspace)
     assert results["distill"].metrics["steps"] == config.distill.steps
     student_dir = Path(workspace.path(STUDENT_DIR))
-    assert json.loads((student_dir / "td_ray_student.json").read_text()) == {"pooling": "cls"}
+    assert json.loads((student_dir / "td_ray_student.json").read_text()) == {"pooling": "cls", "similarity": "dot"}
     initial = StudentEncoder(config.distill.student).encode(["balto mirek"])
     trained = StudentEncoder(str(student_dir)).encode(["balto mirek"])
     assert not np.allclose(initial, trained)  # training changed the weights
@@ -129,8 +221,8 @@ def test_fit_again_resumes_from_the_last_checkpoint(pipeline_run, ray_cluster):
 
     config, _ = pipeline_run
     workspace = Workspace(config.workspace)
-    examples = workspace.read_table("distill/examples.parquet")
-    result = make_trainer(config, workspace, ray.data.from_arrow(examples), run_id=None).fit()
+    examples = workspace.read_table(EXAMPLES)
+    result = make_trainer(config, workspace, ray.data.from_arrow(examples), examples.num_rows, run_id=None).fit()
     assert result.metrics["start_step"] == config.distill.steps  # resumed, not retrained from step 0
     assert result.metrics["step"] == config.distill.steps
 
@@ -144,3 +236,78 @@ def test_missing_input_column_is_named_before_training(make_workspace):
     with pytest.raises(MissingColumnsError, match=r"'score/scores.parquet' is missing column\(s\) \['score'\]"):
         distill.run(config)
     assert not (Path(config.workspace) / "ray_train").exists()
+
+
+def test_examples_hold_each_scored_query_once_best_first(pipeline_run):
+    config, _ = pipeline_run
+    workspace = Workspace(config.workspace)
+    examples = workspace.read_table(EXAMPLES)
+    scores = workspace.read_table("score/scores.parquet")
+    assert sorted(examples["qid"].to_pylist()) == sorted(set(scores["qid"].to_pylist()))
+    by_query: dict[str, dict[str, float]] = {}
+    for qid, pid, score in zip(*(scores[c].to_pylist() for c in ("qid", "pid", "score"))):
+        by_query.setdefault(qid, {})[pid] = score
+    for row in examples.to_pylist():
+        assert row["teacher_scores"] == sorted(row["teacher_scores"], reverse=True)
+        assert row["teacher_scores"] == [by_query[row["qid"]][pid] for pid in row["pids"]]
+        assert set(row["pids"]) == set(by_query[row["qid"]])
+
+
+def test_a_failed_worker_is_restarted_from_its_checkpoint_and_repeats_the_same_losses(pipeline_run, ray_cluster,
+                                                                                       tmp_path):
+    """FailureConfig(max_failures=1) restarts the worker after a crash at step 3; it resumes from the step-2
+    checkpoint and its steps 3 and 4 have the losses of a run that never failed. Also covers the ColBERT-X
+    student, MTD mixing over two languages and gradient accumulation inside the real loop."""
+    from mlflow.tracking import MlflowClient
+
+    from td_ray import tracking
+    from td_ray.distill import train as train_module
+
+    config, _ = pipeline_run
+    workspace = Workspace(config.workspace)
+    examples = workspace.read_table(EXAMPLES).num_rows
+    client = MlflowClient(tracking.tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.mlflow.experiment).experiment_id
+    marker = tmp_path / "failed-once"
+
+    def crash_once_at_step_3(loop_config):
+        steps = loop_config["distill"]["steps"]
+        original = train_module.train_step
+
+        def train_step(*args, **kwargs):
+            step = round(args[8] * steps)  # train_step(model, loss_fn, student, texts, batch, config, device, rng, progress)
+            if step == 2 and not marker.exists():  # the third step (0-based 2)
+                marker.write_text("crashed")
+                raise RuntimeError("injected worker failure")
+            return original(*args, **kwargs)
+
+        train_module.train_step = train_step
+        train_module.train_loop(loop_config)
+
+    losses = {}
+    for name, train_fn in (("straight", train_module.train_loop), ("crashed", crash_once_at_step_3)):
+        run_config = with_updates(config, distill={
+            "steps": 4, "checkpoint_every": 2, "num_workers": 1, "batch_size": 4, "grad_accum_steps": 2,
+            "max_failures": 1, "run_name": f"restart-{name}", "student_kind": "colbert", "colbert_dim": 16,
+            "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        dataset = read_table_dataset(workspace, EXAMPLES)
+        result = make_trainer(run_config, workspace, dataset, examples, run_id, train_fn=train_fn).fit()
+        assert result.metrics["step"] == 4
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        losses[name] = history
+        if name == "crashed":
+            assert marker.exists() and result.metrics["start_step"] == 2  # resumed from the step-2 checkpoint
+    assert sorted(losses["crashed"]) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert losses["crashed"][step] == pytest.approx(losses["straight"][step], rel=1e-5, abs=1e-6)
+    assert len(set(losses["straight"].values())) == 4  # the steps differ: the comparison is not trivial
+
+
+def test_workers_that_would_take_every_cpu_are_refused_before_training(make_workspace, ray_cluster):
+    from td_ray.distill import check_free_cpus
+
+    config = make_workspace(distill={"num_workers": 2, "cpus_per_worker": 1})
+    with pytest.raises(ValueError, match=r"leave 0 of the cluster's 2 CPUs free.*lower distill.cpus_per_worker"):
+        check_free_cpus(config)
+    check_free_cpus(make_workspace(distill={"num_workers": 2, "cpus_per_worker": 0.5}))

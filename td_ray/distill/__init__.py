@@ -1,7 +1,8 @@
-"""distill: Ray Train (TorchTrainer, DDP) fits the student dual encoder to the teacher with a KL loss.
+"""distill: Ray Train (TorchTrainer, DDP) fits the student (dense or ColBERT-X) to the teacher.
 
-Examples join the score table with passage text in `distill.passage_lang`; the final model is saved in HF
-format under ``distill/student`` and registered in MLflow with an alias and its lineage.
+Ray Data groups the score table into one example row per query (ids and scores only) and streams them to the
+workers; each worker joins query and passage text itself, in the configured language(s). The final model is saved
+under ``distill/student`` and registered in MLflow with an alias and its lineage.
 """
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from pathlib import Path
 
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
-from td_ray.distill.data import build_examples
+from td_ray.distill.data import ExampleFilter, examples_dataset, read_positives
 from td_ray.distill.registry import register_student
+from td_ray.distill.text import check_coverage, export_text
 from td_ray.distill.train import HF_DIR, train_loop
 from td_ray.ray_session import ensure_ray
+from td_ray.raydata import read_table_dataset, write_stream
 from td_ray.result import StageResult
+from td_ray.sources import ingest
 from td_ray.workspace import (
     SCORES,
     STUDENT_DIR,
+    TRAIN_QRELS,
     TRAIN_QUERIES_EN,
     Workspace,
     translated,
@@ -30,20 +35,24 @@ logger = logging.getLogger(__name__)
 __all__ = ["run", "train_loop"]
 
 EXAMPLES = "distill/examples.parquet"
-_BLOCK_ROWS = 512
+DATA_CPUS = 1.0
+"""CPUs the training workers must leave free: Ray Data reads the example shards with them while training runs."""
 
 
-def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, run_id: str | None):
+def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples: int, run_id: str | None,
+                 train_fn=train_loop):
     """The TorchTrainer for this config; the same run name and storage resume from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     options = config.distill
     return TorchTrainer(
-        train_loop,
+        train_fn,
         train_loop_config={
             "distill": options.model_dump(mode="json"),
             "student": options.student,
+            "texts": export_texts(config, workspace),
+            "examples_per_worker": examples // options.num_workers,
             "tracking_uri": tracking.tracking_uri(config),
             "run_id": run_id,
         },
@@ -58,6 +67,59 @@ def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, run_id: 
     )
 
 
+def export_texts(config: PipelineConfig, workspace: Workspace) -> dict:
+    """The Arrow files the workers read text from: training queries, and passages per language."""
+    folder = workspace.local_dir("distill/text")
+    return {"queries": str(export_text(workspace, TRAIN_QUERIES_EN, folder / "queries.en.arrow")),
+            "passages": {lang: str(export_text(workspace, translated("passages", lang), folder / f"passages.{lang}.arrow"))
+                         for lang in config.distill.passage_langs}}
+
+
+def check_free_cpus(config: PipelineConfig) -> None:
+    """Stop before training when the workers would take every CPU of a local cluster: the example shards could
+    then never be read and training would wait forever."""
+    import ray
+
+    options = config.distill
+    total = ray.cluster_resources().get("CPU", 0)
+    left = total - options.num_workers * options.cpus_per_worker
+    if left < DATA_CPUS:
+        message = (f"distill: {options.num_workers} workers x {options.cpus_per_worker} CPUs leave {left:g} of the "
+                   f"cluster's {total:g} CPUs free, but Ray Data needs {DATA_CPUS:g} to stream the examples; lower "
+                   "distill.cpus_per_worker (fractions are fine) or distill.num_workers")
+        if config.ray.address is None:
+            raise ValueError(message)
+        logger.warning("%s (continuing: an autoscaling cluster may add CPUs)", message)
+
+
+def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, list[str]]:
+    """Write ``distill/examples.parquet``: Ray Data groups the score table by query, the driver streams the rows
+    through the nway and qrels checks. Returns the rows written and the qids skipped."""
+    options = config.distill
+    positives = None
+    if options.positives == "qrels":
+        ingest(workspace, config.data.train_qrels, "qrels", "train_qrels")
+        schemas.require_columns(workspace.read_schema(TRAIN_QRELS), ("qid", "docid", "relevance"), TRAIN_QRELS)
+        positives = read_positives(workspace.read_table(TRAIN_QRELS))
+    keep = ExampleFilter(options.nway, options.short_list_policy, positives)
+    rows = write_stream(examples_dataset(read_table_dataset(workspace, SCORES), options.top_k), workspace, EXAMPLES,
+                        schemas.EXAMPLES, ["qid"], transform=keep)
+    keep.report()
+    return rows, keep.skipped
+
+
+def check_texts(config: PipelineConfig, workspace: Workspace) -> None:
+    """Every query and candidate (and qrels positive) of the examples has its text, in every passage language."""
+    queries = workspace.read_table(TRAIN_QUERIES_EN, columns=["id"])["id"].combine_chunks()
+    check_coverage(workspace, EXAMPLES, "qid", queries, "training queries",
+                   "the score table and the training queries must come from the same collection")
+    for lang in config.distill.passage_langs:
+        ids = workspace.read_table(translated("passages", lang), columns=["id"])["id"].combine_chunks()
+        for column in ("pids", "positives"):
+            check_coverage(workspace, EXAMPLES, column, ids, f"passages ({lang})",
+                           f"translate those passages into {lang} first (translate.targets)")
+
+
 def _replace_dir(source: Path, target: Path) -> None:
     """Copy `source` to `target` through a temporary name, so `target` is always whole."""
     temporary = target.with_name(target.name + ".tmp")
@@ -69,50 +131,55 @@ def _replace_dir(source: Path, target: Path) -> None:
 
 
 def run(config: PipelineConfig) -> StageResult:
-    """Build examples, train with Ray Train, save and register the student."""
-    import ray.data
-
+    """Build the examples, train with Ray Train, save and register the student."""
     started = time.perf_counter()
     options = config.distill
     workspace = Workspace(config.workspace)
     with tracking.stage_run(config, "distill") as run_id:
-        passages = translated("passages", options.passage_lang)
-        for table, columns in ((SCORES, ("qid", "pid", "score")), (TRAIN_QUERIES_EN, ("id", "text")), (passages, ("id", "text"))):
+        required = [(SCORES, ("qid", "pid", "score")), (TRAIN_QUERIES_EN, ("id", "text"))]
+        required += [(translated("passages", lang), ("id", "text")) for lang in options.passage_langs]
+        for table, columns in required:
             schemas.require_columns(workspace.read_schema(table), columns, table)
-        examples, skipped = build_examples(workspace.read_table(SCORES), workspace.read_table(TRAIN_QUERIES_EN),
-                                           workspace.read_table(passages), options.nway, options.short_list_policy,
-                                           options.top_k)
-        if examples.num_rows < options.batch_size * options.num_workers:
-            raise ValueError(f"only {examples.num_rows} training examples for batch_size {options.batch_size} x "
-                             f"{options.num_workers} workers; lower them or score more queries")
-        workspace.write_table(examples, EXAMPLES, schemas.EXAMPLES)
         ensure_ray(config.ray)
-        # Examples enter as in-memory blocks: a file read would need CPUs that the training workers hold.
-        dataset = ray.data.from_arrow([examples.slice(start, _BLOCK_ROWS) for start in range(0, examples.num_rows, _BLOCK_ROWS)])
-        result = make_trainer(config, workspace, dataset, run_id).fit()
+        check_free_cpus(config)
+        examples, skipped = build_examples(config, workspace)
+        if examples < options.batch_size * options.num_workers:
+            raise ValueError(f"only {examples} training examples for batch_size {options.batch_size} x "
+                             f"{options.num_workers} workers; lower them or score more queries")
+        check_texts(config, workspace)
+        result = make_trainer(config, workspace, read_table_dataset(workspace, EXAMPLES), examples, run_id).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
         student_dir = Path(workspace.path(STUDENT_DIR))
         with result.checkpoint.as_directory() as directory:
             _replace_dir(Path(directory) / HF_DIR, student_dir)
-        teacher = config.score.provenance
-        lineage = {
-            "td_ray.teacher": teacher,
-            "td_ray.passage_lang": options.passage_lang,
-            "td_ray.mt_model": next((t.model or "pretranslated" for t in config.translate.targets if t.lang == options.passage_lang), "none"),
-            "td_ray.train_queries": config.data.train_queries.model_dump_json(),
-            "td_ray.passages": config.data.passages.model_dump_json(),
-            "td_ray.config_hash": config.fingerprint(),
-        }
-        version = register_student(student_dir, config.mlflow.registered_model, config.mlflow.alias, lineage)
+        version = register_student(student_dir, config.mlflow.registered_model, config.mlflow.alias,
+                                   lineage(config))
         metrics = {"steps": float(result.metrics.get("step", 0)),
                    "start_step": float(result.metrics.get("start_step", 0)),
-                   "examples": float(examples.num_rows), "skipped_queries": float(len(skipped)), "model_version": float(version)}
+                   "examples": float(examples), "skipped_queries": float(len(skipped)), "model_version": float(version)}
         if "loss" in result.metrics:  # absent when a finished run was resumed and trained no further
             metrics["final_loss"] = float(result.metrics["loss"])
-        stage = StageResult("distill", examples.num_rows, time.perf_counter() - started,
+        stage = StageResult("distill", examples, time.perf_counter() - started,
                             {"student": str(student_dir), "model": f"models:/{config.mlflow.registered_model}@{config.mlflow.alias}"},
                             metrics, run_id)
         tracking.log_result(stage)
     logger.info(stage.summary())
     return stage
+
+
+def lineage(config: PipelineConfig) -> dict[str, str]:
+    """Tags on the registered student: where its teacher, translations and data came from, and the config hash."""
+    options = config.distill
+    models = {target.lang: target.model or "pretranslated" for target in config.translate.targets}
+    return {
+        "td_ray.teacher": config.score.provenance,
+        "td_ray.student_kind": options.student_kind,
+        "td_ray.loss": options.loss,
+        "td_ray.passage_lang": ",".join(options.passage_langs),
+        "td_ray.mixing": options.mixing if len(options.passage_langs) > 1 else "none",
+        "td_ray.mt_model": ",".join(f"{lang}={models.get(lang, 'none')}" for lang in options.passage_langs),
+        "td_ray.train_queries": config.data.train_queries.model_dump_json(),
+        "td_ray.passages": config.data.passages.model_dump_json(),
+        "td_ray.config_hash": config.fingerprint(),
+    }

@@ -231,13 +231,21 @@ class ColBERTEncoder(nn.Module):
         vectors = self.linear(hidden) * scoring_mask.unsqueeze(-1).to(hidden.dtype)
         return nn.functional.normalize(vectors, p=2, dim=-1)
 
-    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query)."""
+    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor],
+                all_pairs: bool = False) -> torch.Tensor:
+        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query);
+        with `all_pairs`, [batch, batch * nway]: every query against every passage (in-batch negatives)."""
         for name, inputs in (("query", query), ("passages", passages)):
             if "scoring_mask" not in inputs:
                 raise ValueError(f"the {name} batch has no scoring_mask: tokenize with ColBERTTokenizer.queries "
                                  "and .documents (td_ray.distill.colbert), not the plain HF tokenizer")
-        return maxsim(self.encode(**query), query["scoring_mask"], self.encode(**passages), passages["scoring_mask"])
+        queries, documents = self.encode(**query), self.encode(**passages)
+        doc_mask = passages["scoring_mask"]
+        if all_pairs:
+            batch = queries.shape[0]
+            documents = documents.unsqueeze(0).expand(batch, *documents.shape)
+            doc_mask = doc_mask.unsqueeze(0).expand(batch, *doc_mask.shape)
+        return maxsim(queries, query["scoring_mask"], documents, doc_mask)
 
     def save_pretrained(self, directory: Path, tokenizer: ColBERTTokenizer) -> None:
         """An HF folder (backbone, tokenizer with markers) plus the projection and the spec td-ray loads back."""

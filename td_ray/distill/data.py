@@ -1,57 +1,101 @@
-"""Training examples: the score table (ids and scores only) joined late with query and passage text.
+"""Training examples, as PyLate keeps distillation data: ids and teacher scores only, one row per query.
 
-One English score table serves every language: the passage text comes from whichever translation the
-config names. That join is the heart of Translate-Distill.
+Ray Data groups the score table by query on the cluster and the driver streams the groups into
+``distill/examples.parquet`` one batch at a time, so no process holds every example. Text is joined in the
+training workers (:mod:`td_ray.distill.text`), in whichever language(s) the config names: one English score table
+serves every translation, which is the heart of Translate-Distill.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from td_ray import schemas
 from td_ray.distill.sampling import ShortListError
-from td_ray.textjoin import attach_text
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ExampleFilter", "ShortListError", "rank_query", "read_positives"]
 
-__all__ = ["ShortListError", "build_examples"]
+
+def rank_query(group: dict[str, np.ndarray], top_k: int | None = None) -> dict[str, list]:
+    """One query's scored candidates as one example row: ids and raw scores, best first (ties by pid), cut to
+    its `top_k` best (all when None). A `map_groups` function: `group` holds one qid's rows."""
+    pids = np.asarray(group["pid"]).astype(str)
+    scores = np.asarray(group["score"], dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"query {str(group['qid'][0])!r} has a teacher score that is NaN or infinite; rescore it")
+    order = np.lexsort((pids, -scores))[:top_k]
+    return {"qid": [str(group["qid"][0])], "pids": [pids[order].tolist()],
+            "teacher_scores": [scores[order].astype(np.float32).tolist()], "positives": [[]]}
 
 
-def build_examples(scores: pa.Table, queries: pa.Table, passages: pa.Table, nway: int,
-                   short_list_policy: str = "skip", top_k: int | None = None) -> tuple[pa.Table, list[str]]:
-    """One example per query: its `top_k` best-scored passages (all when None, at least `nway`), best first,
-    with their teacher scores; the trainer samples nway of them at each step.
+def read_positives(qrels: pa.Table) -> pa.Table:
+    """(qid, positives): the docids judged relevant (relevance > 0) per training query."""
+    relevant = qrels.filter(pc.greater(qrels["relevance"], 0)).select(["qid", "docid"])
+    grouped = relevant.group_by("qid").aggregate([("docid", "distinct")])
+    return grouped.rename_columns(["qid", "positives"])
 
-    Returns the examples and the qids skipped for having fewer than `nway` candidates.
-    """
-    joined = attach_text(scores.select(["qid", "pid", "score"]), passages, "pid", "passage", "passages",
-                         "translate those passages into distill.passage_lang first")
-    joined = attach_text(joined, queries, "qid", "query", "training queries",
-                         "the score table and the training queries must come from the same collection")
-    ordered = joined.sort_by([("qid", "ascending"), ("score", "descending"), ("pid", "ascending")])
-    qids = ordered["qid"].to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.flatnonzero(qids[1:] != qids[:-1]) + 1, [len(qids)]]) if len(qids) else np.array([0])
-    pids, texts, values, query_text = (ordered[name].to_pylist() for name in ("pid", "passage", "score", "query"))
-    rows: dict[str, list] = {name: [] for name in schemas.EXAMPLES.names}
-    skipped: list[str] = []
-    for start, end in zip(starts[:-1], starts[1:]):
-        if end - start < nway:
-            if short_list_policy == "error":
-                raise ShortListError(
-                    f"query {qids[start]!r} has {end - start} scored candidates, fewer than nway={nway}; "
-                    "lower distill.nway, score more candidates, or set distill.short_list_policy: skip"
-                )
-            skipped.append(str(qids[start]))
-            continue
-        take = slice(start, end if top_k is None else min(end, start + top_k))
-        rows["qid"].append(str(qids[start]))
-        rows["query"].append(query_text[start])
-        rows["pids"].append(pids[take])
-        rows["passages"].append(texts[take])
-        rows["teacher_scores"].append(values[take])
-    if skipped:
-        logger.warning("skipped %d queries with fewer than %d candidates, e.g. %s", len(skipped), nway, skipped[:3])
-    return pa.table(rows, schema=schemas.EXAMPLES), skipped
+
+@dataclass
+class ExampleFilter:
+    """Per streamed batch of example rows: attach qrels positives, and drop (or refuse) queries that cannot fill
+    nway passages, counting what it dropped. `positives` None means the teacher's ranking alone is used."""
+
+    nway: int
+    short_list_policy: str = "skip"
+    positives: pa.Table | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.positives is not None:
+            found = pc.index_in(batch["qid"], value_set=self.positives["qid"].combine_chunks())
+            batch = batch.set_column(batch.schema.get_field_index("positives"), "positives",
+                                     self.positives["positives"].combine_chunks().take(found))
+        keep = [self._usable(qid, pids, positives) for qid, pids, positives in
+                zip(batch["qid"].to_pylist(), batch["pids"].to_pylist(), batch["positives"].to_pylist())]
+        return batch.filter(pa.array(keep, type=pa.bool_()))
+
+    def _usable(self, qid: str, pids: list[str], positives: list[str] | None) -> bool:
+        if self.positives is None:
+            problem = None if len(pids) >= self.nway else f"{len(pids)} scored candidates, fewer than nway={self.nway}"
+        elif not positives:
+            problem = "no judged relevant passage in data.train_qrels"
+        else:
+            negatives = len(set(pids) - set(positives))
+            problem = None if negatives >= self.nway - 1 else (
+                f"{negatives} unjudged candidates, fewer than the nway - 1 = {self.nway - 1} negatives needed")
+        if problem is None:
+            return True
+        if self.short_list_policy == "error":
+            raise ShortListError(f"query {qid!r} has {problem}; lower distill.nway, score more candidates, or set "
+                                 "distill.short_list_policy: skip")
+        self.skipped.append(qid)
+        return False
+
+    def report(self) -> None:
+        if self.skipped:
+            logger.warning("skipped %d queries that cannot fill nway=%d passages, e.g. %s", len(self.skipped),
+                           self.nway, self.skipped[:3])
+
+
+def examples_dataset(scores_dataset, top_k: int | None):
+    """The Ray Dataset of example rows (qid, pids, teacher_scores, positives) grouped from a score dataset."""
+    from functools import partial
+
+    return scores_dataset.select_columns(["qid", "pid", "score"]).groupby("qid").map_groups(
+        partial(rank_query, top_k=top_k), batch_format="numpy")
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """Example rows (dicts) as an EXAMPLES table: for in-memory use (tests, the bench)."""
+    return pa.Table.from_pylist(rows, schema=schemas.EXAMPLES)
+
+
+TextSource = Callable[[list[str]], list[str]]
+"""Texts for ids, in order: a :class:`td_ray.distill.text.TextLookup`, or any function doing the same."""

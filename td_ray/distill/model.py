@@ -1,4 +1,4 @@
-"""The student: a single-vector dual encoder (one shared transformer for queries and passages)."""
+"""The dense student: a single-vector dual encoder (one shared transformer for queries and passages)."""
 from __future__ import annotations
 
 import json
@@ -30,33 +30,43 @@ def load_encoder(model: str):
 
 
 class DualEncoder(nn.Module):
-    """Encodes queries and passages into one vector each (CLS or mean pooling); relevance is their dot product."""
+    """Encodes queries and passages into one vector each (CLS or mean pooling); relevance is their dot product,
+    or their cosine (`similarity="cosine"` makes every vector unit length, so FAISS inner products stay right)."""
 
-    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
+    def __init__(self, encoder: nn.Module, pooling: str = "cls", similarity: str = "dot"):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be `cls` or `mean`, got {pooling!r}")
-        self.encoder, self.pooling = encoder, pooling
+        if similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity must be `dot` or `cosine`, got {similarity!r}")
+        self.encoder, self.pooling, self.similarity = encoder, pooling, similarity
 
     @classmethod
-    def from_pretrained(cls, model: str, pooling: str | None = None) -> DualEncoder:
-        """Load a student; `pooling` defaults to the one saved with it, else CLS."""
+    def from_pretrained(cls, model: str, pooling: str | None = None, similarity: str | None = None) -> DualEncoder:
+        """Load a student; `pooling` and `similarity` default to the ones saved with it, else CLS and dot."""
         spec_path = Path(model) / STUDENT_SPEC_FILE
-        saved = json.loads(spec_path.read_text())["pooling"] if spec_path.is_file() else None
-        return cls(load_encoder(model), pooling or saved or "cls")
+        saved = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+        return cls(load_encoder(model), pooling or saved.get("pooling") or "cls",
+                   similarity or saved.get("similarity") or "dot")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One vector per sequence: [batch, hidden]."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return nn.functional.normalize(pooled, dim=-1) if self.similarity == "cosine" else pooled
 
-    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query)."""
+    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor],
+                all_pairs: bool = False) -> torch.Tensor:
+        """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query);
+        with `all_pairs`, [batch, batch * nway]: every query against every passage (in-batch negatives)."""
         queries = self.encode(query["input_ids"], query["attention_mask"])
         encoded = self.encode(passages["input_ids"], passages["attention_mask"])
+        if all_pairs:
+            return queries @ encoded.T
         if encoded.shape[0] % queries.shape[0]:
             raise ValueError(
                 f"got {encoded.shape[0]} passages for {queries.shape[0]} queries; pass the same number of passages "
@@ -69,7 +79,7 @@ class DualEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        (directory / STUDENT_SPEC_FILE).write_text(json.dumps({"pooling": self.pooling}))
+        (directory / STUDENT_SPEC_FILE).write_text(json.dumps({"pooling": self.pooling, "similarity": self.similarity}))
 
 
 class StudentEncoder:

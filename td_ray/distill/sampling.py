@@ -192,3 +192,26 @@ def build_entries(qid: str, pids: Sequence, scores: Sequence[float], nway: int, 
     return [TrainingEntry(str(qid), chosen_pids, chosen_scores, entry_languages(mixing, languages, nway, rng, repeat),
                             chosen.tolist())
             for repeat in range(entries_per_query(mixing, languages))]
+
+
+def build_contrastive_entries(qid: str, pids: Sequence[str], positives: Sequence[str], nway: int,
+                              rng: np.random.Generator, *, languages: Sequence[str], sampler: Sampler = "random",
+                              mixing: Mixing = "mix-entries", progress: float = 0.0,
+                              max_beta: float = 1.0) -> list[TrainingEntry]:
+    """Translate-Train entries of one query: a judged positive drawn uniformly, then `nway - 1` negatives drawn by
+    `sampler` from its unjudged candidates (`pids`, best-scored first). Teacher scores are the labels 1, 0, ... 0;
+    `candidate_indices` point into `pids`, -1 for a positive that is not a candidate."""
+    judged = set(positives)
+    negatives = [pid for pid in pids if pid not in judged]
+    if not positives or len(negatives) < nway - 1:
+        raise ShortListError(f"query {qid!r} has {len(positives)} positives and {len(negatives)} unjudged "
+                             f"candidates; it needs 1 and nway - 1 = {nway - 1}")
+    positive = str(positives[int(rng.integers(len(positives)))])
+    drawn = [negatives[i] for i in sample_positions(sampler, len(negatives), nway - 1, rng, progress=progress,
+                                                      max_beta=max_beta)]
+    chosen = [positive, *drawn]
+    where = {pid: index for index, pid in enumerate(pids)}
+    labels = [1.0] + [0.0] * (nway - 1)
+    return [TrainingEntry(str(qid), chosen, labels, entry_languages(mixing, languages, nway, rng, repeat),
+                          [where.get(pid, -1) for pid in chosen])
+            for repeat in range(entries_per_query(mixing, languages))]

@@ -1,19 +1,32 @@
-"""The Ray Train loop run by every worker: DDP over the student, KL to the teacher, checkpoints, resume."""
+"""The Ray Train loop run by every worker: DDP over the student (dense or ColBERT-X), the configured loss against
+the teacher, gradient accumulation, mixed precision on GPU, checkpoints, and a resume that replays the same steps.
+
+Every random draw of a step (passages, languages, dropout) is seeded by (seed, rank, step, micro-batch), and a
+resumed worker skips the micro-batches its epoch had already consumed, so a restart from a checkpoint repeats the
+losses an uninterrupted run would have had.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from td_ray.config import DistillConfig
+from td_ray.distill.data import TextSource
 from td_ray.distill.losses import ContrastiveLoss, KLDistillationLoss, MarginMSELoss
-from td_ray.distill.model import DualEncoder
-from td_ray.distill.sampling import build_entries
+from td_ray.distill.sampling import (
+    TrainingEntry,
+    build_contrastive_entries,
+    build_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +53,46 @@ class StepLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+@dataclass
+class TrainingTexts:
+    """Where a worker finds text: query text by qid, passage text by pid per language."""
+
+    queries: TextSource
+    passages: dict[str, TextSource]
+
+
+class Student:
+    """The student being trained and how texts become its inputs: a dense dual encoder (HF tokenizer) or
+    ColBERT-X (marker tokens, [MASK]-padded queries). Both models map (queries, passages) to [batch, nway]."""
+
+    def __init__(self, config: DistillConfig, path: str):
+        self.config = config
+        if config.student_kind == "colbert":
+            from td_ray.distill.colbert import ColBERTSpec, load_colbert
+
+            spec = ColBERTSpec(dim=config.colbert_dim, query_maxlen=config.query_maxlen,
+                               doc_maxlen=config.passage_maxlen)
+            self.model, self.tokenizer = load_colbert(path, spec)
+        else:
+            from transformers import AutoTokenizer
+
+            from td_ray.distill.model import DualEncoder
+
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = DualEncoder.from_pretrained(path, config.pooling, config.similarity)
+
+    def inputs(self, queries: list[str], passages: list[str], device: torch.device) -> tuple[dict, dict]:
+        if self.config.student_kind == "colbert":
+            encoded = (self.tokenizer.queries(queries), self.tokenizer.documents(passages, self.config.passage_maxlen))
+        else:
+            encoded = tuple(self.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
+                            for texts, length in ((queries, self.config.query_maxlen),
+                                                  (passages, self.config.passage_maxlen)))
+        return tuple({key: value.to(device) for key, value in part.items() if key != "token_type_ids"}
+                     for part in encoded)
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, self.tokenizer)
 
 
 def make_loss(config: DistillConfig) -> torch.nn.Module:
@@ -50,47 +100,116 @@ def make_loss(config: DistillConfig) -> torch.nn.Module:
     if config.loss == "margin_mse":
         return MarginMSELoss()
     if config.loss == "contrastive":
-        return ContrastiveLoss(config.contrastive_temperature)
+        return ContrastiveLoss(config.contrastive_temperature, config.in_batch_negatives)
     return KLDistillationLoss(config.alpha, config.student_temperature)
 
 
-def sample_batch(batch: dict, config: DistillConfig, rng: np.random.Generator, progress: float) -> tuple[list, list, list]:
-    """Per example, nway of its ranked candidates drawn by the configured sampler: (queries, passages, scores)."""
-    queries, passages, scores = [], [], []
-    for qid, query, pids, texts, values in zip(batch["qid"], batch["query"], batch["pids"], batch["passages"],
-                                               batch["teacher_scores"]):
-        entry = build_entries(str(qid), list(pids), list(values), config.nway, rng, languages=[config.passage_lang],
-                              sampler=config.sampler, progress=progress, max_beta=config.sampling_max_beta,
-                              keep_top=config.keep_top, short_list_policy="error")[0]
-        queries.append(str(query))
-        passages.extend(str(texts[index]) for index in entry.candidate_indices)
-        scores.append(entry.teacher_scores)
-    return queries, passages, scores
+def make_entries(batch: dict, config: DistillConfig, rng: np.random.Generator, progress: float) -> list[TrainingEntry]:
+    """Per example row, its training entries: nway passages drawn by the sampler, in the languages MTD mixing
+    picks (round-robin yields one entry per language); with `positives: qrels`, a positive and nway - 1 negatives."""
+    entries: list[TrainingEntry] = []
+    for qid, pids, scores, positives in zip(batch["qid"], batch["pids"], batch["teacher_scores"], batch["positives"]):
+        pids = [str(pid) for pid in pids]
+        if config.positives == "qrels":
+            entries += build_contrastive_entries(str(qid), pids, [str(p) for p in positives], config.nway, rng,
+                                                 languages=config.passage_langs, sampler=config.sampler,
+                                                 mixing=config.mixing, progress=progress,
+                                                 max_beta=config.sampling_max_beta)
+        else:
+            entries += build_entries(str(qid), pids, list(scores), config.nway, rng, languages=config.passage_langs,
+                                     sampler=config.sampler, mixing=config.mixing, progress=progress,
+                                     max_beta=config.sampling_max_beta, keep_top=config.keep_top, top_k=config.top_k,
+                                     short_list_policy="error")
+    return entries
 
 
-def train_step(model, loss_fn, tokenizer, batch: dict, config: DistillConfig, device: torch.device,
-               rng: np.random.Generator, progress: float = 0.0) -> torch.Tensor:
-    """The loss of one batch of examples: each query with nway sampled passages and their teacher scores."""
-    queries, passages, scores = sample_batch(batch, config, rng, progress)
-    teacher = torch.as_tensor(np.asarray(scores), dtype=torch.float32, device=device)
-    student = model(_tokenize(tokenizer, queries, config.query_maxlen, device),
-                    _tokenize(tokenizer, passages, config.passage_maxlen, device))
-    return loss_fn(student) if config.loss == "contrastive" else loss_fn(student, teacher)
+def join_text(entries: list[TrainingEntry], texts: TrainingTexts) -> tuple[list[str], list[str]]:
+    """Query texts, and passage texts grouped query by query, each passage in its entry's language."""
+    queries = texts.queries([entry.qid for entry in entries])
+    wanted = [(lang, pid) for entry in entries for pid, lang in zip(entry.pids, entry.langs)]
+    passages: list[str] = [""] * len(wanted)
+    for lang in sorted({lang for lang, _ in wanted}):
+        positions = [i for i, (each, _) in enumerate(wanted) if each == lang]
+        for position, text in zip(positions, texts.passages[lang]([wanted[i][1] for i in positions])):
+            passages[position] = text
+    return queries, passages
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int, tokenizer, final: bool) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step}
-    torch.save(state, directory / STATE_FILE)
-    if final:
-        model.save_pretrained(directory / HF_DIR, tokenizer)
+def train_step(model, loss_fn, student: Student, texts: TrainingTexts, batch: dict, config: DistillConfig,
+               device: torch.device, rng: np.random.Generator, progress: float = 0.0) -> torch.Tensor:
+    """The loss of one micro-batch of example rows."""
+    entries = make_entries(batch, config, rng, progress)
+    queries, passages = join_text(entries, texts)
+    scores = model(*student.inputs(queries, passages, device), all_pairs=config.in_batch_negatives).float()
+    if config.loss == "contrastive":
+        return loss_fn(scores)
+    teacher = torch.as_tensor(np.asarray([entry.teacher_scores for entry in entries]), dtype=torch.float32,
+                              device=device)
+    return loss_fn(scores, teacher)
+
+
+class Precision:
+    """Mixed precision on GPU (bf16 autocast, or fp16 with a gradient scaler); float32 on CPU."""
+
+    def __init__(self, setting: str, device: torch.device):
+        self.dtype = None
+        if device.type == "cuda" and setting != "off":
+            bf16 = setting == "bf16" or (setting == "auto" and torch.cuda.is_bf16_supported())
+            self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.device_type = device.type
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer, parameters) -> float:
+        """Unscale, clip nothing but measure the gradient norm, and step; returns the norm."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=float("inf")))
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return norm
+
+
+def micro_batches(shard, batch_size: int, skip: int, rank: int) -> Iterator[dict]:
+    """Full batches of the worker's shard, epoch after epoch; the first `skip` are passed over (a resume)."""
+    while True:
+        count = 0
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
+            count += 1
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        if count == 0:
+            raise ValueError(f"worker {rank} got no full batch of {batch_size} examples; lower distill.batch_size or "
+                             "distill.num_workers, or train on more queries")
+
+
+def _seed_step(config: DistillConfig, rank: int, step: int, micro: int) -> np.random.Generator:
+    """The generator of one micro-batch's draws; dropout is seeded from the same key."""
+    rng = np.random.default_rng([config.seed, rank, step, micro])
+    torch.manual_seed(int(rng.integers(2**62)))
+    return rng
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train entry point: ``loop_config`` holds the DistillConfig, the student path and MLflow ids."""
+    """Ray Train entry point. ``loop_config``: the DistillConfig, the student path, the text files
+    (``texts``: queries and passages per language), ``examples_per_worker`` and the MLflow ids."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
+
+    from td_ray.distill.text import TextLookup
 
     config = DistillConfig.model_validate(loop_config["distill"])
     context = ray.train.get_context()
@@ -99,24 +218,31 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
-    tokenizer = AutoTokenizer.from_pretrained(loop_config["student"])
-    student = DualEncoder.from_pretrained(loop_config["student"], config.pooling)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
+    files = loop_config["texts"]
+    texts = TrainingTexts(TextLookup(files["queries"], "training queries"),
+                          {lang: TextLookup(path, f"passages ({lang})") for lang, path in files["passages"].items()})
+    student = Student(config, loop_config["student"])
+    optimizer = torch.optim.AdamW(student.model.parameters(), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    precision = Precision(config.mixed_precision, device)
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["model"])
+        student.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if precision.scaler and "scaler" in state:
+            precision.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         logger.info("rank %d resumed at step %d", rank, step)
-    model = ray.train.torch.prepare_model(student)
+    model = ray.train.torch.prepare_model(student.model)
     loss_fn = make_loss(config)
-    shard = ray.train.get_dataset_shard("train")
     step_logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    per_epoch = max(1, loop_config["examples_per_worker"] // config.batch_size)
+    stream = micro_batches(ray.train.get_dataset_shard("train"), config.batch_size,
+                           (step * config.grad_accum_steps) % per_epoch, rank)
 
     def report(metrics: dict[str, float], final: bool) -> None:
         # Every rank calls report (it synchronises them); only rank 0 writes the checkpoint.
@@ -124,37 +250,40 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            _save(Path(directory), student, optimizer, scheduler, step, tokenizer, final)
+            state = {"model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step}
+            if precision.scaler:
+                state["scaler"] = precision.scaler.state_dict()
+            torch.save(state, Path(directory) / STATE_FILE)
+            if final:
+                student.save(Path(directory) / HF_DIR)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     start_step = step
     metrics = {"step": float(step), "start_step": float(start_step)}
+    model.train()
     while step < config.steps:
-        batches = 0
-        for batch in shard.iter_batches(batch_size=config.batch_size, drop_last=True, batch_format="numpy"):
-            batches += 1
-            model.train()
-            # Seeded by step and rank, so a resumed run draws the same passages without saving generator state.
-            rng = np.random.default_rng([config.seed, rank, step])
-            loss = train_step(model, loss_fn, tokenizer, batch, config, device, rng, step / config.steps)
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "step": float(step), "start_step": float(start_step)}
-            if step_logger is not None:
-                step_logger.log(step, metrics)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                report(metrics, final=step == config.steps)
-            if step >= config.steps:
-                break
-        if batches == 0:
-            raise ValueError(
-                f"worker {rank} got no full batch of {config.batch_size} examples; lower distill.batch_size or "
-                "distill.num_workers, or train on more queries"
-            )
+        optimizer.zero_grad()
+        loss_sum = 0.0
+        for micro in range(config.grad_accum_steps):
+            batch = next(stream)
+            rng = _seed_step(config, rank, step, micro)
+            last = micro == config.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with precision.autocast():
+                    loss = train_step(model, loss_fn, student, texts, batch, config, device, rng,
+                                      step / config.steps) / config.grad_accum_steps
+                precision.backward(loss)
+            loss_sum += float(loss.detach())
+        grad_norm = precision.step(optimizer, model.parameters())
+        scheduler.step()
+        step += 1
+        metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "step": float(step), "start_step": float(start_step)}
+        if step_logger is not None:
+            step_logger.log(step, metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            report(metrics, final=step == config.steps)
     if checkpoint is not None and step == start_step:  # resumed a finished run: hand its model back
         report(metrics, final=True)

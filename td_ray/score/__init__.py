@@ -1,7 +1,7 @@
 """score: a teacher cross-encoder scores each training query's top-K candidates, as Ray Data actors.
 
-The teacher sees English queries with English passages (`passage_lang: en`) or with translated passages
-(a target language: the CLIR teacher). Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and
+The teacher sees English queries with English passages (`passage_lang: en`), with translated passages
+(a target language: the CLIR teacher), or translated queries with translated passages (`query_lang`). Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and
 scores only, so one English score table serves every translated language in the distill stage.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from td_ray.score.core import CrossEncoderTeacher, build_pairs, check_teacher
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
 from td_ray.sources import ingest
-from td_ray.workspace import CANDIDATES, SCORES, TRAIN_QUERIES_EN, Workspace, translated
+from td_ray.workspace import CANDIDATES, SCORES, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ def run(config: PipelineConfig) -> StageResult:
         ingest(workspace, config.data.train_queries, "queries", "train_queries")
         ingest(workspace, config.data.candidates, "candidates", "candidates")
         passages_table = translated("passages", options.passage_lang)
-        for table, columns in ((CANDIDATES, ("qid", "pid", "rank")), (TRAIN_QUERIES_EN, ("id", "text")),
+        queries_table = translated("queries", options.query_lang)
+        for table, columns in ((CANDIDATES, ("qid", "pid", "rank")), (queries_table, ("id", "text")),
                                (passages_table, ("id", "text"))):
             schemas.require_columns(workspace.read_schema(table), columns, table)
-        pairs = build_pairs(workspace.read_table(CANDIDATES), workspace.read_table(TRAIN_QUERIES_EN),
+        pairs = build_pairs(workspace.read_table(CANDIDATES), workspace.read_table(queries_table),
                             workspace.read_table(passages_table), options.top_k)
         ensure_ray(config.ray)
         blocks = [pairs.slice(start, _BLOCK_ROWS) for start in range(0, pairs.num_rows, _BLOCK_ROWS)]
@@ -73,7 +74,7 @@ def run(config: PipelineConfig) -> StageResult:
 def provenance(options: ScoreConfig) -> dict:
     """How the scores were made, stored with the table (and beside an exported score file)."""
     made = {"source": "model", "teacher": options.teacher, "teacher_revision": options.teacher_revision,
-            "teacher_kind": options.teacher_kind, "query_lang": "en", "passage_lang": options.passage_lang,
+            "teacher_kind": options.teacher_kind, "query_lang": options.query_lang, "passage_lang": options.passage_lang,
             "max_length": options.max_length, "top_k": options.top_k}
     if options.teacher_kind == "seq2seq":
         made |= {"template": options.template, "true_word": options.true_word, "false_word": options.false_word,
