@@ -15,7 +15,7 @@
 The main comparison gives each query all its candidates (``--nway``, 10); a second one uses the paper's nway
 of 6 (``--paper-nway``), where ``only_top`` shows TD only the teacher's 6 best.
 
-No Ray: a single-process loop over the library's pure functions (``build_examples``, ``train_step``,
+No Ray: a single-process loop over the library's pure functions (``rank_query``, ``train_step``,
 ``make_loss``, the samplers, ``DualEncoder``, ``CrossEncoderTeacher``, the index and evaluate helpers), which is
 what each Ray Train worker runs.
 
@@ -54,9 +54,9 @@ from td_ray.assets.demo_data import (
 )
 from td_ray.assets.tiny_models import TEACHER_TRAINING, build_tiny_models
 from td_ray.config import DistillConfig
-from td_ray.distill.data import build_examples
+from td_ray.distill.data import rank_query
 from td_ray.distill.model import DualEncoder
-from td_ray.distill.train import make_loss, train_step
+from td_ray.distill.train import Student, TrainingTexts, make_loss, train_step
 from td_ray.evaluate.core import evaluate_run, rank
 from td_ray.index.core import build_shard
 from td_ray.score.core import CrossEncoderTeacher
@@ -142,25 +142,23 @@ def score_table(teacher: CrossEncoderTeacher, queries: dict[str, str], candidate
 
 
 def td_rows(scores: pa.Table, qids: list[str], queries: dict[str, str], passages: dict[str, str]) -> list[dict]:
-    """Translate-Distill examples as the distill stage builds them: candidates best-scored first, with text."""
-    kept = scores.filter(pc.is_in(scores["qid"], pa.array(qids)))
-    examples, _ = build_examples(kept, id_text(queries), id_text(passages), nway=2, short_list_policy="error")
-    return examples.to_pylist()
-
-
-def tt_rows(qids: list[str], queries: dict[str, str], candidates: dict[str, list[str]], passages: dict[str, str],
-            positives: dict[str, str]) -> list[dict]:
-    """Translate-Train examples: the qrels positive (pseudo-score 1) and the non-relevant candidates (0).
-
-    With the ``random`` sampler and ``keep_top`` the positive stays in column 0 and nway - 1 negatives are drawn
-    uniformly at each step, which is what the contrastive loss expects.
-    """
+    """Translate-Distill examples as the distill stage builds them (candidates best-scored first), plus the query
+    and passage text the held-out measures read."""
+    kept = scores.filter(pc.is_in(scores["qid"], pa.array(qids))).sort_by("qid")
     rows = []
     for qid in qids:
-        pids = [positives[qid], *(pid for pid in candidates[qid] if pid != positives[qid])]
-        rows.append({"qid": qid, "query": queries[qid], "pids": pids, "passages": [passages[p] for p in pids],
-                     "teacher_scores": [1.0] + [0.0] * (len(pids) - 1)})
+        group = kept.filter(pc.equal(kept["qid"], qid))
+        row = {key: value[0] for key, value in rank_query({name: group[name].to_numpy(zero_copy_only=False)
+                                                            for name in ("qid", "pid", "score")}).items()}
+        rows.append(row | {"query": queries[qid], "passages": [passages[pid] for pid in row["pids"]]})
     return rows
+
+
+def tt_rows(qids: list[str], candidates: dict[str, list[str]], positives: dict[str, str]) -> list[dict]:
+    """Translate-Train examples as the distill stage builds them with ``positives: qrels``: the candidates and
+    the judged positive; each step draws the positive and nway - 1 negatives from the unjudged candidates."""
+    return [{"qid": qid, "pids": candidates[qid], "teacher_scores": [0.0] * len(candidates[qid]),
+             "positives": [positives[qid]]} for qid in qids]
 
 
 def other_topic_share(rows: list[dict], positives: dict[str, str], nway: int | None) -> float:
@@ -180,7 +178,7 @@ def batches(rows: list[dict], batch_size: int, rng: np.random.Generator):
         order = rng.permutation(len(rows))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             chosen = [rows[i] for i in order[start:start + batch_size]]
-            yield {key: [row[key] for row in chosen] for key in chosen[0]}
+            yield {key: [row[key] for row in chosen] for key in ("qid", "pids", "teacher_scores", "positives")}
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -248,9 +246,11 @@ def reciprocal_rank(pids: list[str], positive: str) -> float:
     return 1.0 / (1 + pids.index(positive))
 
 
-def train(model: DualEncoder, tokenizer, rows: list[dict], config: DistillConfig) -> list[float]:
+def train(model: DualEncoder, student_dir: Path, texts: TrainingTexts, rows: list[dict], config: DistillConfig) -> list[float]:
     """The Ray Train worker's loop in one process: AdamW, linear warm-up and decay, sampling seeded by (seed, step)."""
     torch.manual_seed(config.seed)
+    student = Student(config, str(student_dir))
+    student.model = model  # the seeded random init, not the saved weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     loss_fn = make_loss(config)
@@ -259,7 +259,8 @@ def train(model: DualEncoder, tokenizer, rows: list[dict], config: DistillConfig
     model.train()
     for step in range(config.steps):
         rng = np.random.default_rng([config.seed, 0, step])
-        loss = train_step(model, loss_fn, tokenizer, next(stream), config, torch.device("cpu"), rng, step / config.steps)
+        loss = train_step(model, loss_fn, student, texts, next(stream), config, torch.device("cpu"), rng,
+                          step / config.steps)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -269,7 +270,8 @@ def train(model: DualEncoder, tokenizer, rows: list[dict], config: DistillConfig
     return losses
 
 
-def compare(nway: int, seeds: list[int], args: argparse.Namespace, student_dir: Path, tokenizer, examples: dict,
+def compare(nway: int, seeds: list[int], args: argparse.Namespace, student_dir: Path, tokenizer, texts: TrainingTexts,
+            examples: dict,
             heldout: list[dict], evaluation: dict, before: dict[int, dict]) -> dict:
     """TD and TT students at ``nway``, per seed: the four figures, losses and training time.
 
@@ -281,13 +283,13 @@ def compare(nway: int, seeds: list[int], args: argparse.Namespace, student_dir: 
     per_seed: dict[str, list[dict]] = {"td": [], "tt": []}
     for seed in seeds:
         configs = {"td": DistillConfig(**common, seed=seed, loss="kl", sampler="only_top"),
-                   "tt": DistillConfig(**common, seed=seed, loss="contrastive", sampler="random", keep_top=True)}
+                   "tt": DistillConfig(**common, seed=seed, loss="contrastive", positives="qrels", sampler="random")}
         for name, config in configs.items():
             model = new_student(student_dir, seed, config.pooling)
             if seed not in before:
                 before[seed] = measure(model, tokenizer, heldout, evaluation, config)
             began = time.perf_counter()
-            losses = train(model, tokenizer, examples[name], config)
+            losses = train(model, student_dir, texts, examples[name], config)
             seconds = time.perf_counter() - began
             after = measure(model, tokenizer, heldout, evaluation, config)
             run = {"seed": seed, "kendall_tau_before": before[seed]["kendall_tau"],
@@ -430,15 +432,15 @@ def main() -> None:
                 "this shows its fit, not generalisation. candidate_order is the collection's lexical ranking.",
     }
 
-    examples = {"td": td_rows(scores, train_qids, queries, syn),
-                "tt": tt_rows(train_qids, queries, candidates, syn, positives)}
+    examples = {"td": td_rows(scores, train_qids, queries, syn), "tt": tt_rows(train_qids, candidates, positives)}
+    texts = TrainingTexts(lambda ids: [queries[i] for i in ids], {"syn": lambda ids: [syn[i] for i in ids]})
     tokenizer = AutoTokenizer.from_pretrained(models.student)
     before: dict[int, dict] = {}
-    comparisons = {"main": compare(args.nway, args.seeds, args, models.student, tokenizer, examples, heldout,
+    comparisons = {"main": compare(args.nway, args.seeds, args, models.student, tokenizer, texts, examples, heldout,
                                    evaluation, before)}
     if args.paper_nway:
         comparisons["paper_nway"] = compare(args.paper_nway, args.seeds[:args.paper_seeds], args, models.student,
-                                            tokenizer, examples, heldout, evaluation, before)
+                                            tokenizer, texts, examples, heldout, evaluation, before)
     shares = {"all": other_topic_share(examples["td"], positives, None),
               **{c["nway"]: other_topic_share(examples["td"], positives, c["nway"]) for c in comparisons.values()}}
 
