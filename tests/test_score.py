@@ -42,22 +42,29 @@ def test_one_finite_score_per_pair_equal_to_the_teacher_logit(pipeline_run):
     assert len(set(round(value, 4) for value in expected)) > 10  # the teacher really discriminates pairs
 
 
-def test_clir_teacher_scores_translated_passages(pipeline_run, make_workspace, ray_cluster):
+@pytest.mark.parametrize(("query_lang", "passage_lang"), [("en", "syn"), ("qaa", "qaa")])
+def test_clir_teacher_scores_translated_passages(pipeline_run, make_workspace, ray_cluster, query_lang, passage_lang):
+    """English query x translated passage, and translated x translated (the CT2 target translates queries too)."""
     config, _ = pipeline_run
-    clir = make_workspace(score={"passage_lang": "syn"})
+    clir = make_workspace(score={"passage_lang": passage_lang, "query_lang": query_lang})
     workspace = Workspace(clir.workspace)
-    # reuse the shared run's translation so only the score stage runs here
-    workspace.write_table(Workspace(config.workspace).read_table(translated("passages", "syn")), translated("passages", "syn"))
+    shared = Workspace(config.workspace)
+    # reuse the shared run's translations so only the score stage runs here
+    for kind, lang in (("passages", passage_lang), ("queries", query_lang)):
+        if lang != "en":
+            workspace.write_table(shared.read_table(translated(kind, lang)), translated(kind, lang))
     score.run(clir)
     scores = workspace.read_table(SCORES)
     first = scores.slice(0, 8)
-    queries = dict(zip(*(workspace.read_table("inputs/train_queries.parquet")[c].to_pylist() for c in ("id", "text"))))
-    syn = dict(zip(*(workspace.read_table(translated("passages", "syn"))[c].to_pylist() for c in ("id", "text"))))
+    queries = dict(zip(*(workspace.read_table(translated("queries", query_lang))[c].to_pylist() for c in ("id", "text"))))
+    passages = dict(zip(*(workspace.read_table(translated("passages", passage_lang))[c].to_pylist() for c in ("id", "text"))))
     expected = _direct_logits(clir.score.teacher, [queries[q] for q in first["qid"].to_pylist()],
-                              [syn[p] for p in first["pid"].to_pylist()], clir.score.max_length)
+                              [passages[p] for p in first["pid"].to_pylist()], clir.score.max_length)
     assert first["score"].to_pylist() == pytest.approx(expected, abs=1e-4)
-    english = Workspace(config.workspace).read_table(SCORES).slice(0, 8)
+    english = shared.read_table(SCORES).slice(0, 8)
     assert english["score"].to_pylist() != pytest.approx(first["score"].to_pylist(), abs=1e-4)
+    made = json.loads(workspace.file_metadata(SCORES)["td_ray_provenance"])
+    assert (made["query_lang"], made["passage_lang"]) == (query_lang, passage_lang)
 
 
 def test_pairs_keep_top_k_and_name_missing_text():
