@@ -1,5 +1,9 @@
 """evaluate: encode the topics, search the merged index, write a TREC run and score it with ir_measures.
 
+A ColBERT index (``index/index_meta.json`` says kind colbert) is searched ColBERTv1-style: each query token
+fetches its nearest document tokens (:func:`~td_ray.evaluate.core.hits_per_token`), and their documents are
+ranked by exact MaxSim against their token vectors, reconstructed from the index.
+
 Output: ``evaluate/run.parquet``, ``evaluate/run.trec`` and ``evaluate/per_query.parquet``; the aggregate
 metrics go to MLflow (``nDCG@20`` is stored as ``nDCG_20``) and the run file as an artifact.
 """
@@ -10,13 +14,21 @@ import time
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
+from td_ray.distill.colbert import ColBERTStudentEncoder, is_colbert
 from td_ray.distill.model import StudentEncoder
-from td_ray.evaluate.core import evaluate_run, parse_measures, rank, write_trec_run
-from td_ray.index import student_path
-from td_ray.index.core import searchable
+from td_ray.evaluate.core import (
+    evaluate_run,
+    parse_measures,
+    rank,
+    rank_colbert,
+    write_trec_run,
+)
+from td_ray.index import StaleIndexError, read_index_meta, student_path
+from td_ray.index.core import searchable, vectors_by_id
 from td_ray.result import StageResult
 from td_ray.sources import ingest
 from td_ray.workspace import (
@@ -24,15 +36,31 @@ from td_ray.workspace import (
     EVAL_QRELS,
     EVAL_TOPICS,
     FAISS_INDEX,
+    INDEX_META,
     PER_QUERY,
     RUN,
     RUN_TREC,
+    TOKEN_DOCS,
     Workspace,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_run", "run"]
+
+
+def _rank_colbert(workspace: Workspace, index: faiss.Index, model: str, docids: dict[int, str], topics, depth: int):
+    """The ColBERT run: queries padded to the student's own query_maxlen (evaluate.query_maxlen does not apply,
+    the [MASK] padding is part of the query), token vectors held in memory beside the (maybe GPU) token index."""
+    token_docs = workspace.read_table(TOKEN_DOCS, columns=["faiss_id", "tokens"]).sort_by("faiss_id")
+    offsets = np.concatenate([[0], np.cumsum(token_docs["tokens"].to_numpy().astype(np.int64))])
+    if token_docs["faiss_id"].to_pylist() != list(range(token_docs.num_rows)) or offsets[-1] != index.ntotal:
+        raise StaleIndexError(f"{TOKEN_DOCS} does not match the token index; re-run the index stage")
+    token_vectors = vectors_by_id(index)
+    queries = ColBERTStudentEncoder(model).encode_queries(topics["text"].to_pylist())
+    logger.info("evaluate: ColBERT search of %d topics over %d documents (%d tokens)",
+                topics.num_rows, token_docs.num_rows, index.ntotal)
+    return rank_colbert(searchable(index), token_vectors, offsets, docids, topics["id"].to_pylist(), queries, depth)
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -51,12 +79,24 @@ def run(config: PipelineConfig) -> StageResult:
         index_path = Path(workspace.path(FAISS_INDEX))
         if not index_path.is_file():
             raise FileNotFoundError(f"no index at {index_path}; run the index stage first")
-        index = searchable(faiss.read_index(str(index_path)))
+        index = faiss.read_index(str(index_path))
         mapping = workspace.read_table(DOC_IDS)
         docids = dict(zip(mapping["faiss_id"].to_pylist(), mapping["docid"].to_pylist()))
         topics = workspace.read_table(EVAL_TOPICS)
-        encoder = StudentEncoder(student_path(config, workspace), max_length=options.query_maxlen)
-        ranked = rank(index, docids, topics["id"].to_pylist(), encoder.encode(topics["text"].to_pylist()), options.depth)
+        model = student_path(config, workspace)
+        meta = read_index_meta(workspace)
+        if (meta["kind"] == "colbert") != is_colbert(model):
+            raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a "
+                                  f"{'colbert' if is_colbert(model) else 'dense'} student; re-run the index stage")
+        if meta["kind"] == "colbert":
+            if meta["tokens"] != index.ntotal:
+                raise StaleIndexError(f"{index_path} holds {index.ntotal} token vectors but {INDEX_META} says "
+                                      f"{meta['tokens']}; re-run the index stage")
+            ranked = _rank_colbert(workspace, index, model, docids, topics, options.depth)
+        else:
+            encoder = StudentEncoder(model, max_length=options.query_maxlen)
+            ranked = rank(searchable(index), docids, topics["id"].to_pylist(), encoder.encode(topics["text"].to_pylist()),
+                          options.depth)
         workspace.write_table(ranked, RUN, schemas.RUN)
         trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
         write_trec_run(ranked, trec_path, options.run_tag)

@@ -1,4 +1,4 @@
-"""Pure evaluation logic: rank with FAISS, write TREC runs, score with ir_measures."""
+"""Pure evaluation logic: rank with FAISS (dense, or ColBERT MaxSim), write TREC runs, score with ir_measures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from td_ray import schemas
 from td_ray.errors import TdRayError
-from td_ray.index.core import search
+from td_ray.index.core import colbert_search, search
 from td_ray.workspace import atomic_write_text
 
 
@@ -31,9 +31,31 @@ def parse_measures(names: list[str]) -> list:
     return measures
 
 
+MIN_HITS_PER_TOKEN = 64
+"""ColBERT search: fewest token hits each query token fetches, however small evaluate.depth is."""
+
+
+def hits_per_token(depth: int) -> int:
+    """Token hits per query token for a run cut at `depth`: max(depth, MIN_HITS_PER_TOKEN), as ColBERTv1's
+    end-to-end retrieval (faiss_depth 1024 for depth 1000); a config field would belong in EvaluateConfig."""
+    return max(depth, MIN_HITS_PER_TOKEN)
+
+
 def rank(index: faiss.Index, docids: dict[int, str], qids: list[str], vectors: np.ndarray, depth: int) -> pa.Table:
     """The top `depth` documents per query as a RUN table (rank 1 is best)."""
     scores, ids = search(index, vectors, depth)
+    return run_table(docids, qids, scores, ids)
+
+
+def rank_colbert(index: faiss.Index, token_vectors: np.ndarray, doc_offsets: np.ndarray, docids: dict[int, str],
+                 qids: list[str], query_vectors, depth: int) -> pa.Table:
+    """The top `depth` documents per query by exact MaxSim over the token index's candidates, as a RUN table."""
+    scores, ids = colbert_search(index, token_vectors, doc_offsets, query_vectors, depth, hits_per_token(depth))
+    return run_table(docids, qids, scores, ids)
+
+
+def run_table(docids: dict[int, str], qids: list[str], scores: np.ndarray, ids: np.ndarray) -> pa.Table:
+    """A RUN table from per-query score and id rows, best first (ids -1 are padding and dropped)."""
     rows: dict[str, list] = {"qid": [], "docid": [], "rank": [], "score": []}
     for qid, row_scores, row_ids in zip(qids, scores, ids):
         kept = [(score, docids[int(i)]) for score, i in zip(row_scores, row_ids) if i >= 0]
