@@ -194,3 +194,28 @@ def test_a_kl_gradient_step_lowers_the_loss(student_dir):
     with torch.no_grad():
         end = loss().item()
     assert end < 0.5 * start, (start, end)
+
+
+def test_a_registered_colbert_student_gives_its_token_vectors_back(student_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from td_ray.distill.colbert import ColBERTStudentEncoder
+    from td_ray.distill.registry import register_student
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    model, tokenizer = fresh(student_dir, dim=16, query_maxlen=8)
+    model.save_pretrained(tmp_path / "colbert", tokenizer)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run():
+        version = register_student(tmp_path / "colbert", "colbert-student", "candidate", {"td_ray.student_kind": "colbert"})
+    loaded = mlflow.pyfunc.load_model("models:/colbert-student@candidate")
+    direct = ColBERTStudentEncoder(tmp_path / "colbert")
+    queries = loaded.predict(["bright stone river", "lake"])
+    assert queries.shape == (2, 8, 16)
+    np.testing.assert_allclose(queries, direct.encode_queries(["bright stone river", "lake"]), atol=1e-5)
+    documents = loaded.predict(PASSAGES[0], params={"side": "document"})
+    for row, expected in zip(documents, direct.encode_documents(PASSAGES[0])):
+        np.testing.assert_allclose(row[:len(expected)], expected, atol=1e-5)
+        assert not row[len(expected):].any()  # zero padding after the document's own tokens
+    tags = mlflow.MlflowClient().get_model_version("colbert-student", version).tags
+    assert tags["td_ray.student_kind"] == "colbert"

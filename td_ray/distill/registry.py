@@ -1,4 +1,9 @@
-"""Register the distilled student in the MLflow model registry as a pyfunc that turns texts into vectors."""
+"""Register the distilled student in the MLflow model registry as a pyfunc that turns texts into vectors.
+
+A dense student returns one vector per text [n, dim]. A ColBERT-X student returns token vectors [n, length, dim]:
+queries (the default, `params={"side": "query"}`) padded with [MASK] to query_maxlen, every position scoring;
+documents (`params={"side": "document"}`) with only the tokens MaxSim uses, zero-padded to the longest.
+"""
 from __future__ import annotations
 
 import logging
@@ -16,24 +21,45 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
     """`predict` takes texts (a list, or a DataFrame whose first column holds them) and returns vectors."""
 
     def load_context(self, context) -> None:
+        from td_ray.distill.colbert import ColBERTStudentEncoder, is_colbert
         from td_ray.distill.model import StudentEncoder
 
-        self.encoder = StudentEncoder(context.artifacts["student"])
+        path = context.artifacts["student"]
+        self.colbert = is_colbert(path)
+        self.encoder = ColBERTStudentEncoder(path) if self.colbert else StudentEncoder(path)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         texts = model_input.iloc[:, 0].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
-        return self.encoder.encode([str(text) for text in texts])
+        texts = [str(text) for text in texts]
+        if not self.colbert:
+            return self.encoder.encode(texts)
+        side = (params or {}).get("side", "query")
+        if side == "query":
+            return self.encoder.encode_queries(texts)
+        if side != "document":
+            raise ValueError(f"params side must be `query` or `document`, got {side!r}")
+        documents = self.encoder.encode_documents(texts)
+        padded = np.zeros((len(documents), max((len(d) for d in documents), default=0), self.encoder.dim), np.float32)
+        for row, vectors in zip(padded, documents):
+            row[:len(vectors)] = vectors
+        return padded
 
 
 def register_student(student_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
     """Log the student into the active run, register it under `name`, point `alias` at it; returns the version."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     import td_ray
+    from td_ray.distill.colbert import is_colbert
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+    if is_colbert(student_dir):
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+                                   params=ParamSchema([ParamSpec("side", "string", "query")]))
+    else:
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "numpy", "pandas")]
     info = mlflow.pyfunc.log_model(
         name="student",
