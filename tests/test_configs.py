@@ -1,17 +1,27 @@
-"""The shipped configs: every real-run config under configs/ loads and means what it says, the demo config
-resolves `{workspace}`, and the cluster files under cluster/ are valid YAML of the right kind."""
+"""The shipped configs: every config under configs/ (paper/ and translate/ included) loads, the light configs and
+the paper's configs (configs/paper/) mean what they say, the demo config resolves `{workspace}`, and the cluster
+files under cluster/ are valid YAML of the right kind."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from td_ray.config import IrDatasetsSource, PipelineConfig, load_config
+from td_ray.config import (
+    IrDatasetsSource,
+    PipelineConfig,
+    TrecRunSource,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 CLUSTER = sorted((ROOT / "cluster").glob("*.yaml"))
 DATA_FIELDS = ("passages", "train_queries", "candidates", "eval_docs", "eval_topics", "eval_qrels")
 
@@ -34,6 +44,7 @@ def test_real_config_loads_and_follows_the_recipe(path: Path, tmp_path: Path):
     # The paper's sizes: top 50 candidates, nway 6, lr 5e-6, query 32 and passage 180 tokens, xlm-roberta-large.
     assert config.score.top_k == 50
     assert config.distill.nway == 6
+    assert config.distill.mixed_precision == "auto"
     assert config.distill.lr == pytest.approx(5e-6)
     assert (config.distill.query_maxlen, config.distill.passage_maxlen) == (32, 180)
     assert config.distill.student == "xlm-roberta-large"
@@ -63,11 +74,197 @@ def test_real_config_loads_and_follows_the_recipe(path: Path, tmp_path: Path):
     assert path.stem.startswith(f"msmarco-{lang}")
 
 
+def _header(path: Path) -> str:
+    """The comment block before the first key (every config starts with its `workspace:`)."""
+    text = path.read_text(encoding="utf-8")
+    assert "\nworkspace:" in text, path
+    header = text.split("\nworkspace:", 1)[0]
+    assert all(line.startswith("#") for line in header.splitlines()), f"{path}: the header must be comments only"
+    return header
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
-def test_real_config_says_what_it_reproduces(path: Path):
-    header = path.read_text(encoding="utf-8").split("\nworkspace:", 1)[0]
-    assert header.startswith("#") and "Translate-Distill" in header
-    assert "later issue" in header  # its limits: the paper's monoT5/mT5 teachers are not there yet
+def test_real_config_says_what_it_is(path: Path, tmp_path: Path):
+    """The light configs: a cross-encoder teacher and a dense student, and the header says so and points to the
+    paper's settings, which exist now (no "later issue" left)."""
+    header = _header(path)
+    assert "Translate-Distill" in header
+    assert "later issue" not in header and "NOT yet" not in header
+    assert "configs/paper/" in header and PAPER
+    assert "cross-encoder" in header and "ColBERT-X" in header and "mixed precision" in header
+    config = load_config(path, workspace=str(tmp_path))
+    assert config.score.teacher_kind == "cross_encoder" and config.score.import_scores is None
+    assert config.score.teacher == "cross-encoder/ms-marco-MiniLM-L6-v2"
+    assert config.distill.student_kind == "dense" and config.distill.pooling == "cls"
+    assert (config.distill.loss, config.distill.sampler) == ("kl", "only_top")
+
+
+# ------------------------------------------------------------------------------------------- every config
+def test_every_config_directory_is_collected():
+    folders = {path.parent.relative_to(ROOT / "configs").as_posix() for path in ALL_CONFIGS}
+    assert {".", "paper", "translate"} <= folders
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda path: path.relative_to(ROOT / "configs").as_posix())
+def test_every_config_validates(path: Path, tmp_path: Path):
+    config = load_config(path, workspace=str(tmp_path))
+    assert isinstance(config, PipelineConfig)
+    assert config.workspace == str(tmp_path.resolve())
+    assert "{workspace}" not in json.dumps(config.model_dump(mode="json"))
+    assert _header(path).startswith("#")
+    # A submit line in the header names this very file and the real job entry point.
+    assert f"--config {path.relative_to(ROOT).as_posix()}" in path.read_text(encoding="utf-8")
+    assert (ROOT / "jobs" / "pipeline.py").is_file()
+
+
+# ------------------------------------------------------------------------------------------ configs/paper
+LANGS = ("zh", "fa", "ru")
+CODE3 = {"zh": "zho", "fa": "fas", "ru": "rus"}
+MIXINGS = ("mix-passages", "mix-entries", "round-robin")
+TEACHERS = {"t53b": ("castorini/monot5-3b-msmarco-10k", "true", "false"),
+            "mt5xxl": ("unicamp-dl/mt5-13b-mmarco-100k", "yes", "no")}
+MONOT5_TEMPLATE = "Query: {query} Document: {document} Relevant:"
+SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\ python jobs/pipeline.py --config "
+
+
+def test_paper_configs_are_exactly_the_expected_twelve():
+    expected = {f"td-{teacher}-{lang}.yaml" for teacher in TEACHERS for lang in LANGS}
+    expected |= {f"tt-{lang}.yaml" for lang in LANGS} | {f"mtd-{mixing}.yaml" for mixing in MIXINGS}
+    assert len(expected) == 12
+    assert {path.name for path in PAPER} == expected
+
+
+def _gpu_pod_cpus() -> int:
+    """CPUs of the GPU worker pods in cluster/kuberay-rayjob.yaml, where the training workers run."""
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text(encoding="utf-8"))
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return sum(int(group["replicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               for group in groups if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"])
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda path: path.name)
+def test_paper_config_follows_the_recipe(path: Path, tmp_path: Path):
+    """What every paper config shares: PLAID-X 0.3.1's ColBERT-X student and optimiser, 8 GPUs x 8, neuMARCO."""
+    config = load_config(path, workspace=str(tmp_path))
+    distill, score = config.distill, config.score
+    assert (distill.student, distill.student_kind, distill.colbert_dim) == ("xlm-roberta-large", "colbert", 128)
+    assert distill.lr == pytest.approx(5e-6) and distill.steps == 200_000 and distill.warmup_steps == 0
+    assert distill.nway == 6 and distill.alpha == pytest.approx(1.0)
+    assert (distill.query_maxlen, distill.passage_maxlen) == (32, 180)
+    assert (config.evaluate.query_maxlen, config.index.max_length) == (32, 180)
+    assert distill.mixed_precision != "off"
+    assert 1000 <= distill.checkpoint_every <= 10_000 and distill.max_failures > 0
+    assert score.top_k == 50
+    # Runnable on a GPU cluster: 8 GPU workers x 8 queries, GPU actors, and CPUs left for Ray Data.
+    assert config.ray.address == "auto"
+    assert distill.use_gpu and (distill.num_workers, distill.batch_size, distill.grad_accum_steps) == (8, 8, 1)
+    assert distill.num_workers * distill.cpus_per_worker < _gpu_pod_cpus()
+    assert config.index.num_gpus_per_actor > 0 and config.translate.num_gpus_per_actor > 0
+    if score.teacher is not None:
+        assert score.num_gpus_per_actor > 0
+    # Training data: English MS MARCO queries, neuMARCO passages for every language the student sees.
+    for field in ("passages", "train_queries"):
+        source = getattr(config.data, field)
+        assert isinstance(source, IrDatasetsSource) and source.id == "msmarco-passage/train", field
+    targets = {target.lang: target for target in config.translate.targets}
+    assert set(targets) == set(distill.passage_langs)
+    for lang, target in targets.items():
+        assert isinstance(target.pretranslated, IrDatasetsSource) and target.model is None
+        assert target.pretranslated.id == f"neumarco/{lang}/train"
+    assert config.data.eval_docs.text_fields == ["title", "text"] and config.data.eval_topics.text_fields == ["title"]
+    assert {"nDCG@20", "AP", "R@100", "R@1000"} <= set(config.evaluate.measures) and config.evaluate.depth == 1000
+    # The header: what it reproduces, how to submit it, what differs.
+    header = _header(path)
+    words = " ".join(line.lstrip("#").strip() for line in header.splitlines())
+    assert f"{SUBMIT}configs/paper/{path.name} --workspace " in words
+    assert "What differs from the paper:" in header and "180/90" in header and "MaxP" in header
+    assert "exact token-level FAISS index" in header and "PLAID" in header
+    assert ("ECIR 2024" if path.name.startswith(("td-", "tt-")) else "SIGIR 2024") in header
+
+
+def test_paper_configs_do_not_share_a_workspace_run_or_model():
+    configs = [load_config(path) for path in PAPER]
+    for key in (lambda c: c.workspace, lambda c: c.distill.run_name, lambda c: c.mlflow.registered_model,
+                lambda c: c.evaluate.run_tag):
+        assert len({key(config) for config in configs}) == len(PAPER)
+
+
+def _published(header: str) -> set[str]:
+    """The hltcoe/tdist-msmarco-scores files a header names."""
+    return set(re.findall(r"\b(?:t53b|mt5xxl)-monot5-(?:msmarco|mmarco)-[a-z]{6}\.jsonl\.gz", header))
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+@pytest.mark.parametrize("lang", LANGS)
+def test_paper_translate_distill(teacher: str, lang: str, tmp_path: Path):
+    path = ROOT / "configs" / "paper" / f"td-{teacher}-{lang}.yaml"
+    config = load_config(path, workspace=str(tmp_path))
+    score, distill = config.score, config.distill
+    model, true_word, false_word = TEACHERS[teacher]
+    # The seq2seq teacher, its answer words (quoted in YAML: a bare yes / no would be a boolean) and template.
+    assert (score.teacher, score.teacher_kind, score.import_scores) == (model, "seq2seq", None)
+    assert (score.true_word, score.false_word, score.template) == (true_word, false_word, MONOT5_TEMPLATE)
+    # t53b scores English x English; mt5xxl scores English queries x the translated passages.
+    assert score.query_lang == "en"
+    assert score.passage_lang == ("en" if teacher == "t53b" else lang)
+    # The student: English queries x this language's passages, KL to the teacher, the nway best of the 50.
+    assert distill.passage_lang == lang and distill.passage_langs == [lang]
+    assert (distill.loss, distill.sampler, distill.positives) == ("kl", "only_top", "teacher")
+    # Candidates: a first-stage TREC run (ColBERTv2), never ir_datasets' unranked BM25 scoreddocs.
+    assert isinstance(config.data.candidates, TrecRunSource)
+    assert config.data.train_qrels is None
+    for field in ("eval_docs", "eval_topics", "eval_qrels"):
+        assert getattr(config.data, field).id == f"neuclir/1/{lang}/trec-2022", field
+    # The header names the published score file of exactly this setting, and its import swap validates.
+    header = _header(path)
+    published = f"{teacher}-monot5-msmarco-engeng.jsonl.gz" if teacher == "t53b" else \
+        f"mt5xxl-monot5-mmarco-eng{CODE3[lang]}.jsonl.gz"
+    assert _published(header) == {published}
+    assert f"hltcoe/plaidx-large-{CODE3[lang]}-tdist-{teacher}-" in header
+    swap = re.search(r"import_scores: (\{format: colbertx, path: \S+\})", header)
+    assert swap and swap.group(1).endswith(f"/{published}}}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["score"].pop("teacher")
+    raw["score"]["import_scores"] = yaml.safe_load(swap.group(1))
+    assert parse_config(raw, workspace=str(tmp_path)).score.provenance == f"import:colbertx:{published}"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_paper_translate_train(lang: str, tmp_path: Path):
+    path = ROOT / "configs" / "paper" / f"tt-{lang}.yaml"
+    config = load_config(path, workspace=str(tmp_path))
+    distill = config.distill
+    assert (distill.loss, distill.positives) == ("contrastive", "qrels")
+    assert isinstance(config.data.train_qrels, IrDatasetsSource) and config.data.train_qrels.id == "msmarco-passage/train"
+    # Negatives drawn uniformly from the candidates, so the imported scores never choose them.
+    assert distill.sampler == "random" and not distill.in_batch_negatives
+    assert distill.passage_langs == [lang]
+    source = config.score.import_scores
+    assert config.score.teacher is None and source is not None and source.format == "colbertx"
+    assert Path(source.path).name == "t53b-monot5-msmarco-engeng.jsonl.gz"
+    assert _published(_header(path)) == {Path(source.path).name}
+    for field in ("eval_docs", "eval_topics", "eval_qrels"):
+        assert getattr(config.data, field).id == f"neuclir/1/{lang}/trec-2022", field
+
+
+def test_paper_multilingual_translate_distill(tmp_path: Path):
+    mixings = []
+    for path in sorted((ROOT / "configs" / "paper").glob("mtd-*.yaml")):
+        config = load_config(path, workspace=str(tmp_path))
+        distill = config.distill
+        mixings.append(distill.mixing)
+        assert path.stem == f"mtd-{distill.mixing}"
+        assert isinstance(distill.passage_lang, list) and distill.passage_langs == list(LANGS)
+        assert (distill.loss, distill.sampler, distill.positives) == ("kl", "only_top", "teacher")
+        # The released MTD students were distilled from mT5-XXL on English x English (mt5xxl-engeng).
+        source = config.score.import_scores
+        assert config.score.teacher is None and source is not None and source.format == "colbertx"
+        assert Path(source.path).name == "mt5xxl-monot5-mmarco-engeng.jsonl.gz"
+        assert "mt5xxl-engeng" in _header(path)
+        # NeuCLIR multilingual: the one multilingual set ir_datasets has.
+        for field in ("eval_docs", "eval_topics", "eval_qrels"):
+            assert getattr(config.data, field).id == "neuclir/1/multi/trec-2023", field
+    assert sorted(mixings) == sorted(MIXINGS)  # each mode exactly once
 
 
 def test_demo_config_resolves_workspace_everywhere(tmp_path: Path):
