@@ -291,10 +291,9 @@ def ingest(workspace: Workspace, source: DataSource, role: Role, name: str, fiel
 def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> str:
     relative = f"inputs/{name}.parquet"
     fingerprint = _fingerprint(source)
-    if workspace.exists(relative):
-        if workspace.file_metadata(relative).get("td_ray_source") == fingerprint:
-            logger.info("input %s: reusing %s", name, workspace.path(relative))
-            return relative
+    if workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_source") == fingerprint:
+        logger.info("input %s: reusing %s", name, workspace.path(relative))
+        return relative
     keys = _key_columns(role)
     rows_in = iter_rows(source, role)
     policy = None

@@ -39,7 +39,7 @@ def test_one_finite_score_per_pair_equal_to_the_teacher_logit(pipeline_run):
     expected = _direct_logits(config.score.teacher, [queries[q] for q, _ in sample], [passages[p] for _, p in sample],
                               config.score.max_length)
     assert scores["score"].to_pylist()[:40] == pytest.approx(expected, abs=1e-4)
-    assert len(set(round(value, 4) for value in expected)) > 10  # the teacher really discriminates pairs
+    assert len({round(value, 4) for value in expected}) > 10  # the teacher really discriminates pairs
 
 
 @pytest.mark.parametrize(("query_lang", "passage_lang"), [("en", "syn"), ("qaa", "qaa")])
