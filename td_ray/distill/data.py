@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from td_ray import schemas
 from td_ray.distill.sampling import ShortListError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExampleFilter", "ShortListError", "rank_query", "read_positives"]
+__all__ = ["ExampleFilter", "ShortListError", "TextSource", "examples_dataset", "rank_query", "read_positives"]
 
 
 def rank_query(group: dict[str, np.ndarray], top_k: int | None = None) -> dict[str, list]:
@@ -90,11 +89,6 @@ def examples_dataset(scores_dataset, top_k: int | None):
 
     return scores_dataset.select_columns(["qid", "pid", "score"]).groupby("qid").map_groups(
         partial(rank_query, top_k=top_k), batch_format="numpy")
-
-
-def to_table(rows: list[dict]) -> pa.Table:
-    """Example rows (dicts) as an EXAMPLES table: for in-memory use (tests, the bench)."""
-    return pa.Table.from_pylist(rows, schema=schemas.EXAMPLES)
 
 
 TextSource = Callable[[list[str]], list[str]]
