@@ -1,6 +1,7 @@
 """translate: segmentation, batching, quality checks, the incremental store, and the stage on real Ray and CT2."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -219,8 +220,8 @@ def _small(make_workspace, assets_root, passages: Path | None = None, targets=No
 
 
 def _entry(result, lang, kind="passages"):
-    workspace = Workspace(str(Path(result.outputs["manifest"]).parents[2]))
-    manifest = store.read_manifests(workspace)[-1]
+    """The manifest entry this run wrote for (kind, lang)."""
+    manifest = json.loads(Path(result.outputs["manifest"]).read_text())
     return next(e for e in manifest["entries"] if e["lang"] == lang and e["kind"] == kind)
 
 
@@ -397,3 +398,10 @@ def test_a_model_with_one_shared_sentencepiece_file_is_read_like_nllb(ct2_model,
     expected, _ = translate_texts(translator, SentencePieceCodec(model_dir), texts, settings(), "qaa")
     got, _ = translate_texts(translator, SentencePieceCodec(shared), texts, settings(), "qaa")
     assert got[0].text == expected[0].text
+
+
+def test_manifests_of_runs_within_one_second_read_back_oldest_first(tmp_path):
+    workspace = Workspace(str(tmp_path))
+    for run_id in ("zz-first", "aa-second", "mm-third"):  # run ids sort the other way round
+        store.write_manifest(workspace, run_id, [])
+    assert [m["run_id"] for m in store.read_manifests(workspace)] == ["zz-first", "aa-second", "mm-third"]

@@ -17,11 +17,11 @@ No Ray here: the stage drives these functions and the actors call `commit_block`
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -193,7 +193,8 @@ def _joined_keys(ids: pa.Array, hashes: pa.Array) -> pa.Array:
 
 def write_manifest(workspace: Workspace, run_id: str, entries: list[dict]) -> str:
     """Record what one run did, per (kind, lang, model), as ``translate/manifests/<time>-<run>.json``."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # Microseconds: two runs within one second must still sort oldest first.
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     relative = f"translate/manifests/{stamp}-{run_id[:8]}.json"
     path = workspace.path(relative)
     workspace.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
