@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -12,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from td_ray import score
 from td_ray.score.core import build_pairs
 from td_ray.translate.core import ModelError
-from td_ray.workspace import SCORES, Workspace, translated
+from td_ray.workspace import RUN, RUN_TREC, SCORES, STUDENT_DIR, Workspace, translated
 
 
 def _direct_logits(model_dir: str, queries: list[str], passages: list[str], max_length: int) -> list[float]:
@@ -130,3 +132,29 @@ def test_a_colbertx_score_file_is_imported_instead_of_scoring(pipeline_run, make
     assert set(table["teacher"].to_pylist()) == {"import:colbertx:scores.jsonl.gz"}
     imported_from = json.loads(Workspace(imported.workspace).file_metadata(SCORES)["td_ray_provenance"])
     assert imported_from["format"] == "colbertx" and len(imported_from["sha256"]) == 64
+
+
+def test_td_rays_own_first_stage_run_becomes_the_candidates(pipeline_run, make_workspace, ray_cluster):
+    """First-stage retrieval by td-ray itself: index the English passages with an encoder, search the training
+    queries (index + evaluate), and hand evaluate/run.trec to the score stage as data.candidates."""
+    from td_ray import evaluate, index
+
+    config, _ = pipeline_run
+    demo = Path(config.workspace) / "demo"
+    retrieval = make_workspace(
+        data={"eval_docs": {"format": "tsv", "path": str(demo / "passages.tsv")},
+              "eval_topics": {"format": "tsv", "path": str(demo / "train_queries.tsv")},
+              "eval_qrels": {"format": "trec_qrels", "path": str(demo / "train_qrels.txt")}},
+        index={"model": Workspace(config.workspace).path(STUDENT_DIR)}, evaluate={"depth": 5})
+    index.run(retrieval)
+    evaluate.run(retrieval)
+    run = Workspace(retrieval.workspace).read_table(RUN)
+    scoring = make_workspace(data={"candidates": {"format": "trec_run",
+                                                  "path": str(Path(retrieval.workspace) / RUN_TREC)}},
+                             score={"top_k": 3})
+    score.run(scoring)
+    scores = Workspace(scoring.workspace).read_table(SCORES)
+    best_three = run.filter(pc.less_equal(run["rank"], 3))
+    assert sorted(zip(scores["qid"].to_pylist(), scores["pid"].to_pylist())) == sorted(
+        zip(best_three["qid"].to_pylist(), best_three["docid"].to_pylist()))
+    assert len(set(scores["qid"].to_pylist())) == 160  # every training query got its own top 3
