@@ -188,7 +188,8 @@ def test_in_batch_negatives_score_every_query_against_every_passage(assets_root,
     with torch.no_grad():
         own, every = student.model(*inputs), student.model(*inputs, all_pairs=True)
     assert every.shape == (2, 4)
-    torch.testing.assert_close(every[0, :2], own[0]) and torch.testing.assert_close(every[1, 2:], own[1])
+    torch.testing.assert_close(every[0, :2], own[0])
+    torch.testing.assert_close(every[1, 2:], own[1])
 
 
 def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(pipeline_run):
