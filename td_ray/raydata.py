@@ -1,9 +1,8 @@
 """Thin helpers over Ray Data shared by the stages: actor pools and streaming, atomic, exactly-once output."""
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,23 +24,6 @@ def read_table_dataset(workspace: Workspace, relative: str):
     import ray.data
 
     return ray.data.read_parquet(workspace.path(relative), filesystem=workspace.fs)
-
-
-@contextlib.contextmanager
-def sort_based_shuffle() -> Iterator[None]:
-    """Datasets made and run inside group by sorting with plain tasks instead of Ray Data's default hash
-    shuffle, whose aggregator actors cost 10-15 s to start at any data size (measured on 2 CPUs: grouping 1,600
-    rows took 13-16 s hashed, 2 s sorted)."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    context = DataContext.get_current()
-    previous = context.shuffle_strategy
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = previous
 
 
 def actor_map_args(pool: ActorPoolConfig) -> dict:

@@ -16,6 +16,7 @@ from td_ray.distill import EXAMPLES, make_trainer
 from td_ray.distill.data import (
     ExampleFilter,
     ShortListError,
+    examples_dataset,
     rank_query,
     read_positives,
 )
@@ -65,6 +66,19 @@ def test_a_query_becomes_its_candidates_best_first_cut_to_top_k():
     assert rank_query(group, top_k=2)["pids"] == [["b", "c"]]  # ties broken by pid
     with pytest.raises(ValueError, match="'q1' has a teacher score that is NaN"):
         rank_query(_group([("q1", "a", float("nan")), ("q1", "b", 1.0)]))
+
+
+def test_examples_are_grouped_by_sorting_without_changing_other_datasets(ray_cluster):
+    import ray.data
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    scores = ray.data.from_arrow(pa.table({"qid": ["q2", "q1", "q2", "q1"], "pid": ["a", "b", "c", "d"],
+                                           "score": pa.array([1.0, 2.0, 3.0, 0.5], pa.float32())}))
+    grouped = examples_dataset(scores, top_k=1)
+    assert grouped.context.shuffle_strategy == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    assert DataContext.get_current().shuffle_strategy != ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    rows = sorted(grouped.take_all(), key=lambda row: row["qid"])
+    assert [(row["qid"], list(row["pids"])) for row in rows] == [("q1", ["b"]), ("q2", ["c"])]
 
 
 def _examples(rows):

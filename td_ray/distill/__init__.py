@@ -18,7 +18,7 @@ from td_ray.distill.registry import register_student
 from td_ray.distill.text import check_coverage, export_text
 from td_ray.distill.train import HF_DIR, train_loop
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import read_table_dataset, sort_based_shuffle, write_stream
+from td_ray.raydata import read_table_dataset, write_stream
 from td_ray.result import StageResult
 from td_ray.sources import ingest
 from td_ray.workspace import (
@@ -102,9 +102,8 @@ def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, l
         schemas.require_columns(workspace.read_schema(TRAIN_QRELS), ("qid", "docid", "relevance"), TRAIN_QRELS)
         positives = read_positives(workspace.read_table(TRAIN_QRELS))
     keep = ExampleFilter(options.nway, options.short_list_policy, positives)
-    with sort_based_shuffle():
-        rows = write_stream(examples_dataset(read_table_dataset(workspace, SCORES), options.top_k), workspace,
-                            EXAMPLES, schemas.EXAMPLES, ["qid"], transform=keep)
+    rows = write_stream(examples_dataset(read_table_dataset(workspace, SCORES), options.top_k), workspace, EXAMPLES,
+                        schemas.EXAMPLES, ["qid"], transform=keep)
     keep.report()
     return rows, keep.skipped
 

@@ -72,8 +72,7 @@ class ExampleFilter:
         if problem is None:
             return True
         if self.short_list_policy == "error":
-            raise ShortListError(f"query {qid!r} has {problem}; lower distill.nway, score more candidates, or set "
-                                 "distill.short_list_policy: skip")
+            raise ShortListError.for_query(qid, problem)
         self.skipped.append(qid)
         return False
 
@@ -84,9 +83,17 @@ class ExampleFilter:
 
 
 def examples_dataset(scores_dataset, top_k: int | None):
-    """The Ray Dataset of example rows (qid, pids, teacher_scores, positives) grouped from a score dataset."""
+    """The Ray Dataset of example rows (qid, pids, teacher_scores, positives) grouped from a score dataset.
+
+    The grouping sorts with plain tasks instead of Ray Data's default hash shuffle, whose aggregator actors cost
+    10-15 s to start at any size (measured on 2 CPUs: 1,600 rows grouped in 13-16 s hashed, 2 s sorted). The
+    setting is made on this dataset's own context, which its derived datasets share.
+    """
     from functools import partial
 
+    from ray.data.context import ShuffleStrategy
+
+    scores_dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return scores_dataset.select_columns(["qid", "pid", "score"]).groupby("qid").map_groups(
         partial(rank_query, top_k=top_k), batch_format="numpy")
 
