@@ -45,7 +45,13 @@ MIXINGS: tuple[str, ...] = ("mix-passages", "mix-entries", "round-robin")
 
 
 class ShortListError(TdRayError):
-    """A query has fewer scored candidates than nway and the policy is `error`."""
+    """A query cannot fill nway passages and the policy is `error`."""
+
+    @classmethod
+    def for_query(cls, qid: str, problem: str) -> ShortListError:
+        """The error for query `qid`, which has `problem`, with the three ways out."""
+        return cls(f"query {qid!r} has {problem}; lower distill.nway, score more candidates, or set "
+                   "distill.short_list_policy: skip")
 
 
 def _check_sizes(k: int, nway: int) -> None:
@@ -176,10 +182,7 @@ def build_entries(qid: str, pids: Sequence, scores: Sequence[float], nway: int, 
         raise ValueError(f"top_k={top_k} is smaller than nway={nway}; raise top_k or lower distill.nway")
     if len(pids) < nway:
         if short_list_policy == "error":
-            raise ShortListError(
-                f"query {qid!r} has {len(pids)} scored candidates, fewer than nway={nway}; "
-                "lower distill.nway, score more candidates, or set distill.short_list_policy: skip"
-            )
+            raise ShortListError.for_query(qid, f"{len(pids)} scored candidates, fewer than nway={nway}")
         return None
     values = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(values).all():

@@ -46,9 +46,6 @@ class TextLookup:
         self.table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         self.index = pd.Index(self.table.column("id").to_numpy(zero_copy_only=False))
 
-    def __len__(self) -> int:
-        return self.table.num_rows
-
     def __call__(self, ids: Sequence[str]) -> list[str]:
         positions = self.index.get_indexer(list(ids))
         if (positions < 0).any():
