@@ -104,13 +104,18 @@ def student_path(config: PipelineConfig, workspace: Workspace) -> str:
     return str(path)
 
 
-def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expected: pa.Table) -> int:
-    """Stream one vector per document into the embeddings table; returns the document count."""
-    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
-        EncoderActor,
+def _encoded_docs(workspace: Workspace, actor: type, model: str, options: IndexConfig):
+    """The evaluation documents streamed through a pool of `actor` (one encoder each)."""
+    return read_table_dataset(workspace, EVAL_DOCS).map_batches(
+        actor,
         fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size},
         **actor_map_args(options),
     )
+
+
+def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expected: pa.Table) -> int:
+    """Stream one vector per document into the embeddings table; returns the document count."""
+    dataset = _encoded_docs(workspace, EncoderActor, model, options)
     next_id = 0
 
     def assign_ids(batch: pa.Table) -> pa.Table:
@@ -132,11 +137,7 @@ def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig, expe
     Documents are numbered in arrival order and their tokens take the next global token rows, so each
     document's rows are contiguous and ascend with its number: a token row finds its document by bisection.
     """
-    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
-        ColBERTEncoderActor,
-        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size},
-        **actor_map_args(options),
-    )
+    dataset = _encoded_docs(workspace, ColBERTEncoderActor, model, options)
     next_id = next_token = 0
 
     def assign_ids(batch: pa.Table) -> pa.Table:

@@ -1,8 +1,9 @@
 """score: a teacher cross-encoder scores each training query's top-K candidates, as Ray Data actors.
 
 The teacher sees English queries with English passages (`passage_lang: en`), with translated passages
-(a target language: the CLIR teacher), or translated queries with translated passages (`query_lang`). Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and
-scores only, so one English score table serves every translated language in the distill stage.
+(a target language: the CLIR teacher), or translated queries with translated passages (`query_lang`).
+Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and scores only, so one English score table
+serves every translated language in the distill stage.
 """
 from __future__ import annotations
 
