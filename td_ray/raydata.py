@@ -9,14 +9,10 @@ import pyarrow.compute as pc
 
 from td_ray.config import ActorPoolConfig
 from td_ray.errors import TdRayError
-from td_ray.sources import find_duplicates
+from td_ray.keys import KeyBatches
 from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-
-class ExactlyOnceError(TdRayError):
-    """A stage's output does not hold each input key exactly once; nothing was committed."""
 
 
 def read_table_dataset(workspace: Workspace, relative: str):
@@ -43,44 +39,39 @@ def actor_map_args(pool: ActorPoolConfig) -> dict:
 
 
 def write_stream(dataset, workspace: Workspace, relative: str, schema: pa.Schema, keys: list[str],
-                 expected: pa.Table | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
-                 metadata: dict[str, str] | None = None) -> int:
+                 expected: KeyBatches | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
+                 metadata: dict[str, str] | Callable[[], dict[str, str]] | None = None) -> int:
     """Stream `dataset` into one Parquet table, committed only if each key appears exactly once.
 
-    `expected` (a table of the key columns) must then match the output's keys exactly. `transform` sees each
-    batch with all its columns (to count, or to add columns) before it is cut to `schema`. `metadata` goes in
-    the file's footer.
+    `expected` (a re-readable stream of the key columns) must then match the output's keys exactly; it is
+    compared by digest, so no process holds the keys. `transform` sees each batch with all its columns (to
+    count, or to add columns) before it is cut to `schema`. `metadata` (or what it returns, called once every row
+is written) goes in the file's footer.
     """
-    rows = 0
-
-    def validate(written: pa.Table) -> None:
-        check_exactly_once(written, keys, expected, relative)
-
-    with workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys,
-                                 metadata=(lambda: metadata) if metadata else None) as writer:
+    with workspace.exactly_once_writer(relative, schema, keys, expected,
+                                       metadata=metadata if callable(metadata) or metadata is None
+                                       else lambda: metadata) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if transform is not None:
                 batch = transform(batch)
-            writer.write_table(batch.select(schema.names).cast(schema))
-            rows += batch.num_rows
-    return rows
-
-
-def check_exactly_once(written: pa.Table, keys: list[str], expected: pa.Table | None, name: str) -> None:
-    """Raise unless `written` holds each key once and, if given, exactly the keys of `expected`."""
-    duplicates = find_duplicates(written, keys)
-    if duplicates:
-        raise ExactlyOnceError(f"{name}: keys written more than once, e.g. {duplicates}")
-    if expected is None:
-        return
-    missing = expected.join(written, keys, join_type="left anti")
-    extra = written.join(expected, keys, join_type="left anti")
-    if missing.num_rows or extra.num_rows:
-        raise ExactlyOnceError(
-            f"{name}: {missing.num_rows} input key(s) missing from the output (e.g. "
-            f"{missing.slice(0, 3).to_pylist()}) and {extra.num_rows} unexpected"
-        )
+            writer.write(batch)
+    return writer.rows
 
 
 def sum_column(batch: pa.Table, column: str) -> float:
     return float(pc.sum(batch[column]).as_py() or 0)
+
+
+def in_task(function: Callable, *args, num_cpus: float = 0.5, **kwargs):
+    """Run `function` in one Ray task and return its result, so work whose memory grows with the data (an
+    export, an id check over the collection) never grows the driver. A td-ray error raised there is raised
+    here as itself, with its own message."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ray.remote(num_cpus=num_cpus)(function).remote(*args, **kwargs))
+    except RayTaskError as error:
+        if isinstance(error.cause, TdRayError):
+            raise error.cause from None
+        raise

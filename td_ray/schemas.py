@@ -63,13 +63,14 @@ EXAMPLES = pa.schema(
         ("positives", pa.list_(pa.string())),
     ]
 )
-#: index: the student's embedding of each document, with its FAISS id and shard.
+#: index: the student's embedding of each document, with its FAISS id and shard. Vector columns are large_list
+#: (64-bit offsets): a shard of 2^31 / dim rows would overflow a plain list column.
 EMBEDDINGS = pa.schema(
     [
         ("docid", pa.string()),
         ("faiss_id", pa.int64()),
         ("shard", pa.int32()),
-        ("vector", pa.list_(pa.float32())),
+        ("vector", pa.large_list(pa.float32())),
     ]
 )
 #: index, ColBERT students: each document's token vectors, flattened (``tokens`` rows of the index's dim),
@@ -82,7 +83,7 @@ TOKEN_EMBEDDINGS = pa.schema(
         ("shard", pa.int32()),
         ("first_token", pa.int64()),
         ("tokens", pa.int32()),
-        ("vectors", pa.list_(pa.float32())),
+        ("vectors", pa.large_list(pa.float32())),
     ]
 )
 #: index: FAISS stores int64 ids; this maps them back to document ids.

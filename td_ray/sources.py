@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from td_ray import schemas
 from td_ray.config import (
@@ -27,6 +28,8 @@ from td_ray.config import (
     TsvSource,
 )
 from td_ray.errors import TdRayError
+from td_ray.fingerprint import path_fingerprint
+from td_ray.keys import HashSet, key_hashes, repeated_hashes, string_hashes
 from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -167,22 +170,9 @@ def _irds_rows(source: IrDatasetsSource, role: Role) -> Iterator[tuple]:
     elif role == "qrels":
         for qrel in dataset.qrels_iter():
             yield qrel.query_id, qrel.doc_id, int(qrel.relevance)
-    else:  # scoreddocs carry scores, not ranks: rank them per query here
-        yield from _rank_scored(dataset.scoreddocs_iter())
-
-
-def _rank_scored(scored: Iterator) -> Iterator[tuple]:
-    """Rank scoreddocs per query by score (they carry no ranks, and need not arrive grouped by query).
-
-    Holds every (query, doc, score) in memory: for MS MARCO's full BM25 top-1000 prefer a TREC run file.
-    """
-    groups: dict[str, list[tuple[str, float]]] = {}
-    for item in scored:
-        groups.setdefault(item.query_id, []).append((item.doc_id, float(item.score)))
-    for query_id, group in groups.items():
-        group.sort(key=lambda pair: -pair[1])  # stable: equal scores keep the file's order
-        for rank, (doc_id, score) in enumerate(group, start=1):
-            yield query_id, doc_id, rank, score
+    else:  # scoreddocs carry scores, not ranks: `RankedCandidates` ranks them per query
+        for item in dataset.scoreddocs_iter():
+            yield item.query_id, item.doc_id, None, float(item.score)
 
 
 _READERS: dict[str, Callable[..., Iterator[tuple]]] = {
@@ -212,12 +202,15 @@ class TextPolicy:
 
     Control characters (C0 but tab and newlines, DEL and C1) become spaces: MT tokenizers map them to <unk> or
     drop them unpredictably. Counts of every change are kept for the ingest log and the table's metadata.
+    Duplicates are found after a first pass (see `ingest`), so only the few repeated ids are ever held.
     """
 
-    def __init__(self, source: DataSource, name: str):
+    def __init__(self, source: DataSource, name: str, repeated: set[str] | None = None):
         self.source, self.name = source, name
         self.repair = getattr(source, "repair", "none")
-        self.seen: set[str] | None = set() if getattr(source, "duplicates", "error") == "keep_first" else None
+        self.repeated = repeated or set()
+        """Ids known to repeat (found by a first pass): their first row is kept, the others dropped."""
+        self.seen: set[str] = set()
         self.counts = {"repaired": 0, "invalid_replaced": 0, "controls_replaced": 0, "duplicates_dropped": 0}
         if self.repair == "ftfy":
             import ftfy
@@ -227,7 +220,7 @@ class TextPolicy:
 
     def __call__(self, rows: Iterator[tuple]) -> Iterator[tuple]:
         for doc_id, text in rows:
-            if self.seen is not None:
+            if doc_id in self.repeated:
                 if doc_id in self.seen:
                     self.counts["duplicates_dropped"] += 1
                     continue
@@ -255,13 +248,58 @@ class TextPolicy:
         return {"td_ray_repair": self.repair, "td_ray_text_counts": json.dumps(self.counts)}
 
 
-def _fingerprint(source: DataSource) -> str:
-    """What identifies a source's content: its settings, and a local file's size and mtime."""
+class RankedCandidates:
+    """Candidates per query, as they stream: ranks 1..n are kept, any other ranks (0-based, constant, missing as
+    in ir_datasets' scoreddocs) are replaced by the order of the scores, best first (ties keep the file order).
+
+    Rows usually come query by query (TREC runs are written so); then only the current query's rows and the ids
+    of the queries already seen are held. A query seen again after others raises `_NotGrouped`, and `ingest`
+    reads the source again through `group_by_query`.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.finished: set[str] = set()
+        self.counts = {"queries": 0, "reranked_queries": 0}
+
+    def __call__(self, rows: Iterator[tuple]) -> Iterator[tuple]:
+        group: list[tuple] = []
+        for row in rows:
+            if group and row[0] != group[0][0]:
+                yield from self._close(group)
+                group = []
+            if not group and row[0] in self.finished:
+                raise _NotGrouped(row[0])
+            group.append(row)
+        if group:
+            yield from self._close(group)
+
+    def _close(self, group: list[tuple]) -> Iterator[tuple]:
+        qid = group[0][0]
+        self.finished.add(qid)
+        self.counts["queries"] += 1
+        pids = [row[1] for row in group]
+        if len(set(pids)) != len(pids):
+            repeated = sorted({pid for pid in pids if pids.count(pid) > 1})[:3]
+            raise SourceError(f"input {self.name!r}: query {qid!r} lists passage(s) {repeated} more than once; "
+                              "keep one line per (query, passage)")
+        if sorted(row[2] if row[2] is not None else 0 for row in group) != list(range(1, len(group) + 1)):
+            self.counts["reranked_queries"] += 1
+            order = sorted(range(len(group)), key=lambda i: -group[i][3])
+            group = [(qid, group[i][1], rank, group[i][3]) for rank, i in enumerate(order, start=1)]
+        yield from group
+
+    def metadata(self) -> dict[str, str]:
+        return {"td_ray_candidate_counts": json.dumps(self.counts)}
+
+
+def fingerprint(source: DataSource) -> str:
+    """What identifies a source's content: its settings, and the size and mtime of its file, or of every file
+    under its directory (so an edit in place in a Parquet directory is noticed)."""
     described = source.model_dump(mode="json")
     path = getattr(source, "path", None)
     if path and os.path.exists(path):
-        stat = os.stat(path)
-        described["stat"] = [stat.st_size, stat.st_mtime_ns]
+        described["stat"] = path_fingerprint(path)
     return json.dumps(described, sort_keys=True)
 
 
@@ -269,66 +307,153 @@ def _key_columns(role: Role) -> list[str]:
     return {"docs": ["id"], "queries": ["id"], "qrels": ["qid", "docid"], "candidates": ["qid", "pid"]}[role]
 
 
-def find_duplicates(table: pa.Table, keys: list[str], limit: int = 5) -> list[tuple]:
-    """Up to `limit` key values that occur more than once in `table`."""
-    counts = table.group_by(keys).aggregate([([], "count_all")])
-    repeated = counts.filter(pc.greater(counts["count_all"], 1)).slice(0, limit)
-    return list(zip(*(repeated[key].to_pylist() for key in keys)))
+class _NotGrouped(Exception):
+    """Internal: a query's candidates are not together in the source; `ingest` groups them on disk."""
+
+
+_GROUP_BUCKETS = 64
+_GROUP_SCHEMA = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("rank", pa.int64()), ("score", pa.float64()),
+                           ("order", pa.int64())])
+
+
+def group_by_query(rows: Iterator[tuple], folder: str) -> Iterator[tuple]:
+    """Candidate rows regrouped query by query, each query's rows in their source order.
+
+    The rows are spread over hash buckets of query ids in `folder`, and each bucket is read back sorted, so the
+    memory held is one bucket's rows (a 64th of the source), whatever the source's order.
+    """
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(folder, ignore_errors=True)  # buckets of a killed run
+    os.makedirs(folder)
+    paths = [os.path.join(folder, f"bucket-{i:02d}.parquet") for i in range(_GROUP_BUCKETS)]
+    writers = [pq.ParquetWriter(path, _GROUP_SCHEMA) for path in paths]
+    try:
+        buffer: list[tuple] = []
+        order = 0
+
+        def flush() -> None:
+            table = pa.Table.from_arrays([pa.array(column, type=field.type) for column, field in
+                                          zip(zip(*buffer), _GROUP_SCHEMA)], schema=_GROUP_SCHEMA)
+            bucket = string_hashes(table["qid"]) % np.uint64(_GROUP_BUCKETS)
+            for index, writer in enumerate(writers):
+                chosen = np.flatnonzero(bucket == np.uint64(index))
+                if len(chosen):
+                    writer.write_table(table.take(pa.array(chosen)))
+
+        for row in rows:
+            buffer.append((*row, order))
+            order += 1
+            if len(buffer) >= _BATCH_ROWS:
+                flush()
+                buffer = []
+        if buffer:
+            flush()
+    finally:
+        for writer in writers:
+            writer.close()
+    for path in paths:
+        table = pq.read_table(path).sort_by([("qid", "ascending"), ("order", "ascending")])
+        os.remove(path)
+        yield from zip(*(table[name].to_pylist() for name in ("qid", "pid", "rank", "score")))
+    os.rmdir(folder)
+
+
+class _Repeated(Exception):
+    """Internal: the first pass found ids that repeat; `ingest` reads the source again, keeping their first rows."""
+
+    def __init__(self, ids: set[str]):
+        super().__init__(f"{len(ids)} repeated ids")
+        self.ids = ids
 
 
 def ingest(workspace: Workspace, source: DataSource, role: Role, name: str, field: str | None = None) -> str:
     """Copy `source` into ``inputs/<name>.parquet`` (reused while the source is unchanged); returns its path.
 
     Fails on an empty source or duplicate ids, naming them and the config `field` (default ``data.<name>``),
-    before any stage uses the table; a table ingested earlier is left as it was.
+    before any stage uses the table; a table ingested earlier is left as it was. Rows stream through: the
+    duplicate check holds one 64-bit hash a row (candidates: only the current query's rows).
     """
     try:
-        return _ingest(workspace, source, role, name)
+        try:
+            return _ingest(workspace, source, role, name)
+        except _Repeated as repeated:  # duplicates: keep_first
+            return _ingest(workspace, source, role, name, repeated.ids)
+        except _NotGrouped:  # candidates that do not come query by query
+            logger.info("input %s: candidates are not grouped by query; grouping them on disk", name)
+            return _ingest(workspace, source, role, name, grouped=False)
     except SourceError as error:
         raise SourceError(f"{field or 'data.' + name}: {error}") from None
 
 
-def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str) -> str:
+def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, repeated: set[str] | None = None,
+            grouped: bool = True) -> str:
     relative = f"inputs/{name}.parquet"
-    fingerprint = _fingerprint(source)
-    if workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_source") == fingerprint:
+    identity = fingerprint(source)
+    if workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_source") == identity:
         logger.info("input %s: reusing %s", name, workspace.path(relative))
         return relative
     keys = _key_columns(role)
     rows_in = iter_rows(source, role)
-    policy = None
+    policy: TextPolicy | RankedCandidates | None = None
     if role in ("docs", "queries"):
-        policy = TextPolicy(source, name)
+        policy = TextPolicy(source, name, repeated)
+    elif role == "candidates":
+        policy = RankedCandidates(name)
+        if not grouped:
+            rows_in = group_by_query(rows_in, workspace.path(f"inputs/.{name}.groups"))
+    if policy is not None:
         rows_in = policy(rows_in)
+    hashes: list[np.ndarray] = []
+    check_keys = role != "candidates"  # candidates are checked query by query as they stream
 
-    def validate(written: pa.Table) -> None:
-        if written.num_rows == 0:
+    def validate(read) -> None:
+        if not rows:
             raise SourceError(f"input {name!r} ({source.format}) has no rows; check the source in the config")
-        duplicates = find_duplicates(written, keys)
-        if duplicates:
-            raise SourceError(
-                f"input {name!r} has duplicate {'/'.join(keys)} values, e.g. {duplicates}; "
-                "each must appear once: remove the repeated rows from the source"
-            )
+        suspects = repeated_hashes(iter(hashes)) if check_keys else np.zeros(0, np.uint64)
+        if not len(suspects):
+            return
+        counts: Counter = Counter()
+        suspected = HashSet(suspects)
+        for batch in read(keys):
+            chosen = np.flatnonzero(suspected.contains(key_hashes(batch)))
+            counts.update(zip(*(batch.column(key).take(pa.array(chosen)).to_pylist() for key in keys)))
+        duplicates = [key[0] if len(key) == 1 else key for key, count in counts.items() if count > 1]
+        if not duplicates:
+            return  # two ids shared a hash; neither repeats
+        if role in ("docs", "queries") and getattr(source, "duplicates", "error") == "keep_first":
+            raise _Repeated(set(duplicates))
+        raise SourceError(
+            f"input {name!r} has duplicate {'/'.join(keys)} values, e.g. {duplicates[:5]}; "
+            "each must appear once: remove the repeated rows from the source"
+        )
 
     rows = 0
     schema = ROLE_SCHEMAS[role]
-    temporary = workspace.atomic_writer(relative, schema, validate=validate, validate_columns=keys,
-                                        metadata=lambda: {"td_ray_source": fingerprint} | (policy.metadata() if policy else {}))
+    temporary = workspace.atomic_writer(relative, schema, validate=validate,
+                                        metadata=lambda: {"td_ray_source": identity} | (policy.metadata() if policy else {}))
     with temporary as writer:
         buffer: list[tuple] = []
         for row in rows_in:
             buffer.append(row)
             if len(buffer) >= _BATCH_ROWS:
-                writer.write_table(_to_table(buffer, schema))
-                rows += len(buffer)
+                rows += _write_rows(writer, buffer, schema, keys if check_keys else None, hashes)
                 buffer = []
         if buffer:
-            writer.write_table(_to_table(buffer, schema))
-            rows += len(buffer)
+            rows += _write_rows(writer, buffer, schema, keys if check_keys else None, hashes)
     changed = {key: value for key, value in (policy.counts if policy else {}).items() if value}
     logger.info("input %s: %d rows -> %s%s", name, rows, workspace.path(relative), f" ({changed})" if changed else "")
     return relative
+
+
+def _write_rows(writer, rows: list[tuple], schema: pa.Schema, keys: list[str] | None, hashes: list) -> int:
+    table = _to_table(rows, schema)
+    if keys is not None:
+        hashes.append(key_hashes(table, keys))
+    writer.write_table(table)
+    return table.num_rows
 
 
 def _to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:

@@ -66,7 +66,7 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     assert sorted(metric.step for metric in losses) == list(range(1, 31))  # every step logged by rank 0
 
     versions = client.search_model_versions("name='td-ray-student'")
-    assert len(versions) == 2
+    assert len(versions) == 1  # the second run trained nothing new, so registered nothing new
     current = client.get_model_version_by_alias("td-ray-student", "candidate")
     assert int(current.version) == max(int(v.version) for v in versions)
     assert current.tags["td_ray.passage_lang"] == "syn" and "cross_encoder" in current.tags["td_ray.teacher"]
@@ -81,7 +81,7 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     np.testing.assert_allclose(np.asarray(model.predict(texts)), expected, atol=1e-5)
 
 
-def test_rerun_keeps_every_id_exactly_once_and_resumes_training(demo_twice):
+def test_rerun_keeps_every_id_exactly_once_and_skips_unchanged_training(demo_twice):
     workspace, _, _ = demo_twice
     for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None),
                        ("index/docids.parquet", "docid")):
@@ -94,5 +94,7 @@ def test_rerun_keeps_every_id_exactly_once_and_resumes_training(demo_twice):
     experiment = client.get_experiment_by_name("td-ray")
     distills = client.search_runs([experiment.experiment_id], "tags.`td_ray.stage` = 'distill'",
                                   order_by=["attributes.start_time ASC"])
-    # the second run resumed the finished training from its last checkpoint instead of redoing it
-    assert [run.data.metrics["start_step"] for run in distills] == [0.0, 30.0]
+    # the second run found the same settings and tables and reused the registered student instead of training
+    assert distills[0].data.metrics["start_step"] == 0.0 and distills[0].data.metrics["steps"] == 30.0
+    assert distills[1].data.metrics["unchanged"] == 1.0
+    assert distills[1].data.metrics["model_version"] == distills[0].data.metrics["model_version"]

@@ -61,3 +61,20 @@ def test_merge_moves_every_shard_into_one_index():
     assert all(shard.ntotal == 0 for shard in shards)
     _, found = merged.search(vectors, 1)
     assert found[:, 0].tolist() == list(range(30))
+
+
+def test_vector_columns_have_64_bit_offsets_and_are_assembled_chunk_by_chunk():
+    """A shard's vectors pass 2^31 values (dense: 2^31 / dim rows; ColBERT: about 93 k documents), where a plain
+    list column's 32-bit offsets overflow; chunks are turned into numpy one by one, never concatenated in Arrow."""
+    import pyarrow as pa
+
+    from td_ray import schemas
+    from td_ray.index import vectors_of
+
+    assert schemas.EMBEDDINGS.field("vector").type == pa.large_list(pa.float32())
+    assert schemas.TOKEN_EMBEDDINGS.field("vectors").type == pa.large_list(pa.float32())
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    whole = pa.array(list(rows), pa.large_list(pa.float32()))
+    chunked = pa.chunked_array([whole.slice(0, 1), whole.slice(1, 3), whole.slice(4)])  # sliced: offsets not at 0
+    assert np.array_equal(vectors_of(chunked), rows)
+    assert np.array_equal(vectors_of(pa.chunked_array([whole.slice(1)]), dim=2), rows[1:])

@@ -5,15 +5,15 @@ import json
 import math
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from conftest import with_updates
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from td_ray import score
-from td_ray.score.core import build_pairs
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
+from td_ray.textjoin import MissingTextError
 from td_ray.workspace import RUN, RUN_TREC, SCORES, STUDENT_DIR, Workspace, translated
 
 
@@ -69,15 +69,37 @@ def test_clir_teacher_scores_translated_passages(pipeline_run, make_workspace, r
     assert (made["query_lang"], made["passage_lang"]) == (query_lang, passage_lang)
 
 
-def test_pairs_keep_top_k_and_name_missing_text():
-    candidates = pa.table({"qid": ["q1"] * 3, "pid": ["a", "b", "c"], "rank": pa.array([1, 2, 3], pa.int32()),
-                           "score": pa.array([3.0, 2.0, 1.0], pa.float32())})
-    queries = pa.table({"id": ["q1"], "text": ["query"]})
-    passages = pa.table({"id": ["a", "b", "c"], "text": ["A", "B", "C"]})
-    pairs = build_pairs(candidates, queries, passages, top_k=2)
-    assert pairs["pid"].to_pylist() == ["a", "b"] and pairs["passage"].to_pylist() == ["A", "B"]
-    with pytest.raises(ValueError, match=r"pid.*\['c'\]"):
-        build_pairs(candidates, queries, passages.slice(0, 2), top_k=3)
+def test_a_killed_run_resumes_from_its_committed_blocks_and_an_unchanged_one_is_skipped(make_workspace, ray_cluster):
+    config = make_workspace(score={"top_k": 3})
+    workspace = Workspace(config.workspace)
+    first = score.run(config)
+    scores = workspace.read_table(SCORES)
+    assert first.metrics["scored_pairs"] == scores.num_rows == first.rows
+    # a run killed after committing the blocks of the first 200 pairs: their block files, and no score table
+    key = score.inputs_key(config.score, [workspace.table_identity(table) for table in (
+        "inputs/candidates.parquet", "inputs/train_queries.parquet", "inputs/passages.parquet")])
+    workspace.commit_block(f"{score.BLOCKS}/{key}", scores.slice(0, 200), scores.schema, ["qid", "pid"])
+    Path(workspace.path(SCORES)).unlink()
+    resumed = score.run(config)
+    assert (resumed.metrics["scored_pairs"], resumed.metrics["resumed_pairs"]) == (scores.num_rows - 200, 200)
+    again = workspace.read_table(SCORES)
+    want = {(q, p): v for q, p, v in zip(*(scores[c].to_pylist() for c in ("qid", "pid", "score")))}
+    assert {(q, p): v for q, p, v in zip(*(again[c].to_pylist() for c in ("qid", "pid", "score")))} == want
+    assert not Path(workspace.path(score.BLOCKS), key).exists()  # the blocks go once the table is committed
+    made = Path(workspace.path(SCORES)).stat().st_mtime_ns
+    assert score.run(config).metrics["unchanged"] == 1.0 and Path(workspace.path(SCORES)).stat().st_mtime_ns == made
+    changed = score.run(with_updates(config, score={"top_k": 2}))  # a changed setting scores again
+    assert changed.metrics["scored_pairs"] == changed.rows == workspace.row_count(SCORES) < scores.num_rows
+
+
+def test_pairs_whose_passage_has_no_text_are_named(make_workspace, assets_root, ray_cluster, tmp_path):
+    partial = tmp_path / "passages.tsv"
+    lines = (assets_root / "demo" / "passages.tsv").read_text().splitlines()
+    partial.write_text("\n".join(lines[:-5]) + "\n")
+    config = make_workspace(data={"passages": {"format": "tsv", "path": str(partial)}})
+    with pytest.raises(MissingTextError, match=r"no text for passage '.+'.*the candidates, the training queries"):
+        score.run(config)
+    assert not Workspace(config.workspace).exists(SCORES)
 
 
 def test_teacher_with_several_labels_is_rejected(make_workspace, tmp_path, assets_root):

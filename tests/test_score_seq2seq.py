@@ -19,7 +19,7 @@ from td_ray.score.seq2seq import (
     split_template,
     token_budget_batches,
 )
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
 
 MAX_LENGTH = 48
 LONG_PASSAGE = " ".join(["Vikel gume zilok tumi bosek fozu vimes kude pesi."] * 12)

@@ -44,7 +44,7 @@ def test_duplicate_ids_fail_naming_the_id_and_keep_the_previous_table(tmp_path):
     bad.write_text("a\tone\nb\ttwo\nb\tagain\n")
     workspace = Workspace(str(tmp_path / "ws"))
     ingest(workspace, TsvSource(format="tsv", path=str(good)), "docs", "passages")
-    with pytest.raises(SourceError, match=r"duplicate id values, e.g. \[\('b',\)\]"):
+    with pytest.raises(SourceError, match=r"duplicate id values, e.g. \['b'\]"):
         ingest(workspace, TsvSource(format="tsv", path=str(bad)), "docs", "passages")
     assert workspace.read_table("inputs/passages.parquet")["id"].to_pylist() == ["a", "b"]
     assert not list((tmp_path / "ws" / "inputs").glob("*.tmp-*"))
@@ -89,8 +89,12 @@ def test_scoreddocs_are_ranked_per_query_even_when_interleaved(tmp_path):
     run.write_text("q1 Q0 a 1 1.0 x\nq2 Q0 a 1 3.0 x\nq1 Q0 b 2 5.0 x\nq2 Q0 c 2 4.0 x\n")
     dataset = ir_datasets.Dataset(TrecScoredDocs(LocalDownload(run)))
     ir_datasets.registry.register("td-ray-test/interleaved", dataset)
-    rows = list(iter_rows(IrDatasetsSource(format="ir_datasets", id="td-ray-test/interleaved"), "candidates"))
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, IrDatasetsSource(format="ir_datasets", id="td-ray-test/interleaved"), "candidates", "candidates")
+    table = workspace.read_table("inputs/candidates.parquet")
+    rows = list(zip(*(table[name].to_pylist() for name in ("qid", "pid", "rank", "score"))))
     assert sorted(rows) == [("q1", "a", 2, 1.0), ("q1", "b", 1, 5.0), ("q2", "a", 2, 3.0), ("q2", "c", 1, 4.0)]
+    assert not (tmp_path / "ws" / "inputs" / ".candidates.groups").exists()  # the grouping buckets are gone
 
 
 def test_ir_datasets_docs_queries_qrels_through_its_own_api(tmp_path):
@@ -159,3 +163,51 @@ def test_control_characters_become_spaces_and_mojibake_is_repaired_on_request(tm
     assert fixed[0].startswith("café au lait") and "déjà" in fixed[0]
     metadata = workspace.file_metadata("inputs/fixed.parquet")
     assert metadata["td_ray_repair"].startswith("ftfy ") and json.loads(metadata["td_ray_text_counts"])["repaired"] >= 1
+
+
+def _ranked(workspace):
+    table = workspace.read_table("inputs/candidates.parquet")
+    return {(q, p): r for q, p, r in zip(*(table[c].to_pylist() for c in ("qid", "pid", "rank")))}
+
+
+def test_candidate_ranks_that_are_not_1_to_n_are_replaced_by_score_order(tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text(
+        "q0 Q0 a 0 3.0 x\nq0 Q0 b 1 9.0 x\nq0 Q0 c 2 1.0 x\n"    # 0-based ranks, scores out of order
+        "q1 Q0 a 1 0.5 x\nq1 Q0 b 1 0.7 x\nq1 Q0 c 1 0.6 x\n"    # constant ranks
+        "q2 Q0 a 2 5.0 x\nq2 Q0 b 1 6.0 x\n"                     # a true ranking, listed out of order: kept
+    )
+    workspace = Workspace(str(tmp_path / "ws"))
+    ingest(workspace, TrecRunSource(format="trec_run", path=str(run)), "candidates", "candidates")
+    assert _ranked(workspace) == {("q0", "b"): 1, ("q0", "a"): 2, ("q0", "c"): 3, ("q1", "b"): 1, ("q1", "c"): 2,
+                                  ("q1", "a"): 3, ("q2", "b"): 1, ("q2", "a"): 2}
+    counts = json.loads(workspace.file_metadata("inputs/candidates.parquet")["td_ray_candidate_counts"])
+    assert counts == {"queries": 3, "reranked_queries": 2}
+
+
+def test_a_query_listing_a_passage_twice_is_refused_naming_both(tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text("q0 Q0 a 1 3.0 x\nq0 Q0 a 2 1.0 x\n")
+    with pytest.raises(SourceError, match=r"query 'q0' lists passage\(s\) \['a'\] more than once"):
+        ingest(Workspace(str(tmp_path / "ws")), TrecRunSource(format="trec_run", path=str(run)), "candidates",
+               "candidates")
+
+
+def test_an_edit_in_place_inside_a_parquet_directory_is_noticed(tmp_path):
+    import os
+
+    import pyarrow as pa
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["1"], "text": ["one"]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["2"], "text": ["two"]}), folder / "part-1.parquet")
+    workspace = Workspace(str(tmp_path / "ws"))
+    source = ParquetSource(format="parquet", path=str(folder))
+    ingest(workspace, source, "docs", "passages")
+    stat, directory = os.stat(folder / "part-1.parquet"), os.stat(folder)
+    pq.write_table(pa.table({"id": ["2"], "text": ["TWO, edited"]}), folder / "part-1.parquet")
+    os.utime(folder / "part-1.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert (os.stat(folder).st_size, os.stat(folder).st_mtime_ns) == (directory.st_size, directory.st_mtime_ns)
+    ingest(workspace, source, "docs", "passages")
+    assert workspace.read_table("inputs/passages.parquet")["text"].to_pylist() == ["one", "TWO, edited"]

@@ -6,6 +6,7 @@ under ``distill/student`` and registered in MLflow with an alias and its lineage
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -15,18 +16,20 @@ from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
 from td_ray.distill.data import ExampleFilter, examples_dataset, read_positives
 from td_ray.distill.registry import register_student
-from td_ray.distill.text import check_coverage, export_text
 from td_ray.distill.train import HF_DIR, train_loop
+from td_ray.fingerprint import digest
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import read_table_dataset, write_stream
+from td_ray.raydata import in_task, read_table_dataset, write_stream
 from td_ray.result import StageResult
 from td_ray.sources import ingest
+from td_ray.textjoin import TextLookup, check_coverage, export_text
 from td_ray.workspace import (
     SCORES,
     STUDENT_DIR,
     TRAIN_QRELS,
     TRAIN_QUERIES_EN,
     Workspace,
+    atomic_write_text,
     translated,
 )
 
@@ -40,7 +43,7 @@ DATA_CPUS = 1.0
 
 
 def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples: int, run_id: str | None,
-                 train_fn=train_loop):
+                 train_fn=train_loop, texts: dict | None = None):
     """The TorchTrainer for this config; the same run name and storage resume from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -51,7 +54,7 @@ def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples
         train_loop_config={
             "distill": options.model_dump(mode="json"),
             "student": options.student,
-            "texts": export_texts(config, workspace),
+            "texts": texts or export_texts(config, workspace),
             "examples_per_worker": examples // options.num_workers,
             "tracking_uri": tracking.tracking_uri(config),
             "run_id": run_id,
@@ -68,10 +71,11 @@ def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples
 
 
 def export_texts(config: PipelineConfig, workspace: Workspace) -> dict:
-    """The Arrow files the workers read text from: training queries, and passages per language."""
-    folder = workspace.local_dir("distill/text")
-    return {"queries": str(export_text(workspace, TRAIN_QUERIES_EN, folder / "queries.en.arrow")),
-            "passages": {lang: str(export_text(workspace, translated("passages", lang), folder / f"passages.{lang}.arrow"))
+    """The lookup files the workers read text from: training queries, and passages per language (exported in Ray
+    tasks, once per table version, and shared with the score stage)."""
+    folder = workspace.local_dir("text")
+    return {"queries": str(in_task(export_text, workspace, TRAIN_QUERIES_EN, folder)),
+            "passages": {lang: str(in_task(export_text, workspace, translated("passages", lang), folder))
                          for lang in config.distill.passage_langs}}
 
 
@@ -98,7 +102,6 @@ def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, l
     options = config.distill
     positives = None
     if options.positives == "qrels":
-        ingest(workspace, config.data.train_qrels, "qrels", "train_qrels")
         schemas.require_columns(workspace.read_schema(TRAIN_QRELS), ("qid", "docid", "relevance"), TRAIN_QRELS)
         positives = read_positives(workspace.read_table(TRAIN_QRELS))
     keep = ExampleFilter(options.nway, options.short_list_policy, positives)
@@ -108,15 +111,19 @@ def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, l
     return rows, keep.skipped
 
 
-def check_texts(config: PipelineConfig, workspace: Workspace) -> None:
-    """Every query and candidate (and qrels positive) of the examples has its text, in every passage language."""
-    queries = workspace.read_table(TRAIN_QUERIES_EN, columns=["id"])["id"].combine_chunks()
-    check_coverage(workspace, EXAMPLES, "qid", queries, "training queries",
+def check_texts(config: PipelineConfig, workspace: Workspace, texts: dict) -> None:
+    """Every query and candidate (and qrels positive) of the examples has its text, in every passage language;
+    checked in a Ray task against the exported lookups, so the driver reads no text."""
+    in_task(_check_texts, workspace, texts, config.distill.passage_langs)
+
+
+def _check_texts(workspace: Workspace, texts: dict, langs: list[str]) -> None:
+    check_coverage(workspace, EXAMPLES, "qid", TextLookup(texts["queries"], "training queries"),
                    "the score table and the training queries must come from the same collection")
-    for lang in config.distill.passage_langs:
-        ids = workspace.read_table(translated("passages", lang), columns=["id"])["id"].combine_chunks()
+    for lang in langs:
+        lookup = TextLookup(texts["passages"][lang], f"passages ({lang})")
         for column in ("pids", "positives"):
-            check_coverage(workspace, EXAMPLES, column, ids, f"passages ({lang})",
+            check_coverage(workspace, EXAMPLES, column, lookup,
                            f"translate those passages into {lang} first (translate.targets)")
 
 
@@ -130,39 +137,91 @@ def _replace_dir(source: Path, target: Path) -> None:
     temporary.rename(target)
 
 
+TRAINED_FILE = "td_ray_trained.json"
+"""Beside the saved student: the training identity it was made from and the registry version it became."""
+
+
+def training_key(config: PipelineConfig, workspace: Workspace) -> str:
+    """What determines the trained student: the distill settings that change training, and the identity of every
+    table it reads (scores, queries, passages per language, qrels)."""
+    options = config.distill
+    tables = [SCORES, TRAIN_QUERIES_EN] + [translated("passages", lang) for lang in options.passage_langs]
+    if options.positives == "qrels":
+        tables.append(TRAIN_QRELS)
+    return digest(options.model_dump(mode="json", exclude={"max_failures"}),
+                  [workspace.table_identity(table) for table in tables])
+
+
+def _registered(config: PipelineConfig, student_dir: Path, key: str) -> str | None:
+    """The registry version of a student already trained from `key`, if it is still registered."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    marker = student_dir / TRAINED_FILE
+    if not marker.is_file():
+        return None
+    trained = json.loads(marker.read_text(encoding="utf-8"))
+    if trained.get("key") != key or trained.get("model") != config.mlflow.registered_model:
+        return None
+    try:
+        mlflow.MlflowClient().get_model_version(config.mlflow.registered_model, trained["version"])
+    except MlflowException:
+        return None
+    return trained["version"]
+
+
 def run(config: PipelineConfig) -> StageResult:
-    """Build the examples, train with Ray Train, save and register the student."""
+    """Build the examples, train with Ray Train, save and register the student.
+
+    A student already trained and registered from the same settings and tables is reused, and the stage says so.
+    """
     started = time.perf_counter()
     options = config.distill
     workspace = Workspace(config.workspace)
     with tracking.stage_run(config, "distill") as run_id:
+        workspace.remove_temporaries("inputs", "distill", "text")
+        if options.positives == "qrels":
+            ingest(workspace, config.data.train_qrels, "qrels", "train_qrels")
         required = [(SCORES, ("qid", "pid", "score")), (TRAIN_QUERIES_EN, ("id", "text"))]
         required += [(translated("passages", lang), ("id", "text")) for lang in options.passage_langs]
         for table, columns in required:
             schemas.require_columns(workspace.read_schema(table), columns, table)
+        student_dir = Path(workspace.path(STUDENT_DIR))
+        model = f"models:/{config.mlflow.registered_model}@{config.mlflow.alias}"
+        key = training_key(config, workspace)
+        version = _registered(config, student_dir, key)
+        if version is not None:
+            logger.info("distill: unchanged (settings, scores, queries and passages): the student in %s is "
+                        "%s version %s", student_dir, config.mlflow.registered_model, version)
+            stage = StageResult("distill", 0, time.perf_counter() - started, {"student": str(student_dir), "model": model},
+                                {"model_version": float(version), "unchanged": 1.0}, run_id)
+            tracking.log_result(stage)
+            return stage
         ensure_ray(config.ray)
         check_free_cpus(config)
         examples, skipped = build_examples(config, workspace)
         if examples < options.batch_size * options.num_workers:
             raise ValueError(f"only {examples} training examples for batch_size {options.batch_size} x "
                              f"{options.num_workers} workers; lower them or score more queries")
-        check_texts(config, workspace)
-        result = make_trainer(config, workspace, read_table_dataset(workspace, EXAMPLES), examples, run_id).fit()
+        texts = export_texts(config, workspace)
+        check_texts(config, workspace, texts)
+        result = make_trainer(config, workspace, read_table_dataset(workspace, EXAMPLES), examples, run_id,
+                              texts=texts).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
-        student_dir = Path(workspace.path(STUDENT_DIR))
         with result.checkpoint.as_directory() as directory:
             _replace_dir(Path(directory) / HF_DIR, student_dir)
         version = register_student(student_dir, config.mlflow.registered_model, config.mlflow.alias,
                                    lineage(config))
+        atomic_write_text(student_dir / TRAINED_FILE, json.dumps(
+            {"key": key, "model": config.mlflow.registered_model, "version": version}))
         metrics = {"steps": float(result.metrics.get("step", 0)),
                    "start_step": float(result.metrics.get("start_step", 0)),
                    "examples": float(examples), "skipped_queries": float(len(skipped)), "model_version": float(version)}
         if "loss" in result.metrics:  # absent when a finished run was resumed and trained no further
             metrics["final_loss"] = float(result.metrics["loss"])
         stage = StageResult("distill", examples, time.perf_counter() - started,
-                            {"student": str(student_dir), "model": f"models:/{config.mlflow.registered_model}@{config.mlflow.alias}"},
-                            metrics, run_id)
+                            {"student": str(student_dir), "model": model}, metrics, run_id)
         tracking.log_result(stage)
     logger.info(stage.summary())
     return stage

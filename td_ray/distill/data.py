@@ -2,7 +2,7 @@
 
 Ray Data groups the score table by query on the cluster and the driver streams the groups into
 ``distill/examples.parquet`` one batch at a time, so no process holds every example. Text is joined in the
-training workers (:mod:`td_ray.distill.text`), in whichever language(s) the config names: one English score table
+training workers (:mod:`td_ray.textjoin`), in whichever language(s) the config names: one English score table
 serves every translation, which is the heart of Translate-Distill.
 """
 from __future__ import annotations
@@ -99,4 +99,4 @@ def examples_dataset(scores_dataset, top_k: int | None):
 
 
 TextSource = Callable[[list[str]], list[str]]
-"""Texts for ids, in order: a :class:`td_ray.distill.text.TextLookup`, or any function doing the same."""
+"""Texts for ids, in order: a :class:`td_ray.textjoin.TextLookup`, or any function doing the same."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
 

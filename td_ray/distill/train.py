@@ -209,7 +209,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from transformers import get_linear_schedule_with_warmup
 
-    from td_ray.distill.text import TextLookup
+    from td_ray.textjoin import TextLookup
 
     config = DistillConfig.model_validate(loop_config["distill"])
     context = ray.train.get_context()

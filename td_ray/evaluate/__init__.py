@@ -9,6 +9,7 @@ metrics go to MLflow (``nDCG@20`` is stored as ``nDCG_20``) and the run file as 
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
+from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.distill.colbert import ColBERTStudentEncoder, is_colbert
 from td_ray.distill.model import StudentEncoder
 from td_ray.evaluate.core import (
@@ -72,6 +74,7 @@ def run(config: PipelineConfig) -> StageResult:
     parse_measures(options.measures)
     workspace = Workspace(config.workspace)
     with tracking.stage_run(config, "evaluate") as run_id:
+        workspace.remove_temporaries("inputs", "evaluate")
         ingest(workspace, config.data.eval_topics, "queries", "eval_topics")
         ingest(workspace, config.data.eval_qrels, "qrels", "eval_qrels")
         for table, columns in ((EVAL_TOPICS, ("id", "text")), (EVAL_QRELS, ("qid", "docid", "relevance")), (DOC_IDS, ("faiss_id", "docid"))):
@@ -79,12 +82,26 @@ def run(config: PipelineConfig) -> StageResult:
         index_path = Path(workspace.path(FAISS_INDEX))
         if not index_path.is_file():
             raise FileNotFoundError(f"no index at {index_path}; run the index stage first")
+        model = student_path(config, workspace)
+        meta = read_index_meta(workspace)
+        key = digest(meta.get("key"), path_fingerprint(index_path), model, path_fingerprint(model),
+                     workspace.table_identity(EVAL_TOPICS), workspace.table_identity(EVAL_QRELS),
+                     options.model_dump(mode="json"))
+        trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
+        outputs = {"run": str(trec_path), "per_query": workspace.path(PER_QUERY)}
+        if workspace.exists(RUN) and workspace.file_metadata(RUN).get("td_ray_inputs") == key and trec_path.is_file():
+            metrics = json.loads(workspace.file_metadata(RUN)["td_ray_metrics"])
+            logger.info("evaluate: unchanged (index, topics, qrels and settings), run reused from %s: %s",
+                        trec_path, metrics)
+            mlflow.log_artifact(str(trec_path))
+            result = StageResult("evaluate", workspace.row_count(EVAL_TOPICS), time.perf_counter() - started,
+                                 outputs, metrics, run_id)
+            tracking.log_result(result)
+            return result
         index = faiss.read_index(str(index_path))
         mapping = workspace.read_table(DOC_IDS)
         docids = dict(zip(mapping["faiss_id"].to_pylist(), mapping["docid"].to_pylist()))
         topics = workspace.read_table(EVAL_TOPICS)
-        model = student_path(config, workspace)
-        meta = read_index_meta(workspace)
         if (meta["kind"] == "colbert") != is_colbert(model):
             raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a "
                                   f"{'colbert' if is_colbert(model) else 'dense'} student; re-run the index stage")
@@ -97,14 +114,13 @@ def run(config: PipelineConfig) -> StageResult:
             encoder = StudentEncoder(model, max_length=options.query_maxlen)
             ranked = rank(searchable(index), docids, topics["id"].to_pylist(), encoder.encode(topics["text"].to_pylist()),
                           options.depth)
-        workspace.write_table(ranked, RUN, schemas.RUN)
-        trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
         write_trec_run(ranked, trec_path, options.run_tag)
         metrics, per_query = evaluate_run(ranked, workspace.read_table(EVAL_QRELS), options.measures)
         workspace.write_table(per_query, PER_QUERY)
+        workspace.write_table(ranked, RUN, schemas.RUN,
+                              metadata={"td_ray_inputs": key, "td_ray_metrics": json.dumps(metrics)})
         mlflow.log_artifact(str(trec_path))
-        result = StageResult("evaluate", topics.num_rows, time.perf_counter() - started,
-                             {"run": str(trec_path), "per_query": workspace.path(PER_QUERY)}, metrics, run_id)
+        result = StageResult("evaluate", topics.num_rows, time.perf_counter() - started, outputs, metrics, run_id)
         tracking.log_result(result)
     logger.info(result.summary())
     return result

@@ -26,13 +26,15 @@ from td_ray import schemas, tracking
 from td_ray.config import IndexConfig, PipelineConfig
 from td_ray.distill.colbert import ColBERTSpec, is_colbert
 from td_ray.errors import TdRayError
+from td_ray.fingerprint import digest, path_fingerprint
+from td_ray.keys import KeyBatches
 from td_ray.index.actor import INPUT_COLUMNS, ColBERTEncoderActor, EncoderActor
 from td_ray.index.core import build_shard, merge_shards, stored_ids
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, read_table_dataset, write_stream
 from td_ray.result import StageResult
 from td_ray.sources import ingest
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
 from td_ray.workspace import (
     DOC_IDS,
     EMBEDDINGS,
@@ -55,12 +57,19 @@ class StaleIndexError(TdRayError):
     """The saved index does not match the student searching it, or its own tables: re-run the index stage."""
 
 
-def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A [rows, dim] float32 array from a vector column (Arrow lists or Ray's tensor extension type)."""
-    column = column.combine_chunks()
-    if isinstance(column.type, pa.ExtensionType):
-        return np.asarray(column.to_numpy(), dtype=np.float32)
-    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1)
+def vectors_of(column: pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """A [rows, dim] float32 array from a vector column (Arrow lists or Ray's tensor extension type), assembled
+    chunk by chunk: the chunks are never concatenated into one Arrow array, whose 32-bit list offsets would
+    overflow past 2^31 values. `dim` defaults to the values per row."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if not chunks:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    if isinstance(chunks[0].type, pa.ExtensionType):
+        parts = [np.asarray(chunk.to_numpy(), dtype=np.float32) for chunk in chunks]
+    else:
+        parts = [np.asarray(chunk.flatten(), dtype=np.float32) for chunk in chunks]
+    flat = np.concatenate([part.reshape(-1) for part in parts])
+    return flat.reshape(-1, dim or flat.size // max(len(column), 1))
 
 
 def _shard_index_bytes(workspace_uri: str, shard: int) -> np.ndarray:
@@ -81,7 +90,7 @@ def _token_shard_index_bytes(workspace_uri: str, shard: int, dim: int) -> np.nda
     tokens = table["tokens"].to_numpy().astype(np.int64)
     first = table["first_token"].to_numpy()
     ids = np.arange(tokens.sum(), dtype=np.int64) + np.repeat(first - (np.cumsum(tokens) - tokens), tokens)
-    vectors = np.asarray(table["vectors"].combine_chunks().flatten(), dtype=np.float32).reshape(-1, dim)
+    vectors = vectors_of(table["vectors"], dim)
     return faiss.serialize_index(build_shard(vectors, ids) if len(ids) else faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
 
@@ -113,7 +122,7 @@ def _encoded_docs(workspace: Workspace, actor: type, model: str, options: IndexC
     )
 
 
-def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expected: pa.Table) -> int:
+def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expected: KeyBatches) -> int:
     """Stream one vector per document into the embeddings table; returns the document count."""
     dataset = _encoded_docs(workspace, EncoderActor, model, options)
     next_id = 0
@@ -125,13 +134,15 @@ def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expect
         vectors = vectors_of(batch["vector"])
         return pa.table({
             "docid": batch["docid"], "faiss_id": ids, "shard": (ids % options.num_shards).astype(np.int32),
-            "vector": pa.array(list(vectors), type=pa.list_(pa.float32())),
+            "vector": pa.LargeListArray.from_arrays(np.arange(0, vectors.size + 1, max(vectors.shape[1], 1)),
+                                                    vectors.reshape(-1)),
         })
 
     return write_stream(dataset, workspace, EMBEDDINGS, schemas.EMBEDDINGS, ["docid"], expected, transform=assign_ids)
 
 
-def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig, expected: pa.Table) -> tuple[int, int]:
+def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig,
+                    expected: KeyBatches) -> tuple[int, int]:
     """Stream each document's token vectors into the token embeddings table; returns (documents, tokens).
 
     Documents are numbered in arrival order and their tokens take the next global token rows, so each
@@ -175,11 +186,22 @@ def run(config: PipelineConfig) -> StageResult:
     options = config.index
     workspace = Workspace(config.workspace)
     with tracking.stage_run(config, "index") as run_id:
+        workspace.remove_temporaries("inputs", "index")
         ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
         schemas.require_columns(workspace.read_schema(EVAL_DOCS), INPUT_COLUMNS, EVAL_DOCS)
         model = student_path(config, workspace)
+        key = digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model),
+                     options.model_dump(mode="json", include={"num_shards", "max_length"}))
+        meta = read_index_meta(workspace)
+        if meta.get("key") == key and Path(workspace.path(FAISS_INDEX)).is_file():
+            logger.info("index: unchanged (documents, student and settings), %s reused", workspace.path(FAISS_INDEX))
+            result = StageResult("index", int(meta["docs"]), time.perf_counter() - started,
+                                 {"index": workspace.path(FAISS_INDEX), "docids": workspace.path(DOC_IDS)},
+                                 {"dim": float(meta["dim"]), "unchanged": 1.0}, run_id)
+            tracking.log_result(result)
+            return result
         ensure_ray(config.ray)
-        expected = workspace.read_table(EVAL_DOCS, columns=["id"]).rename_columns(["docid"])
+        expected = workspace.key_batches(EVAL_DOCS, ["id"])
         colbert = is_colbert(model)
         if colbert:
             dim = ColBERTSpec.load(model).dim
@@ -210,7 +232,8 @@ def run(config: PipelineConfig) -> StageResult:
         else:
             source = EMBEDDINGS
         workspace.write_table(workspace.read_table(source, columns=["faiss_id", "docid"]), DOC_IDS, schemas.DOC_IDS)
-        meta = {"kind": "colbert" if colbert else "dense", "dim": dim, "docs": rows, "tokens": tokens, "model": model}
+        meta = {"kind": "colbert" if colbert else "dense", "dim": dim, "docs": rows, "tokens": tokens, "model": model,
+                "key": key}
         atomic_write_text(Path(workspace.path(INDEX_META)), json.dumps(meta, indent=1) + "\n")
         result = StageResult("index", rows, time.perf_counter() - started, outputs,
                              metrics | {f"shard_{i}_size": float(n) for i, n in enumerate(shard_sizes)}, run_id)

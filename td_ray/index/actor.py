@@ -27,7 +27,8 @@ class EncoderActor:
 
 class ColBERTEncoderActor:
     """Encodes batches of ``{id, text}`` into ``{docid, tokens, vectors}``: the ColBERT student's vectors of the
-    tokens MaxSim uses, flattened, as an Arrow list column (documents differ in length)."""
+    tokens MaxSim uses, flattened, as an Arrow large_list column (64-bit offsets: a shard's tokens x dim pass
+    2^31 values at about 93 k documents)."""
 
     def __init__(self, model: str, max_length: int, batch_size: int):
         from td_ray.distill.colbert import ColBERTStudentEncoder
@@ -37,10 +38,10 @@ class ColBERTEncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         documents = self.encoder.encode_documents(_texts(batch))
         tokens = np.array([len(vectors) for vectors in documents], dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(tokens.astype(np.int64) * self.encoder.dim)]).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum(tokens.astype(np.int64) * self.encoder.dim)])
         values = np.concatenate([vectors.reshape(-1) for vectors in documents]) if documents else np.zeros(0)
         return pa.table({
             "docid": pa.array(list(batch["id"]), type=pa.string()),
             "tokens": tokens,
-            "vectors": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.float32))),
+            "vectors": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.float32))),
         })

@@ -3,7 +3,8 @@
 The teacher sees English queries with English passages (`passage_lang: en`), with translated passages
 (a target language: the CLIR teacher), or translated queries with translated passages (`query_lang`).
 Output: ``score/scores.parquet`` (qid, pid, score, teacher), ids and scores only, so one English score table
-serves every translated language in the distill stage.
+serves every translated language in the distill stage. The driver handles ids only: texts are looked up in the
+actors, and the work list, the resume and the exactly-once check stream (see `run`).
 """
 from __future__ import annotations
 
@@ -11,29 +12,69 @@ import json
 import logging
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig, ScoreConfig
+from td_ray.fingerprint import digest, path_fingerprint
+from td_ray.keys import HashSet, key_hashes
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import actor_map_args, write_stream
+from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
 from td_ray.score.actor import TeacherActor
-from td_ray.score.core import CrossEncoderTeacher, build_pairs, check_teacher
+from td_ray.score.core import CrossEncoderTeacher, check_teacher
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
 from td_ray.sources import ingest
+from td_ray.textjoin import MissingTextError, export_text
 from td_ray.workspace import CANDIDATES, SCORES, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "run"]
 
-_BLOCK_ROWS = 2048
+BLOCKS = "score/blocks"
+"""Scored blocks of an unfinished run, one directory per inputs-and-settings fingerprint: the unit of resume."""
+TODO = "score/todo.parquet"
+"""This run's work list: the (qid, pid) pairs no committed block holds."""
+_TODO_ROW_GROUP = 8192
+
+
+def inputs_key(options: ScoreConfig, identities: list) -> str:
+    """What the scores depend on: the teacher and its settings, and the identity of every table read (candidates,
+    queries, passages: `Workspace.table_identity`). It names the block directory of a run, so a run resumes
+    only blocks made from the same inputs."""
+    return digest(provenance(options), identities)
+
+
+def _kept_candidates(workspace: Workspace, top_k: int):
+    """A re-readable stream of the (qid, pid) pairs to score: each query's candidates ranked within `top_k`."""
+    def batches():
+        for batch in workspace.iter_batches(CANDIDATES, ["qid", "pid", "rank"]):
+            yield batch.filter(pc.less_equal(batch.column(2), top_k)).select([0, 1])
+    return batches
+
+
+def _write_todo(workspace: Workspace, pairs, committed: HashSet) -> int:
+    """The pairs no committed block holds, as the work list Ray Data reads; returns its rows."""
+    rows = 0
+    with workspace.atomic_writer(TODO, pa.schema([("qid", pa.string()), ("pid", pa.string())])) as writer:
+        for batch in pairs():
+            todo = batch.filter(pa.array(~committed.contains(key_hashes(batch))))
+            if todo.num_rows:
+                writer.write_table(pa.Table.from_batches([todo]), row_group_size=_TODO_ROW_GROUP)
+                rows += todo.num_rows
+    return rows
 
 
 def run(config: PipelineConfig) -> StageResult:
-    """Score every (query, candidate) pair once with the configured teacher."""
-    import ray.data
+    """Score every (query, candidate) pair once with the configured teacher.
 
+    Pairs stream as ids; each actor looks their texts up (memory-mapped, shared per node), scores them and
+    commits its block, so a killed run resumes with the blocks it had committed. The final table is written
+    from the blocks and checked to hold every pair exactly once. Unchanged inputs and settings skip the stage.
+    """
     started = time.perf_counter()
     options = config.score
     workspace = Workspace(config.workspace)
@@ -46,6 +87,7 @@ def run(config: PipelineConfig) -> StageResult:
     else:
         check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
     with tracking.stage_run(config, "score") as run_id:
+        workspace.remove_temporaries("inputs", "score", "text")
         ingest(workspace, config.data.passages, "docs", "passages")
         ingest(workspace, config.data.train_queries, "queries", "train_queries")
         ingest(workspace, config.data.candidates, "candidates", "candidates")
@@ -54,22 +96,70 @@ def run(config: PipelineConfig) -> StageResult:
         for table, columns in ((CANDIDATES, ("qid", "pid", "rank")), (queries_table, ("id", "text")),
                                (passages_table, ("id", "text"))):
             schemas.require_columns(workspace.read_schema(table), columns, table)
-        pairs = build_pairs(workspace.read_table(CANDIDATES), workspace.read_table(queries_table),
-                            workspace.read_table(passages_table), options.top_k)
-        ensure_ray(config.ray)
-        blocks = [pairs.slice(start, _BLOCK_ROWS) for start in range(0, pairs.num_rows, _BLOCK_ROWS)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
-            TeacherActor,
-            fn_constructor_kwargs={"options": options},
-            **actor_map_args(options),
-        )
-        rows = write_stream(dataset, workspace, SCORES, schemas.SCORES, ["qid", "pid"], pairs.select(["qid", "pid"]),
-                            metadata={"td_ray_provenance": json.dumps(provenance(options))})
-        result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
-                             {"queries": float(len(set(pairs["qid"].to_pylist())))}, run_id)
+        key = inputs_key(options, [workspace.table_identity(table) for table in (CANDIDATES, queries_table,
+                                                                                  passages_table)])
+        if workspace.exists(SCORES) and workspace.file_metadata(SCORES).get("td_ray_inputs") == key:
+            rows = workspace.row_count(SCORES)
+            logger.info("score: unchanged (teacher, settings, candidates and texts), %d scores reused from %s",
+                        rows, workspace.path(SCORES))
+            result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
+                                 {"unchanged": 1.0}, run_id)
+            tracking.log_result(result)
+            return result
+        directory = f"{BLOCKS}/{key}"
+        pairs = _kept_candidates(workspace, options.top_k)
+        todo = _write_todo(workspace, pairs, HashSet.of(_block_keys(workspace, directory)))
+        scored = _score_todo(config, workspace, directory, queries_table, passages_table, todo) if todo else {}
+        workspace.fs.delete_file(workspace.path(TODO))
+        metadata = {"td_ray_provenance": json.dumps(provenance(options)), "td_ray_inputs": key}
+        with workspace.exactly_once_writer(SCORES, schemas.SCORES, ["qid", "pid"], expected=pairs,
+                                           metadata=lambda: metadata) as writer:
+            for batch in _block_batches(workspace, directory):
+                writer.write(batch)
+        workspace.fs.delete_dir(workspace.path(directory))
+        result = StageResult("score", writer.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
+                             {"scored_pairs": float(todo), "resumed_pairs": float(writer.rows - todo)} | scored,
+                             run_id)
         tracking.log_result(result)
     logger.info(result.summary())
     return result
+
+
+def _block_batches(workspace: Workspace, directory: str, columns: list[str] | None = None):
+    for name in workspace.block_names(directory):
+        yield from workspace.iter_batches(f"{directory}/{name}", columns)
+
+
+def _block_keys(workspace: Workspace, directory: str):
+    return _block_batches(workspace, directory, ["qid", "pid"])
+
+
+def _score_todo(config: PipelineConfig, workspace: Workspace, directory: str, queries_table: str,
+                passages_table: str, todo: int) -> dict[str, float]:
+    """Run the teacher actors over the work list; returns the teacher's throughput."""
+    options = config.score
+    ensure_ray(config.ray)
+    folder = workspace.local_dir("text")
+    lookups = {name: in_task(export_text, workspace, table, folder)
+               for name, table in (("queries", queries_table), ("passages", passages_table))}
+    logger.info("score: %d pairs to score with %s", todo, options.teacher)
+    dataset = read_table_dataset(workspace, TODO).map_batches(
+        TeacherActor, batch_format="pyarrow",
+        fn_constructor_kwargs={"options": options, "queries": str(lookups["queries"]),
+                               "passages": str(lookups["passages"]), "workspace": workspace.uri,
+                               "directory": directory},
+        **actor_map_args(options),
+    )
+    started, scored = time.perf_counter(), 0
+    for block in dataset.iter_rows():
+        if block["missing"]:
+            raise MissingTextError(
+                f"score: {block['missing']}; the candidates, the training queries ({options.query_lang}) and the "
+                f"passages ({options.passage_lang}) must come from the same collection (translate them first)"
+            )
+        scored += block["rows"]
+    seconds = time.perf_counter() - started
+    return {"teacher_pairs_per_s": scored / seconds if seconds else 0.0}
 
 
 def provenance(options: ScoreConfig) -> dict:
@@ -86,11 +176,24 @@ def provenance(options: ScoreConfig) -> dict:
 
 
 def _import(config: PipelineConfig, workspace: Workspace, started: float) -> StageResult:
-    """Import `score.import_scores` as the score table: validated line by line, short lists per distill's policy."""
+    """Import `score.import_scores` as the score table: validated line by line, short lists per distill's policy.
+    An unchanged file (size and time), format and policy skip the import."""
     source = config.score.import_scores
+    key = digest(source.model_dump(mode="json"), path_fingerprint(source.path), config.distill.nway,
+                 config.distill.short_list_policy, config.score.provenance)
     with tracking.stage_run(config, "score") as run_id:
+        workspace.remove_temporaries("score")
+        if workspace.exists(SCORES) and workspace.file_metadata(SCORES).get("td_ray_inputs") == key:
+            rows = workspace.row_count(SCORES)
+            logger.info("score: %s unchanged, %d imported scores reused from %s", source.path, rows,
+                        workspace.path(SCORES))
+            result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
+                                 {"unchanged": 1.0}, run_id)
+            tracking.log_result(result)
+            return result
         summary = import_score_file(workspace, SCORES, source.path, source.format, teacher=config.score.provenance,
-                                    nway=config.distill.nway, short_list=config.distill.short_list_policy)
+                                    nway=config.distill.nway, short_list=config.distill.short_list_policy,
+                                    metadata={"td_ray_inputs": key})
         result = StageResult("score", summary.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
                              {"queries": float(summary.queries), "skipped_queries": float(len(summary.skipped))},
                              run_id)

@@ -1,14 +1,20 @@
-"""The Ray Data callable class that holds one teacher per actor."""
+"""The Ray Data callable class that holds one teacher per actor, looks pair texts up and commits scored blocks."""
 from __future__ import annotations
 
-import numpy as np
+import time
 
+import numpy as np
+import pyarrow as pa
+
+from td_ray import schemas
 from td_ray.config import ScoreConfig
 from td_ray.score.core import CrossEncoderTeacher
 from td_ray.score.seq2seq import Seq2SeqTeacher
+from td_ray.textjoin import TextLookup
+from td_ray.workspace import Workspace
 
-#: Columns the actor reads from each batch.
-INPUT_COLUMNS = ("qid", "pid", "query", "passage")
+#: Columns the actor reads from each batch (the stage's work list).
+INPUT_COLUMNS = ("qid", "pid")
 
 
 def load_teacher(options: ScoreConfig) -> CrossEncoderTeacher | Seq2SeqTeacher:
@@ -21,21 +27,33 @@ def load_teacher(options: ScoreConfig) -> CrossEncoderTeacher | Seq2SeqTeacher:
 
 
 class TeacherActor:
-    """Scores batches of ``{qid, pid, query, passage}`` into ``{qid, pid, score, teacher}``; loads the model once."""
+    """Scores batches of ``{qid, pid}`` pairs and commits each as one block of ``{qid, pid, score, teacher}``.
 
-    def __init__(self, options: ScoreConfig):
+    Texts are looked up by id in the exported query and passage files (memory-mapped), so the pairs travel
+    as ids. Returns one row of counts per block; `missing` names ids without text (nothing is scored then).
+    """
+
+    def __init__(self, options: ScoreConfig, queries: str, passages: str, workspace: str, directory: str):
         self.teacher = load_teacher(options)
         self.options = options
+        self.queries = TextLookup(queries, f"training queries ({options.query_lang})")
+        self.passages = TextLookup(passages, f"passages ({options.passage_lang})")
+        self.workspace, self.directory = Workspace(workspace), directory
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        queries, passages = [str(q) for q in batch["query"]], [str(p) for p in batch["passage"]]
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        started = time.perf_counter()
+        qids, pids = batch["qid"].to_pylist(), batch["pid"].to_pylist()
+        queries, passages = self.queries.get(qids), self.passages.get(pids)
+        lacking = [f"query {qid!r}" for qid, text in zip(qids, queries) if text is None][:3]
+        lacking += [f"passage {pid!r}" for pid, text in zip(pids, passages) if text is None][:3]
+        if lacking:
+            return {"block": [""], "rows": [0], "seconds": [0.0], "missing": [f"no text for {', '.join(lacking)}"]}
         if self.options.teacher_kind == "seq2seq":
             scores = self.teacher.score(queries, passages, self.options.max_batch_tokens)
         else:
             scores = self.teacher.score(queries, passages)
-        return {
-            "qid": batch["qid"],
-            "pid": batch["pid"],
-            "score": scores,
-            "teacher": np.full(len(scores), self.options.teacher, dtype=object),
-        }
+        block = pa.table({"qid": batch["qid"], "pid": batch["pid"], "score": np.asarray(scores, np.float32),
+                          "teacher": pa.array([self.options.teacher] * batch.num_rows, pa.string())})
+        name = self.workspace.commit_block(self.directory, block, schemas.SCORES, ["qid", "pid"])
+        return {"block": [name], "rows": [batch.num_rows], "seconds": [time.perf_counter() - started],
+                "missing": [""]}

@@ -7,10 +7,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pyarrow as pa
-
-from td_ray.textjoin import attach_text
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +52,3 @@ class CrossEncoderTeacher:
         with torch.inference_mode():
             logits = self.model(**encoded).logits[:, 0]
         return logits.float().cpu().numpy()
-
-
-def build_pairs(candidates: pa.Table, queries: pa.Table, passages: pa.Table, top_k: int) -> pa.Table:
-    """(qid, pid, query, passage) for each candidate ranked within `top_k`; every id must have its text."""
-    import pyarrow.compute as pc
-
-    kept = candidates.filter(pc.less_equal(candidates["rank"], top_k)).select(["qid", "pid"])
-    fix = "the candidates, the training queries and the passages must come from the same collection"
-    pairs = attach_text(kept, queries, "qid", "query", "training queries", fix)
-    pairs = attach_text(pairs, passages, "pid", "passage", "passages", fix)
-    return pairs.sort_by([("qid", "ascending"), ("pid", "ascending")])

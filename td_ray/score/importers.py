@@ -68,15 +68,17 @@ def read_score_file(path: str | os.PathLike, fmt: ScoreFormat, *, teacher: str, 
 
 
 def import_score_file(workspace: Workspace, relative: str, path: str | os.PathLike, fmt: ScoreFormat, *,
-                      teacher: str, nway: int | None = None, short_list: ShortListPolicy = "error") -> ImportSummary:
+                      teacher: str, nway: int | None = None, short_list: ShortListPolicy = "error",
+                      metadata: dict[str, str] | None = None) -> ImportSummary:
     """Stream a score file into the workspace table `relative` (atomic: nothing appears if the file is bad).
 
-    The table's provenance (`td_ray_provenance` in its metadata) names the file, its format and its sha256.
+    The table's provenance (`td_ray_provenance` in its metadata) names the file, its format and its sha256;
+    `metadata` adds pairs of the caller's.
     """
     reader = _ScoreReader(path, fmt, teacher, nway, short_list)
     provenance = {"source": "import", "format": fmt, "path": str(path), "sha256": _sha256(path)}
-    with workspace.atomic_writer(relative, schemas.SCORES,
-                                 metadata=lambda: {"td_ray_provenance": json.dumps(provenance)}) as writer:
+    footer = {"td_ray_provenance": json.dumps(provenance)} | (metadata or {})
+    with workspace.atomic_writer(relative, schemas.SCORES, metadata=lambda: footer) as writer:
         for batch in reader.batches():
             writer.write_table(batch)
     logger.info("score import: %d rows -> %s", reader.rows, workspace.path(relative))

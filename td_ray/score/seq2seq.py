@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from td_ray.translate.core import ModelError
+from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ one row per input id, each checked for quality (`quality`) and flagged, never dr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -15,17 +14,20 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig, TranslateTarget
+from td_ray.fingerprint import digest
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import ExactlyOnceError, actor_map_args, read_table_dataset
+from td_ray.raydata import actor_map_args, in_task, read_table_dataset, write_stream
 from td_ray.result import StageResult
 from td_ray.sources import SourceError, ingest
+from td_ray.textjoin import export_text
 from td_ray.translate import store
-from td_ray.translate.actor import INPUT_COLUMNS, CT2TranslatorActor
+from td_ray.translate.actor import INPUT_COLUMNS, CT2TranslatorActor, PretranslatedCheckActor
 from td_ray.translate.core import SentencePieceCodec, resolve_ct2_model
-from td_ray.translate.quality import check_translation, flag_names
+from td_ray.translate.quality import flag_names
 from td_ray.workspace import PASSAGES_EN, TRAIN_QUERIES_EN, Workspace, translated
 
 logger = logging.getLogger(__name__)
@@ -74,24 +76,36 @@ def _check_models(config: PipelineConfig, workspace: Workspace) -> dict[str, Pat
     return model_dirs
 
 
+def _unchanged(workspace: Workspace, relative: str, key: str) -> bool:
+    return workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_view") == key
+
+
 def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, target: TranslateTarget,
-                       model_dir: Path, current: pa.Table, totals: _Totals) -> dict:
-    """Translate the rows of (kind, target) that the store lacks; write the view; return the manifest entry."""
-    slug = store.model_slug(target.model, target.source_prefix, target.target_prefix)
+                       model_dir: Path, totals: _Totals) -> dict:
+    """Translate the rows of (kind, target) that the store lacks; write the view; return the manifest entry.
+
+    The view records what it was made from (the input, the model version and settings, the committed blocks):
+    when all of that is unchanged the stage reads nothing more and says so.
+    """
+    slug = store.model_slug(target, model_dir, config.translate)
     directory = store.store_dir(kind, target.lang, slug)
-    if store.clear_partial(workspace, directory):
-        logger.info("translate %s -> %s: cleared half-written blocks of an interrupted run", kind, target.lang)
-    todo = store.plan(current, store.committed_keys(workspace, directory))
-    entry = {"kind": kind, "lang": target.lang, "mt_model": target.model, "store": workspace.path(directory),
-             "source_rows": current.num_rows, "reused_rows": current.num_rows - todo.num_rows,
-             "translated_rows": todo.num_rows}
-    if todo.num_rows:
-        todo_table = store.todo_path(kind, target.lang, slug)
-        store.write_todo(workspace, ENGLISH[kind], todo, todo_table)
+    relative = translated(kind, target.lang)
+    english = ENGLISH[kind]
+    entry = {"kind": kind, "lang": target.lang, "mt_model": target.model, "store": workspace.path(directory)}
+    if _unchanged(workspace, relative, _view_key(workspace, english, slug, directory)):
+        rows = workspace.row_count(relative)
+        logger.info("translate %s -> %s: unchanged (input, model, settings and store), %d rows reused from %s",
+                    kind, target.lang, rows, workspace.path(relative))
+        return entry | {"source_rows": rows, "reused_rows": rows, "translated_rows": 0, "unchanged": True}
+    todo_table = store.todo_path(kind, target.lang, slug)
+    plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), todo_table)
+    entry |= {"source_rows": plan.source_rows, "reused_rows": plan.source_rows - plan.todo_rows,
+              "translated_rows": plan.todo_rows}
+    if plan.todo_rows:
         schemas.require_columns(workspace.read_schema(todo_table), INPUT_COLUMNS, todo_table)
         ensure_ray(config.ray)
         logger.info("translate %s -> %s: %d of %d rows to translate (%d already in the store)", kind, target.lang,
-                    todo.num_rows, current.num_rows, entry["reused_rows"])
+                    plan.todo_rows, plan.source_rows, entry["reused_rows"])
         dataset = read_table_dataset(workspace, todo_table).map_batches(
             CT2TranslatorActor,
             batch_format="pyarrow",
@@ -106,21 +120,24 @@ def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, 
         for block in dataset.iter_rows():
             totals.add_block(block)
         totals.seconds += time.perf_counter() - started
-        left = store.plan(current, store.committed_keys(workspace, directory))
-        if left.num_rows:
-            raise ExactlyOnceError(f"translate {kind} -> {target.lang}: {left.num_rows} rows were not committed, e.g. "
-                                   f"{left['id'].slice(0, 3).to_pylist()}; run the stage again to finish them")
         workspace.fs.delete_file(workspace.path(todo_table))
-    view_key = hashlib.sha256(json.dumps([workspace.file_metadata(ENGLISH[kind]).get("td_ray_source"), slug,
-                                          sorted(store.block_names(workspace, directory))]).encode()).hexdigest()
-    relative = translated(kind, target.lang)
-    if todo.num_rows or not workspace.exists(relative) or workspace.file_metadata(relative).get("td_ray_view") != view_key:
-        store.write_view(workspace, directory, current, kind, target.lang, view_key)
+    store.write_view(workspace, directory, plan.current, english, kind, target.lang,
+                     _view_key(workspace, english, slug, directory))
     return entry
 
 
+def _view_key(workspace: Workspace, english: str, slug: str, directory: str) -> str:
+    return digest(workspace.file_metadata(english).get("td_ray_source"), slug,
+                  sorted(store.block_names(workspace, directory)))
+
+
 def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str, target: TranslateTarget) -> dict | None:
-    """Take the rows of a pre-translated collection whose ids are in the English input, checked like MT output."""
+    """Take the rows of a pre-translated collection whose ids are in the English input, checked like MT output.
+
+    Ray Data streams the English rows through actors that look each id up in the pre-translated text (mapped,
+    shared by the actors of a node) and run the quality checks; the view is skipped when the English input,
+    the pre-translated collection and the quality settings are all unchanged.
+    """
     pretranslated = target.pretranslated if kind == "passages" else target.pretranslated_queries
     if pretranslated is None:
         return None
@@ -128,26 +145,41 @@ def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str,
     source = ingest(workspace, pretranslated, "docs" if kind == "passages" else "queries",
                     f"pretranslated_{kind}.{target.lang}", field)
     name = f"pretranslated:{getattr(pretranslated, 'id', None) or Path(pretranslated.path).name}"
-    english = workspace.read_table(ENGLISH[kind]).rename_columns(["id", "english"])
-    table = workspace.read_table(source).join(english, "id", join_type="inner")
-    missing = english.join(table, "id", join_type="left anti")
-    if missing.num_rows:
-        raise SourceError(
-            f"{field}: the pre-translated {target.lang} collection lacks {missing.num_rows} of the English ids, e.g. "
-            f"{missing['id'].slice(0, 3).to_pylist()}; translate them with an MT model (translate.targets[].model) "
-            "or use a pre-translated collection that covers them"
-        )
-    sources, texts = table["english"].to_pylist(), table["text"].to_pylist()
-    flags = [check_translation(source, text, config.translate.quality) for source, text in zip(sources, texts)]
-    view = pa.table({
-        "id": table["id"], "lang": pa.array([target.lang] * table.num_rows), "text": table["text"],
-        "mt_model": pa.array([name] * table.num_rows), "source_hash": store.text_hash(table["english"]),
-        "flags": pa.array(flags, pa.list_(pa.string())),
-    })
-    workspace.write_table(view, translated(kind, target.lang), schemas.TRANSLATIONS)
-    counted = Counter(flag for row in flags for flag in set(flag_names(row)))
-    return {"kind": kind, "lang": target.lang, "mt_model": name, "source_rows": english.num_rows, "reused_rows": 0,
-            "translated_rows": 0, "copied_rows": table.num_rows, "flags": dict(counted)}
+    english, relative = ENGLISH[kind], translated(kind, target.lang)
+    entry = {"kind": kind, "lang": target.lang, "mt_model": name, "reused_rows": 0, "translated_rows": 0}
+    key = digest(workspace.file_metadata(english).get("td_ray_source"), workspace.file_metadata(source).get("td_ray_source"),
+                 target.lang, name, config.translate.quality.model_dump(mode="json"))
+    if _unchanged(workspace, relative, key):
+        rows = workspace.row_count(relative)
+        logger.info("translate %s -> %s: unchanged (English input, %s, quality settings), %d rows in %s", kind,
+                    target.lang, name, rows, workspace.path(relative))
+        flags = json.loads(workspace.file_metadata(relative).get("td_ray_flags", "{}"))
+        return entry | {"source_rows": rows, "copied_rows": 0, "flags": flags, "unchanged": True}
+    ensure_ray(config.ray)
+    lookup = in_task(export_text, workspace, source, workspace.local_dir("text"))
+    flags: Counter = Counter()
+
+    def check_coverage(batch: pa.Table) -> pa.Table:
+        lacking = batch.filter(pc.is_null(batch["text"]))
+        if lacking.num_rows:
+            raise SourceError(
+                f"{field}: the pre-translated {target.lang} collection lacks English ids, e.g. "
+                f"{lacking['id'].slice(0, 3).to_pylist()}; translate them with an MT model (translate.targets[].model) "
+                "or use a pre-translated collection that covers them"
+            )
+        flags.update(flag for row in batch["flags"].to_pylist() for flag in set(flag_names(row)))
+        return batch
+
+    dataset = read_table_dataset(workspace, english).map_batches(
+        PretranslatedCheckActor, batch_format="pyarrow",
+        fn_constructor_kwargs={"lookup": str(lookup), "lang": target.lang, "mt_model": name,
+                               "quality": config.translate.quality},
+        **actor_map_args(config.translate),
+    )
+    rows = write_stream(dataset, workspace, relative, schemas.TRANSLATIONS, ["id"],
+                        expected=workspace.key_batches(english, ["id"]), transform=check_coverage,
+                        metadata=lambda: {"td_ray_view": key, "td_ray_flags": json.dumps(dict(flags))})
+    return entry | {"source_rows": rows, "copied_rows": rows, "flags": dict(flags)}
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -155,17 +187,16 @@ def run(config: PipelineConfig) -> StageResult:
     started = time.perf_counter()
     workspace = Workspace(config.workspace)
     with tracking.stage_run(config, "translate") as run_id:
+        workspace.remove_temporaries("inputs", "translate", "text")
         ingest(workspace, config.data.passages, "docs", "passages")
         ingest(workspace, config.data.train_queries, "queries", "train_queries")
         model_dirs = _check_models(config, workspace)
         kinds = ["passages"] + (["queries"] if config.translate.translate_queries else [])
-        current = {kind: store.source_keys(workspace, ENGLISH[kind]) for kind in kinds}
         totals, entries, outputs, metrics = _Totals(), [], {}, defaultdict(float)
         for target in config.translate.targets:
             for kind in kinds:
                 if target.model is not None:
-                    entry = _translate_missing(config, workspace, kind, target, model_dirs[target.lang],
-                                               current[kind], totals)
+                    entry = _translate_missing(config, workspace, kind, target, model_dirs[target.lang], totals)
                 else:
                     entry = _copy_pretranslated(config, workspace, kind, target)
                     if entry is None:

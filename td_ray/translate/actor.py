@@ -1,4 +1,5 @@
-"""The Ray Data callable class that holds one ctranslate2.Translator per actor and commits each block it translates."""
+"""The Ray Data callable classes of translate: a ctranslate2.Translator per actor that commits each block it
+translates, and the checker of a pre-translated collection."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from td_ray.config import TranslateConfig
+from td_ray.config import QualityConfig, TranslateConfig
+from td_ray.textjoin import TextLookup
 from td_ray.translate.core import SentencePieceCodec, translate_texts
-from td_ray.translate.quality import flag_names
-from td_ray.translate.store import commit_block
+from td_ray.translate.quality import check_translation, flag_names
+from td_ray.translate.store import commit_block, text_hash
 from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -72,3 +74,26 @@ class CT2TranslatorActor:
             "target_tokens": [stats.target_tokens], "positions": [stats.positions], "retried": [stats.retried],
             "flags": [json.dumps(dict(flags))],
         }
+
+
+class PretranslatedCheckActor:
+    """Joins English rows ``{id, text}`` to a pre-translated collection by id and checks each pair like MT output.
+
+    Returns view rows; `text` is null for an id the collection lacks (the stage names those and stops).
+    """
+
+    def __init__(self, lookup: str, lang: str, mt_model: str, quality: QualityConfig):
+        self.lookup = TextLookup(lookup, f"pre-translated {lang} collection")
+        self.lang, self.mt_model, self.quality = lang, mt_model, quality
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        english = ["" if text is None else text for text in batch["text"].to_pylist()]
+        texts = self.lookup.get(batch["id"].to_pylist())
+        flags = [[] if text is None else check_translation(source, text, self.quality)
+                 for source, text in zip(english, texts)]
+        size = batch.num_rows
+        return pa.table({
+            "id": batch["id"], "lang": pa.array([self.lang] * size), "text": pa.array(texts, pa.string()),
+            "mt_model": pa.array([self.mt_model] * size), "source_hash": text_hash(batch["text"]),
+            "flags": pa.array(flags, pa.list_(pa.string())),
+        })

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from td_ray.config import DecodingConfig, TranslateConfig
-from td_ray.errors import TdRayError
+from td_ray.errors import ModelError
 from td_ray.translate.quality import check_translation
 from td_ray.translate.segment import chunk_pieces, joiner, split_sentences
 
@@ -22,10 +22,6 @@ MT_SPEC_FILE = "td_ray_mt.json"
 """Optional file in a CT2 model directory naming its sentencepiece files: {source_spm, target_spm, append_eos}."""
 SHARED_SPM = "sentencepiece.bpe.model"
 """The one sentencepiece model of NLLB and M2M100 (Marian/opus-mt ship source.spm and target.spm)."""
-
-
-class ModelError(TdRayError):
-    """A model that cannot be found or used: the message names it and says how to fix it."""
 
 
 @dataclass(frozen=True)

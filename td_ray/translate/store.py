@@ -23,16 +23,18 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from td_ray import schemas
+from td_ray.config import TranslateConfig, TranslateTarget
+from td_ray.fingerprint import digest, path_fingerprint
+from td_ray.keys import HashSet, key_hashes
 from td_ray.workspace import Workspace, translated
 
 logger = logging.getLogger(__name__)
@@ -46,12 +48,22 @@ def text_hash(texts: pa.Array) -> pa.Array:
                      for text in texts.to_pylist()], pa.string())
 
 
-def model_slug(model: str, source_prefix: str | None, target_prefix: str | None) -> str:
-    """A directory-safe, readable name for one MT model version (with the prefixes that steer it)."""
-    identity = json.dumps([model, source_prefix, target_prefix])
-    tail = model.rstrip("/").rsplit("/", 1)[-1]
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{tail}-{target_prefix}" if target_prefix else tail).strip("-")
-    return f"{readable[:60]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+def model_slug(target: TranslateTarget, model_dir: Path, settings: TranslateConfig) -> str:
+    """A directory-safe, readable name for one MT model version and everything that changes its output: the
+    model's files (names, sizes, times), its prefixes, and the segmentation, decoding and quality settings (the
+    quality checks decide which rows are retried)."""
+    identity = {
+        "model": target.model, "source_prefix": target.source_prefix, "target_prefix": target.target_prefix,
+        "files": path_fingerprint(model_dir),
+        "settings": settings.model_dump(mode="json", include=OUTPUT_SETTINGS),
+    }
+    tail = target.model.rstrip("/").rsplit("/", 1)[-1]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{tail}-{target.target_prefix}" if target.target_prefix else tail)
+    return f"{readable.strip('-')[:60]}-{digest(identity)[:8]}"
+
+
+OUTPUT_SETTINGS = {"source_lang", "split_sentences", "max_input_length", "decoding", "quality"}
+"""The translate settings that change what a model writes (batching and threads only change how fast)."""
 
 
 def store_dir(kind: str, lang: str, slug: str) -> str:
@@ -62,19 +74,6 @@ def todo_path(kind: str, lang: str, slug: str) -> str:
     return f"translate/todo/{kind}.{lang}.{slug}.parquet"
 
 
-def iter_source_batches(workspace: Workspace, relative: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    with workspace.fs.open_input_file(workspace.path(relative)) as handle:
-        yield from pq.ParquetFile(handle).iter_batches(batch_size=_READ_BATCH_ROWS, columns=columns)
-
-
-def source_keys(workspace: Workspace, relative: str) -> pa.Table:
-    """(id, source_hash) of every row of an ingested English table, read in batches (text is not kept)."""
-    parts = [pa.table({"id": batch.column(0), "source_hash": text_hash(batch.column(1))})
-             for batch in iter_source_batches(workspace, relative, ["id", "text"])]
-    return pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string()),
-                                                           "source_hash": pa.array([], pa.string())})
-
-
 def _store_dataset(workspace: Workspace, directory: str) -> pads.Dataset | None:
     if not workspace.exists(directory):
         return None
@@ -83,112 +82,84 @@ def _store_dataset(workspace: Workspace, directory: str) -> pads.Dataset | None:
                         schema=schemas.TRANSLATION_STORE)
 
 
-def committed_keys(workspace: Workspace, directory: str) -> pa.Table:
-    """(id, source_hash) of every committed row in one store directory."""
+def committed_keys(workspace: Workspace, directory: str) -> HashSet:
+    """The (id, source_hash) hashes of every committed row in one store directory."""
     dataset = _store_dataset(workspace, directory)
-    if dataset is None:
-        return pa.table({"id": pa.array([], pa.string()), "source_hash": pa.array([], pa.string())})
-    return dataset.to_table(columns=["id", "source_hash"])
+    batches = dataset.to_batches(columns=["id", "source_hash"], batch_size=_READ_BATCH_ROWS) if dataset else []
+    return HashSet.of(batches)
 
 
-def plan(current: pa.Table, committed: pa.Table) -> pa.Table:
-    """The current (id, source_hash) pairs that no committed block holds."""
-    return current.join(committed, ["id", "source_hash"], join_type="left anti")
+@dataclass
+class Plan:
+    """What one pass over the English input found: its rows, those written to the work list, and the hashes of
+    every current (id, source_hash), which the view is then built from."""
+
+    source_rows: int
+    todo_rows: int
+    current: HashSet
 
 
-def write_todo(workspace: Workspace, english: str, todo: pa.Table, relative: str) -> int:
-    """Write the rows of `english` whose ids are in `todo`, with the hashes `plan` gave them, as this run's work list."""
-    wanted = todo["id"].combine_chunks()
-    hashes = todo["source_hash"].combine_chunks()
-    rows = 0
+def write_todo(workspace: Workspace, english: str, committed: HashSet, relative: str) -> Plan:
+    """Write the rows of `english` whose (id, source hash) no committed block holds as this run's work list,
+    in one streamed pass that also collects the current keys. The work list is removed when empty."""
+    source_rows = todo_rows = 0
+    current: list[np.ndarray] = []
     with workspace.atomic_writer(relative, schemas.TRANSLATE_TODO) as writer:
-        for batch in iter_source_batches(workspace, english, ["id", "text"]):
-            chosen = batch.filter(pc.is_in(batch.column(0), value_set=wanted))
-            if chosen.num_rows:
-                table = pa.table({"id": chosen.column(0), "text": chosen.column(1),
-                                  "source_hash": hashes.take(pc.index_in(chosen.column(0), value_set=wanted))})
+        for batch in workspace.iter_batches(english, ["id", "text"], _READ_BATCH_ROWS):
+            keys = pa.table({"id": batch.column(0), "source_hash": text_hash(batch.column(1))})
+            hashes = key_hashes(keys)
+            current.append(hashes)
+            missing = ~committed.contains(hashes)
+            source_rows += batch.num_rows
+            if missing.any():
+                chosen = pa.array(np.flatnonzero(missing))
+                table = pa.table({"id": batch.column(0).take(chosen), "text": batch.column(1).take(chosen),
+                                  "source_hash": keys["source_hash"].take(chosen)})
                 # Small row groups: Ray Data's read tasks and blocks follow them, and a block is a commit unit.
                 writer.write_table(table, row_group_size=4096)
-                rows += table.num_rows
-    return rows
-
-
-def block_name(ids: list[str], hashes: list[str]) -> str:
-    digest = hashlib.sha256("\n".join(f"{i}\t{h}" for i, h in zip(ids, hashes)).encode()).hexdigest()[:20]
-    return f"part-{digest}.parquet"
+                todo_rows += table.num_rows
+    if not todo_rows:
+        workspace.fs.delete_file(workspace.path(relative))
+    return Plan(source_rows, todo_rows, HashSet(np.concatenate(current) if current else np.zeros(0, np.uint64)))
 
 
 def commit_block(workspace: Workspace, directory: str, table: pa.Table) -> str:
     """Write one translated block atomically into `directory`; returns its file name."""
-    table = table.select(schemas.TRANSLATION_STORE.names).cast(schemas.TRANSLATION_STORE)
-    name = block_name(table["id"].to_pylist(), table["source_hash"].to_pylist())
-    target = workspace.path(f"{directory}/{name}")
-    temporary = workspace.path(f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp")
-    workspace.fs.create_dir(workspace.path(directory), recursive=True)
-    try:
-        pq.write_table(table, temporary, filesystem=workspace.fs)
-        workspace.fs.move(temporary, target)
-    except BaseException:
-        if workspace.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
-            workspace.fs.delete_file(temporary)
-        raise
-    return name
+    return workspace.commit_block(directory, table, schemas.TRANSLATION_STORE, ["id", "source_hash"])
 
 
 def block_names(workspace: Workspace, directory: str) -> list[str]:
     """The committed block files of one store directory."""
-    if not workspace.exists(directory):
-        return []
-    infos = workspace.fs.get_file_info(pafs.FileSelector(workspace.path(directory)))
-    return [info.base_name for info in infos if info.base_name.startswith("part-")]
+    return workspace.block_names(directory)
 
 
-def clear_partial(workspace: Workspace, directory: str) -> int:
-    """Delete the temporary files of blocks a killed run left half-written (one job per store at a time)."""
-    if not workspace.exists(directory):
-        return 0
-    infos = workspace.fs.get_file_info(pafs.FileSelector(workspace.path(directory)))
-    partial = [info.path for info in infos if info.base_name.startswith(".part-") and info.base_name.endswith(".tmp")]
-    for path in partial:
-        workspace.fs.delete_file(path)
-    return len(partial)
-
-
-def write_view(workspace: Workspace, directory: str, current: pa.Table, kind: str, lang: str, key: str) -> int:
+def write_view(workspace: Workspace, directory: str, current: HashSet, english: str, kind: str, lang: str,
+               key: str) -> int:
     """Write ``translate/<kind>.<lang>.parquet``: one row per current (id, source_hash), streamed from the store.
 
-    Fails, committing nothing, unless every current id has exactly one translation. `key` (what the view was
-    made from) goes in the file's metadata, so an unchanged view is not rewritten.
+    Each store row is looked up once in `current` (a sorted hash array, built in one pass over the input);
+    a key committed twice is written once. Fails, committing nothing, unless every id of `english` has exactly
+    one translation. `key` (what the view was made from) goes in the file's metadata, so an unchanged view is
+    neither rewritten nor checked again.
     """
-    from td_ray.raydata import check_exactly_once
-
     dataset = _store_dataset(workspace, directory)
     relative = translated(kind, lang)
-    wanted = _joined_keys(current["id"], current["source_hash"])
-    written = np.zeros(len(wanted), dtype=bool)
-    rows = 0
-
-    def validate(table: pa.Table) -> None:
-        check_exactly_once(table, ["id"], current.select(["id"]), relative)
-
-    with workspace.atomic_writer(relative, schemas.TRANSLATIONS, validate=validate, validate_columns=["id"],
-                                 metadata=lambda: {"td_ray_view": key}) as writer:
+    written = np.zeros(len(current), dtype=bool)
+    with workspace.exactly_once_writer(relative, schemas.TRANSLATIONS, ["id"],
+                                       expected=workspace.key_batches(english, ["id"]),
+                                       metadata=lambda: {"td_ray_view": key}) as writer:
         for batch in dataset.to_batches(batch_size=_READ_BATCH_ROWS) if dataset is not None else []:
-            positions = pc.index_in(_joined_keys(batch.column("id"), batch.column("source_hash")), value_set=wanted)
+            hashes = key_hashes(batch, ["id", "source_hash"])
+            positions = np.minimum(np.searchsorted(current.hashes, hashes), max(len(current) - 1, 0))
+            # Rows of old sources or other edits are skipped; a key committed twice is written once.
+            wanted = np.flatnonzero(current.contains(hashes) & ~written[positions])
+            _, first = np.unique(positions[wanted], return_index=True)
             keep = np.zeros(batch.num_rows, dtype=bool)
-            for row, position in enumerate(positions.to_numpy(zero_copy_only=False)):
-                # Rows of old sources or other edits are skipped; a key committed twice is written once.
-                if not np.isnan(position) and not written[int(position)]:
-                    written[int(position)] = keep[row] = True
+            keep[wanted[first]] = True
+            written[positions[keep]] = True
             if keep.any():
-                table = pa.Table.from_batches([batch]).filter(pa.array(keep))
-                writer.write_table(table.select(schemas.TRANSLATIONS.names).cast(schemas.TRANSLATIONS))
-                rows += table.num_rows
-    return rows
-
-
-def _joined_keys(ids: pa.Array, hashes: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(ids, hashes, "\t")
+                writer.write(pa.Table.from_batches([batch]).filter(pa.array(keep)))
+    return writer.rows
 
 
 def write_manifest(workspace: Workspace, run_id: str, entries: list[dict]) -> str:
