@@ -27,7 +27,6 @@ Prints a table and writes ``bench/results/distill_experiment.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -60,6 +59,8 @@ from td_ray.distill.train import Student, TrainingTexts, make_loss, train_step
 from td_ray.evaluate.core import evaluate_run, rank
 from td_ray.index.core import build_shard
 from td_ray.score.core import CrossEncoderTeacher
+
+from common import write_report
 
 logger = logging.getLogger("bench.distill_experiment")
 
@@ -354,13 +355,6 @@ def table(report: dict) -> str:
     lines.append(report["td_ge_tt"]["interpretation"])
     lines.append(f"wall time {report['wall_time_s']:.0f} s")
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import io
 import itertools
 import json
 import logging
 import math
 import os
-import platform
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from common import ProcessTree, contention, machine_info, meets, write_report
 
 logger = logging.getLogger("bench.translate")
 
@@ -359,71 +358,6 @@ def gpu_figures(ct2_dir: Path, blocks: list[list[list[str]]], settings) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------ drivers
-def _psutil():
-    """psutil, as Ray vendors it (td-ray does not depend on psutil itself)."""
-    try:
-        import psutil
-    except ImportError:  # importing ray puts ray/thirdparty_files, which holds psutil, on sys.path
-        importlib.import_module("ray")
-        import psutil
-    return psutil
-
-
-class ProcessTree(threading.Thread):
-    """Samples a process and all its descendants every ``interval`` s: their summed CPU time and, if ``memory``,
-    the peaks of their summed RSS and PSS."""
-
-    def __init__(self, pid: int, interval: float, memory: bool):
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.memory = pid, interval, memory
-        self.peak_rss = self.peak_pss = self.processes_at_peak = 0
-        self.cpu_series: list[tuple[float, float]] = []
-        """(time.time(), CPU seconds of every process seen so far, each at its last sample)."""
-        self._cpu_by_pid: dict[int, float] = {}
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.sample()
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-    def sample(self) -> None:
-        psutil = _psutil()
-        try:
-            root = psutil.Process(self.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        rss = pss = 0
-        for process in processes:
-            try:
-                times = process.cpu_times()
-                self._cpu_by_pid[process.pid] = times.user + times.system
-                if self.memory:
-                    memory = process.memory_full_info()
-                    rss, pss = rss + memory.rss, pss + memory.pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        self.cpu_series.append((time.time(), sum(self._cpu_by_pid.values())))
-        if rss > self.peak_rss:
-            self.peak_rss, self.processes_at_peak = rss, len(processes)
-        self.peak_pss = max(self.peak_pss, pss)
-
-    def cpu_at(self, when: float) -> float:
-        """Cumulative CPU seconds of the tree at ``when``, interpolated between samples."""
-        series = self.cpu_series
-        if when <= series[0][0]:
-            return series[0][1]
-        for (t0, c0), (t1, c1) in itertools.pairwise(series):
-            if when <= t1:
-                return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
-        return series[-1][1]
-
-
 def run_driver(kind: str, config, args: argparse.Namespace, memory: bool) -> tuple[dict, ProcessTree]:
     """Run the translate stage (``kind`` "stage") or the bare loop over its input ("bare") in a fresh process,
     started alike; its result and its process tree's samples."""
@@ -435,7 +369,7 @@ def run_driver(kind: str, config, args: argparse.Namespace, memory: bool) -> tup
     with log.open("wb") as handle:
         driver = subprocess.Popen([sys.executable, __file__, "--driver", str(spec)], stdout=handle,
                                   stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        tree = ProcessTree(driver.pid, interval=0.2 if memory else 0.5, memory=memory)
+        tree = ProcessTree(driver.pid, interval=0.2 if memory else 0.5, pss=memory)
         tree.start()
         code = driver.wait()
         tree.stop()
@@ -521,43 +455,6 @@ def rss_run(passages: int, model_dir: Path, work: Path, args: argparse.Namespace
 
 
 # ------------------------------------------------------------------------------------------------ report
-def contention() -> dict:
-    """How busy the machine is: 1-minute load average and CPU pressure (share of time tasks waited for a CPU)."""
-    pressure = Path("/proc/pressure/cpu")
-    some = pressure.read_text().split("\n")[0].split() if pressure.exists() else []
-    averages = dict(field.split("=") for field in some[1:] if field.startswith("avg"))
-    return {"load_average_1m": os.getloadavg()[0],
-            "cpu_pressure_avg60": float(averages["avg60"]) / 100 if "avg60" in averages else None}
-
-
-def machine_info() -> dict:
-    import ctranslate2
-    import ray
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-
-    def git(*command: str) -> str:
-        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "python": platform.python_version(), "ctranslate2": ctranslate2.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__,
-            "git_commit": git("rev-parse", "--short", "HEAD") or None,
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "contention_at_start": contention()}
-
-
-def _meets(name: str, value: float | None) -> str:
-    if name not in GOALS or value is None:
-        return ""
-    op, goal = GOALS[name]
-    return "yes" if (value >= goal if op == ">=" else value <= goal) else "NO"
-
-
 def table(report: dict) -> str:
     """Each headline figure against its goal, then the raw figures behind them."""
     lines = [f"{'figure':<34} {'measured':>9} {'goal':>8}  met"]
@@ -567,7 +464,7 @@ def table(report: dict) -> str:
         value = report[name]
         goal = " ".join(map(str, GOALS[name])) if name in GOALS else "-"
         shown = f"{value:.3f}" if value is not None else "n/a"
-        lines.append(f"{name:<34} {shown:>9} {goal:>8}  {_meets(name, value)}")
+        lines.append(f"{name:<34} {shown:>9} {goal:>8}  {meets(GOALS, name, value)}")
     lines.append(f"{'gpu':<34} {'null' if report['gpu'] is None else 'measured':>9}  {report['gpu_reason'] or ''}")
     bare, pipe, hf, pad = report["bare"], report["pipeline"], report["hf_vs_ct2"], report["padding"]
     runs = ", ".join(f"{run['tokens_per_s']:.1f} ({run['seconds']:.0f} s, CPU share {run['cpu_share_of_threads']:.2f})"
@@ -642,13 +539,6 @@ DEFINITIONS = {
     "every 0.2 s, at 10x the passages over 1x, each in a fresh driver process running the stage with the tiny "
     "model. RSS counts shared memory once per process; PSS (shared pages split) is reported beside it.",
 }
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def summarise(report: dict, args: argparse.Namespace) -> None:

@@ -1,0 +1,139 @@
+"""What every benchmark shares: the machine's description, contention, process-tree sampling, goals and reports.
+
+Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on ``sys.path``).
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def psutil():
+    """psutil, as Ray vendors it (td-ray does not depend on psutil itself)."""
+    try:
+        import psutil as module
+    except ImportError:  # importing ray puts ray/thirdparty_files, which holds psutil, on sys.path
+        importlib.import_module("ray")
+        import psutil as module
+    return module
+
+
+class ProcessTree(threading.Thread):
+    """Samples a process and all its descendants every ``interval`` s: their summed CPU time, the peaks of their
+    summed RSS (and PSS with ``pss``, which reads every process's smaps and costs more), the root's own peak RSS,
+    and the peak RSS of the largest single descendant (a Ray worker, raylet, GCS...)."""
+
+    def __init__(self, pid: int, interval: float, pss: bool = False):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.pss = pid, interval, pss
+        self.peak_rss = self.peak_pss = self.processes_at_peak = 0
+        self.root_peak_rss = self.largest_child_rss = 0
+        self.largest_child = ""
+        self.cpu_series: list[tuple[float, float]] = []
+        """(time.time(), CPU seconds of every process seen so far, each at its last sample)."""
+        self._cpu_by_pid: dict[int, float] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def sample(self) -> None:
+        ps = psutil()
+        try:
+            root = ps.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except ps.NoSuchProcess:
+            return
+        rss = pss = 0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                self._cpu_by_pid[process.pid] = times.user + times.system
+                memory = process.memory_full_info() if self.pss else process.memory_info()
+                rss, pss = rss + memory.rss, pss + getattr(memory, "pss", 0)
+                if process.pid == self.pid:
+                    self.root_peak_rss = max(self.root_peak_rss, memory.rss)
+                elif memory.rss > self.largest_child_rss:
+                    self.largest_child_rss = memory.rss
+                    self.largest_child = " ".join(process.cmdline()[:2])[:120]
+            except (ps.NoSuchProcess, ps.AccessDenied):
+                continue
+        self.cpu_series.append((time.time(), sum(self._cpu_by_pid.values())))
+        if rss > self.peak_rss:
+            self.peak_rss, self.processes_at_peak = rss, len(processes)
+        self.peak_pss = max(self.peak_pss, pss)
+
+    def cpu_at(self, when: float) -> float:
+        """Cumulative CPU seconds of the tree at ``when``, interpolated between samples."""
+        series = self.cpu_series
+        if when <= series[0][0]:
+            return series[0][1]
+        for (t0, c0), (t1, c1) in itertools.pairwise(series):
+            if when <= t1:
+                return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+        return series[-1][1]
+
+
+def contention() -> dict:
+    """How busy the machine is: 1-minute load average and CPU pressure (share of time tasks waited for a CPU)."""
+    pressure = Path("/proc/pressure/cpu")
+    some = pressure.read_text().split("\n")[0].split() if pressure.exists() else []
+    averages = dict(field.split("=") for field in some[1:] if field.startswith("avg"))
+    return {"load_average_1m": os.getloadavg()[0],
+            "cpu_pressure_avg60": float(averages["avg60"]) / 100 if "avg60" in averages else None}
+
+
+def machine_info() -> dict:
+    """The machine, the engines' versions and the commit measured, with the contention at the start."""
+    import ctranslate2
+    import faiss
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "python": platform.python_version(), "ctranslate2": ctranslate2.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "ray": ray.__version__, "faiss": faiss.__version__,
+            "pyarrow": pyarrow.__version__, "git_commit": git("rev-parse", "--short", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "contention_at_start": contention()}
+
+
+def meets(goals: dict[str, tuple[str, float]], name: str, value: float | None) -> str:
+    """"yes" or "NO" against the goal `goals[name]` (an operator and a bound); "" without a goal or a value."""
+    if name not in goals or value is None:
+        return ""
+    op, goal = goals[name]
+    return "yes" if (value >= goal if op == ">=" else value <= goal) else "NO"
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write the JSON report atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
