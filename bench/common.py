@@ -31,13 +31,17 @@ def psutil():
 class ProcessTree(threading.Thread):
     """Samples a process and all its descendants every ``interval`` s: their summed CPU time, the peaks of their
     summed RSS (and PSS with ``pss``, which reads every process's smaps and costs more), the root's own peak RSS,
-    and the peak RSS of the largest single descendant (a Ray worker, raylet, GCS...)."""
+    and the peak RSS of the largest single descendant (a Ray worker, raylet, GCS...).
+
+    RSS counts shared pages a process touched: memory-mapped files (the page cache) and Ray's object store
+    (shared memory). The root's and the largest descendant's private memory (RSS less those shared pages) are
+    kept beside, as what really grows with the data."""
 
     def __init__(self, pid: int, interval: float, pss: bool = False):
         super().__init__(daemon=True)
         self.pid, self.interval, self.pss = pid, interval, pss
         self.peak_rss = self.peak_pss = self.processes_at_peak = 0
-        self.root_peak_rss = self.largest_child_rss = 0
+        self.root_peak_rss = self.largest_child_rss = self.root_peak_private = self.largest_child_private = 0
         self.largest_child = ""
         self.cpu_series: list[tuple[float, float]] = []
         """(time.time(), CPU seconds of every process seen so far, each at its last sample)."""
@@ -67,11 +71,15 @@ class ProcessTree(threading.Thread):
                 self._cpu_by_pid[process.pid] = times.user + times.system
                 memory = process.memory_full_info() if self.pss else process.memory_info()
                 rss, pss = rss + memory.rss, pss + getattr(memory, "pss", 0)
+                private = memory.rss - getattr(memory, "shared", 0)
                 if process.pid == self.pid:
                     self.root_peak_rss = max(self.root_peak_rss, memory.rss)
-                elif memory.rss > self.largest_child_rss:
-                    self.largest_child_rss = memory.rss
-                    self.largest_child = " ".join(process.cmdline()[:2])[:120]
+                    self.root_peak_private = max(self.root_peak_private, private)
+                else:
+                    self.largest_child_private = max(self.largest_child_private, private)
+                    if memory.rss > self.largest_child_rss:
+                        self.largest_child_rss = memory.rss
+                        self.largest_child = " ".join(process.cmdline()[:2])[:120]
             except (ps.NoSuchProcess, ps.AccessDenied):
                 continue
         self.cpu_series.append((time.time(), sum(self._cpu_by_pid.values())))

@@ -65,6 +65,9 @@ DEFINITIONS = {
     "growth_exponent": "log(t_full / t_tenth) / log(n_full / n_tenth), n the rows the stage reads (evaluation "
     "documents for index and evaluate); 1 is linear",
     "driver_peak_rss_ratio": "the driver's peak RSS at the largest size over the size ten times smaller",
+    "driver_peak_private_mb": "the driver's peak private memory: RSS less the shared pages it maps (files, Ray's "
+    "object store), which the OS can drop or which the node holds once",
+    "driver_peak_private_ratio": "driver_peak_private_mb at the largest size over the size ten times smaller",
 }
 
 
@@ -210,9 +213,9 @@ def seed_translation_store(config: dict, passages: int) -> int:
     seeded = 0
     keep = max(0, passages - MT_SLICE)
     reader = pacsv.open_csv(config.data.passages.path, read_options=pacsv.ReadOptions(
-        column_names=["id", "text"], block_size=64 << 20), parse_options=pacsv.ParseOptions(delimiter="\t",
+        column_names=["id", "text"], block_size=8 << 20), parse_options=pacsv.ParseOptions(delimiter="\t",
         quote_char=False), convert_options=pacsv.ConvertOptions(column_types={"id": pa.string(), "text": pa.string()}))
-    for batch in reader:
+    for batch in reader:  # blocks of about 20 k rows (translate commits one per actor batch, 2 k rows here)
         batch = batch.slice(0, max(0, min(batch.num_rows, keep - seeded)))
         if not batch.num_rows:
             break
@@ -241,7 +244,7 @@ def seed_score_blocks(config: dict) -> int:
                   (config.data.candidates, config.data.train_queries, config.data.passages)]
     directory = f"{score.BLOCKS}/{score.inputs_key(config.score, identities)}"
     seeded = skipped = 0
-    for batch in workspace.iter_batches(SCORES, batch_size=500_000):
+    for batch in workspace.iter_batches(SCORES, batch_size=20_000):  # the stage commits one per 500-pair batch
         drop = max(0, min(batch.num_rows, TEACHER_SLICE - skipped))
         skipped += drop
         if batch.num_rows > drop:
@@ -276,11 +279,14 @@ def run_stage(stage: str, config: dict, work: Path, timeout: float) -> dict:
     figures = {"seconds": round(seconds, 1), "completed": code == 0,
                "driver_peak_rss_mb": round(tree.root_peak_rss / 2**20, 1),
                "worker_peak_rss_mb": round(tree.largest_child_rss / 2**20, 1), "largest_worker": tree.largest_child,
+               "driver_peak_private_mb": round(tree.root_peak_private / 2**20, 1),
+               "worker_peak_private_mb": round(tree.largest_child_private / 2**20, 1),
                "tree_peak_rss_mb": round(tree.peak_rss / 2**20, 1), "contention_after": contention()}
     if code != 0:
         figures["error"] = "timed out" if code is None else log.read_text(errors="replace")[-2000:]
-    logger.info("%-14s %8.1f s  driver %7.1f MB  worker %7.1f MB  %s", stage, seconds, figures["driver_peak_rss_mb"],
-                figures["worker_peak_rss_mb"], "ok" if code == 0 else figures.get("error", "")[-300:])
+    logger.info("%-14s %8.1f s  driver %7.1f MB (private %7.1f)  worker %7.1f MB (private %7.1f)  %s", stage, seconds,
+                figures["driver_peak_rss_mb"], figures["driver_peak_private_mb"], figures["worker_peak_rss_mb"],
+                figures["worker_peak_private_mb"], "ok" if code == 0 else figures.get("error", "")[-300:])
     return figures
 
 
@@ -334,6 +340,8 @@ def summarise(report: dict) -> None:
                 entry["growth_exponent"] = round(math.log(large["seconds"] / small["seconds"])
                                                  / math.log(large["rows"] / small["rows"]), 3)
                 entry["driver_peak_rss_ratio"] = round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3)
+                entry["driver_peak_private_ratio"] = round(large["driver_peak_private_mb"]
+                                                           / small["driver_peak_private_mb"], 3)
                 entry["worker_peak_rss_ratio"] = round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)
                 entry["between"] = [done[-2]["fraction"], done[-1]["fraction"]]
         report["stages"][stage] = entry

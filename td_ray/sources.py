@@ -116,7 +116,8 @@ def _parquet_rows(source: ParquetSource) -> Iterator[tuple]:
             raise SourceError(
                 f"{source.path}: no column {column!r} (columns: {dataset.schema.names}); set id_column/text_column"
             )
-    for batch in dataset.to_batches(columns=[source.id_column, source.text_column]):
+    for batch in dataset.to_batches(columns=[source.id_column, source.text_column], batch_readahead=1,
+                                    fragment_readahead=1):
         for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             yield str(doc_id), text or ""
 

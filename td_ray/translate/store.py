@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,17 @@ def _store_dataset(workspace: Workspace, directory: str) -> pads.Dataset | None:
                         schema=schemas.TRANSLATION_STORE)
 
 
+def _scan(dataset: pads.Dataset | None, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The store's rows batch by batch, reading one block ahead (pyarrow's default read-ahead holds dozens of
+    batches in memory)."""
+    if dataset is None:
+        return iter(())
+    return dataset.to_batches(columns=columns, batch_size=_READ_BATCH_ROWS, batch_readahead=1, fragment_readahead=1)
+
+
 def committed_keys(workspace: Workspace, directory: str) -> HashSet:
     """The (id, source_hash) hashes of every committed row in one store directory."""
-    dataset = _store_dataset(workspace, directory)
-    batches = dataset.to_batches(columns=["id", "source_hash"], batch_size=_READ_BATCH_ROWS) if dataset else []
-    return HashSet.of(batches)
+    return HashSet.of(_scan(_store_dataset(workspace, directory), ["id", "source_hash"]))
 
 
 @dataclass
@@ -148,7 +155,7 @@ def write_view(workspace: Workspace, directory: str, current: HashSet, english: 
     with workspace.exactly_once_writer(relative, schemas.TRANSLATIONS, ["id"],
                                        expected=workspace.key_batches(english, ["id"]),
                                        metadata=lambda: {"td_ray_view": key}) as writer:
-        for batch in dataset.to_batches(batch_size=_READ_BATCH_ROWS) if dataset is not None else []:
+        for batch in _scan(dataset):
             hashes = key_hashes(batch, ["id", "source_hash"])
             positions = np.minimum(np.searchsorted(current.hashes, hashes), max(len(current) - 1, 0))
             # Rows of old sources or other edits are skipped; a key committed twice is written once.
