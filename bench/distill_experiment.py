@@ -15,7 +15,7 @@
 The main comparison gives each query all its candidates (``--nway``, 10); a second one uses the paper's nway
 of 6 (``--paper-nway``), where ``only_top`` shows TD only the teacher's 6 best.
 
-No Ray: a single-process loop over the library's pure functions (``rank_query``, ``train_step``,
+No Ray: a single-process loop over the library's pure functions (``group_by_query``, ``train_step``,
 ``make_loss``, the samplers, ``DualEncoder``, ``CrossEncoderTeacher``, the index and evaluate helpers), which is
 what each Ray Train worker runs.
 
@@ -53,11 +53,11 @@ from td_ray.assets.demo_data import (
 )
 from td_ray.assets.tiny_models import TEACHER_TRAINING, build_tiny_models
 from td_ray.config import DistillConfig
-from td_ray.distill.data import rank_query
-from td_ray.distill.model import DualEncoder
+from td_ray.distill.data import group_by_query
+from td_ray.encoders.dense import DualEncoder
 from td_ray.distill.train import Student, TrainingTexts, make_loss, train_step
-from td_ray.evaluate.core import evaluate_run, rank
-from td_ray.index.core import build_shard
+from td_ray.evaluate.core import evaluate_run, run_table
+from td_ray.retrieval.maxsim import build_shard
 from td_ray.score.core import CrossEncoderTeacher
 
 from common import write_report
@@ -145,14 +145,10 @@ def score_table(teacher: CrossEncoderTeacher, queries: dict[str, str], candidate
 def td_rows(scores: pa.Table, qids: list[str], queries: dict[str, str], passages: dict[str, str]) -> list[dict]:
     """Translate-Distill examples as the distill stage builds them (candidates best-scored first), plus the query
     and passage text the held-out measures read."""
-    kept = scores.filter(pc.is_in(scores["qid"], pa.array(qids))).sort_by("qid")
-    rows = []
-    for qid in qids:
-        group = kept.filter(pc.equal(kept["qid"], qid))
-        row = {key: value[0] for key, value in rank_query({name: group[name].to_numpy(zero_copy_only=False)
-                                                            for name in ("qid", "pid", "score")}).items()}
-        rows.append(row | {"query": queries[qid], "passages": [passages[pid] for pid in row["pids"]]})
-    return rows
+    grouped = {row["qid"]: row for row in group_by_query(scores.filter(pc.is_in(scores["qid"], pa.array(qids))))
+               .to_pylist()}
+    return [grouped[qid] | {"query": queries[qid], "passages": [passages[pid] for pid in grouped[qid]["pids"]]}
+            for qid in qids]
 
 
 def tt_rows(qids: list[str], candidates: dict[str, list[str]], positives: dict[str, str]) -> list[dict]:
@@ -230,7 +226,8 @@ def student_ndcg(model: DualEncoder, tokenizer, evaluation: dict, config: Distil
     index = build_shard(encode(model, tokenizer, list(evaluation["docs"].values()), config.passage_maxlen),
                         np.arange(len(doc_ids)))
     vectors = encode(model, tokenizer, list(evaluation["topics"].values()), config.query_maxlen)
-    return run_ndcg(rank(index, dict(enumerate(doc_ids)), topic_ids, vectors, depth=100), evaluation["qrels"])
+    return run_ndcg(run_table(dict(enumerate(doc_ids)), topic_ids, *index.search(vectors, min(100, index.ntotal))),
+                    evaluation["qrels"])
 
 
 def teacher_ndcg(teacher: CrossEncoderTeacher, topics: dict[str, str], docs: dict[str, str], qrels: pa.Table) -> float:
@@ -472,7 +469,7 @@ def main() -> None:
             ("kendall_tau: scipy.stats.kendalltau (tau-b) between the teacher's scores and the student's dot products "
             "(English query x synthetic passage) over each held-out query's 10 candidates, averaged over queries."),
             ("ndcg: nDCG@10 (ir_measures, via td_ray.evaluate.core.evaluate_run) of exact inner-product search "
-            "(td_ray.index.core.build_shard: FAISS IndexFlatIP) of the English eval topics over eval_docs.syn.tsv."),
+            "(td_ray.retrieval.maxsim.build_shard: FAISS IndexFlatIP) of the English eval topics over eval_docs.syn.tsv."),
             ("Top-level td and tt hold the main comparison's means over seeds; comparisons holds per-seed values, "
             "standard deviations, losses, and the comparison at the paper's nway (on the first --paper-seeds seeds)."),
         ],

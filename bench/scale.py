@@ -342,7 +342,8 @@ def summarise(report: dict) -> None:
                 entry["driver_peak_rss_ratio"] = round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3)
                 entry["driver_peak_private_ratio"] = round(large["driver_peak_private_mb"]
                                                            / small["driver_peak_private_mb"], 3)
-                entry["worker_peak_rss_ratio"] = round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)
+                if small["worker_peak_rss_mb"]:
+                    entry["worker_peak_rss_ratio"] = round(large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"], 3)
                 entry["between"] = [done[-2]["fraction"], done[-1]["fraction"]]
         report["stages"][stage] = entry
 

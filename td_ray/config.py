@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -235,6 +236,13 @@ class QualityConfig(_Strict):
 
     min_length_ratio: float = Field(0.2, gt=0, description="Flag output shorter than this x the source (characters).")
     max_length_ratio: float = Field(4.0, gt=0, description="Flag output longer than this x the source (characters).")
+    unspaced_length_scale: dict[Literal["cjk", "thai", "lao", "khmer", "myanmar", "tibetan"], float] = Field(
+        {"cjk": 0.3, "thai": 1.0, "lao": 1.0, "khmer": 1.0, "myanmar": 1.0, "tibetan": 1.0},
+        description="Output characters per source character expected of a translation into a script written "
+        "without spaces (keys: cjk, thai, lao, khmer, myanmar, tibetan); the length-ratio bounds are multiplied by "
+        "it. Chinese runs at 0.2-0.3 characters per English character (one character is often a word); Hangul is "
+        "spaced and keeps the plain bounds.",
+    )
     ratio_min_source_chars: int = Field(
         20, ge=1, description="Length ratios are checked only for sources of at least this many characters."
     )
@@ -345,8 +353,6 @@ class ScoreConfig(ActorPoolConfig):
         if (self.teacher is None) == (self.import_scores is None):
             raise ValueError("set exactly one of `teacher` (score with a model) or `import_scores` (a score file)")
         if self.teacher_kind == "seq2seq":
-            from td_ray.score.seq2seq import split_template
-
             split_template(self.template)
         return self
 
@@ -356,6 +362,10 @@ class ScoreConfig(ActorPoolConfig):
         if self.import_scores is not None:
             return f"import:{self.import_scores.format}:{Path(self.import_scores.path).name}"
         return self.teacher
+
+
+#: Distill settings that change how training is run, never what it computes: changing them resumes the run.
+OPERATIONAL_DISTILL_FIELDS = frozenset({"max_failures", "checkpoint_every", "checkpoint_keep", "log_every"})
 
 
 class DistillConfig(_Strict):
@@ -420,7 +430,20 @@ class DistillConfig(_Strict):
     steps: int = Field(200, ge=1, description="Optimizer steps in total.")
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    checkpoint_every: int = Field(
+        1000, ge=1, description="Steps between checkpoints (one is always written at the end). Each holds the "
+        "weights and the AdamW state: about 6.7 GB for xlm-roberta-large, so 1,000 over the paper's 200 k steps "
+        "writes 200 of them, uploaded in the background while training goes on.",
+    )
+    checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the oldest are deleted).")
+    log_every: int = Field(
+        20, ge=1, description="Steps between flushes of the buffered per-step metrics to MLflow (also at each "
+        "checkpoint and at the end): one request per flush, so a slow tracking server never holds up training.",
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=0, description="Examples in each worker's seeded local shuffle buffer, reseeded every epoch "
+        "(0: the table's order every epoch).",
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP; gloo on CPU, nccl on GPU).")
     cpus_per_worker: float = Field(
         1, gt=0, description="CPUs reserved per training worker. Leave at least one CPU of the cluster free: the "
@@ -428,7 +451,11 @@ class DistillConfig(_Strict):
     )
     use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
     max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by restarting.")
-    run_name: str = Field("distill", description="Ray Train run name; the same name resumes from its last checkpoint.")
+    run_name: str = Field(
+        "distill", description="Prefix of the Ray Train run name; the run is identified by it and a hash of what "
+        "determines training (the distill settings but for max_failures, checkpoint_every, checkpoint_keep and "
+        "log_every, and the identity of every table read). The same identity resumes from its last checkpoint.",
+    )
     seed: int = Field(0, description="Seed for model init order, data shuffling and passage sampling.")
 
     @property
@@ -453,23 +480,78 @@ class DistillConfig(_Strict):
         return self
 
 
-class IndexConfig(ActorPoolConfig):
-    """index: encode the evaluation collection with the student and build a merged FAISS index."""
+class PassageConfig(_Strict):
+    """Documents cut into overlapping passages of the student's tokens, each indexed; a document scores as its best
+    passage (MaxP), as ColBERT-X indexes NeuCLIR."""
 
-    model: str | None = Field(None, description="Encoder to index with. Default: the student the distill stage saved.")
-    num_shards: int = Field(2, ge=1, description="FAISS shards built in parallel, then merged into one index.")
-    max_length: int = Field(180, ge=8, description="Most document tokens.")
+    length: int = Field(180, ge=8, description="Student tokens per passage (title and body joined, no special tokens).")
+    stride: int = Field(90, ge=1, description="Tokens between passage starts (90: each passage overlaps the next by "
+                        "half).")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> PassageConfig:
+        if self.stride > self.length:
+            raise ValueError(f"stride ({self.stride}) must be at most length ({self.length}), or text between "
+                             "passages would never be indexed")
+        return self
+
+
+class IndexConfig(ActorPoolConfig):
+    """index: encode the evaluation collection with the student and build a FAISS index in sharded Ray tasks."""
+
+    model: str | None = Field(None, description="Encoder to index with: a student directory or a registered "
+                              "`models:/name@alias` URI. Default: the student the distill stage saved.")
+    num_shards: int = Field(2, ge=1, description="Shards, each added to the trained index by its own Ray task (IVF "
+                            "shards are then merged into one on-disk index; Flat and HNSW shards are searched in turn).")
+    max_length: int = Field(200, ge=8, description="Most tokens the encoder reads per passage (special tokens "
+                            "included); with `passages: null`, per document.")
+    passages: PassageConfig | None = Field(
+        PassageConfig(), description="Cut documents into passages and score documents by MaxP (NeuCLIR's long "
+        "documents); null keeps one vector per document, cut at max_length (short passages such as MS MARCO's).",
+    )
+    factory: str = Field(
+        "Flat", description="FAISS index factory string, compared by inner product: Flat (exact), HNSW32, "
+        "IVF4096,Flat, IVF4096,SQ8, IVF4096,PQ64, OPQ64,IVF65536_HNSW32,PQ64, ... (PQ sizes must divide the "
+        "student's dimension).",
+    )
+    train_sample: int = Field(
+        262_144, ge=1, description="Vectors a trained index (IVF, PQ, SQ) is trained on, drawn evenly from all; at "
+        "least 39 x the IVF lists (FAISS's minimum per centroid).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Train and add on GPUs when FAISS sees one (the gpu extra); the index is written for CPUs.",
+    )
+    keep_vectors: bool = Field(
+        False, description="Keep the table of passage vectors after the index is built (it is as large as a Flat "
+        "index: 60 GB for NeuCLIR Chinese at 1,024 dimensions).",
+    )
 
 
 class EvaluateConfig(_Strict):
     """evaluate: search the topics, write a TREC run, and score it with ir_measures."""
 
     depth: int = Field(1000, ge=1, description="Documents retrieved per topic (runs are cut here).")
+    passage_depth: int = Field(
+        2500, ge=1, description="Passages searched per topic before MaxP aggregates them to documents (ColBERT-X: "
+        "2,500 for a 1,000-document run); doubled for a topic whose passages name fewer than depth documents.",
+    )
+    search_params: str | None = Field(
+        None, description="FAISS search parameters as a ParameterSpace string, e.g. `nprobe=64` (IVF) or "
+        "`efSearch=128` (HNSW). Default: nprobe = lists / 16 (at least 16) and efSearch 128.",
+    )
+    batch_size: int = Field(64, ge=1, description="Topics encoded and searched together.")
     measures: list[str] = Field(
         ["nDCG@20", "R@100", "RR@10"], min_length=1, description="ir_measures names (RR@10 is MRR@10)."
     )
     query_maxlen: int = Field(32, ge=4, description="Most topic tokens.")
     run_tag: str = Field("td-ray", description="Tag in the last column of the TREC run.")
+
+    @model_validator(mode="after")
+    def _deep_enough(self) -> EvaluateConfig:
+        if self.passage_depth < self.depth:
+            raise ValueError(f"passage_depth ({self.passage_depth}) must be at least depth ({self.depth}): each "
+                             "document needs at least one passage hit")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -503,6 +585,30 @@ class PipelineConfig(_Strict):
             raise ValueError("distill.positives: qrels needs data.train_qrels (the training queries' judgements)")
         return self
 
+    @model_validator(mode="after")
+    def _index_buildable(self) -> PipelineConfig:
+        """The FAISS factory string parses, its PQ sizes divide the student's dimension when it can be known here
+        (a ColBERT student's, a local student's config.json), and train_sample can train it."""
+        from td_ray.retrieval.faiss_index import plan_index
+
+        plan = plan_index(self.index.factory, self.student_dim() or _dimension_fitting(self.index.factory))
+        if plan.needs_training and self.index.train_sample < plan.min_train:
+            raise ValueError(f"index.train_sample ({self.index.train_sample}) is below the {plan.min_train} vectors "
+                             f"FAISS needs to train {self.index.factory!r} (39 per IVF list); raise it or use fewer "
+                             "lists")
+        return self
+
+    def student_dim(self) -> int | None:
+        """The dimension of the vectors the index stage will hold, when the config tells it: a ColBERT student's
+        colbert_dim, or the hidden size in a local student directory's config.json; None otherwise."""
+        if self.index.model is None and self.distill.student_kind == "colbert":
+            return self.distill.colbert_dim
+        model = self.index.model or self.distill.student
+        path = Path(model) / "config.json" if "://" not in model else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("hidden_size")
+        return None
+
     def local_sources(self) -> list[tuple[str, DataSource]]:
         """Every (config field, source) that names a local path."""
         found = [(f"data.{name}", source) for name, source in self.data if hasattr(source, "path")]
@@ -522,6 +628,24 @@ class PipelineConfig(_Strict):
     def fingerprint(self) -> str:
         """Short hash of the config, recorded as lineage on everything the pipeline registers."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """The template's text before and after ``{document}``; it must hold ``{query}`` and ``{document}`` once each."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if sorted(fields) != ["document", "query"]:
+        raise ValueError(f"teacher template {template!r} must contain {{query}} and {{document}} once each and no "
+                         f"other fields (found {fields})")
+    before, after = template.split("{document}")
+    return before, after
+
+
+def _dimension_fitting(factory: str) -> int:
+    """A dimension every PQ/OPQ size in `factory` divides, for checking its syntax when the real one is unknown."""
+    import math
+    import re
+
+    return math.lcm(8, *(int(size) for size in re.findall(r"PQ(\d+)", factory)))
 
 
 def _expand(value: object, workspace: str) -> object:

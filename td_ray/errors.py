@@ -11,3 +11,7 @@ class ModelError(TdRayError):
 
 class ExactlyOnceError(TdRayError):
     """A stage's output does not hold each input key exactly once; nothing was committed."""
+
+
+class StaleIndexError(TdRayError):
+    """The saved index does not match the student searching it, or its own files: re-run the index stage."""

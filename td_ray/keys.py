@@ -117,14 +117,33 @@ def describe_differences(expected: KeyBatches | None, written: KeyBatches, rows:
 
 
 class HashSet:
-    """A sorted array of key hashes (8 bytes a key) answering membership for whole batches at once.
+    """A sorted array of distinct key hashes (8 bytes a key) answering membership for whole batches at once; it may
+    be memory-mapped from a file (`save`, `load`).
 
-    A hash collision can only make a key look present that is not; callers use it where that costs a re-check,
-    never a lost row (planning work: a colliding key would be translated again, not skipped).
+    A hash collision can only make a key look present that is not: work planned against the set would skip it,
+    and the exactly-once check of the output then names it, so nothing is lost silently.
     """
 
-    def __init__(self, hashes: np.ndarray):
-        self.hashes = np.unique(hashes)
+    def __init__(self, hashes: np.ndarray, distinct: bool = False):
+        if not distinct:  # sorted in place and deduplicated: no copy beyond one mask and the result
+            hashes = np.asarray(hashes, dtype=np.uint64)
+            hashes.sort()
+            if len(hashes) > 1:
+                hashes = hashes[np.concatenate(([True], hashes[1:] != hashes[:-1]))]
+        self.hashes = hashes
+
+    def save(self, path) -> None:
+        """Write the sorted hashes as a .npy file (through a temporary name)."""
+        import os
+
+        temporary = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(temporary, self.hashes)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path) -> HashSet:
+        """A set saved by `save`, memory-mapped: pages are read as lookups need them."""
+        return cls(np.load(path, mmap_mode="r"), distinct=True)
 
     @classmethod
     def of(cls, batches: Iterable[pa.Table | pa.RecordBatch], columns: list[str] | None = None) -> HashSet:

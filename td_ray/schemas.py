@@ -63,11 +63,12 @@ EXAMPLES = pa.schema(
         ("positives", pa.list_(pa.string())),
     ]
 )
-#: index: the student's embedding of each document, with its FAISS id and shard. Vector columns are large_list
-#: (64-bit offsets): a shard of 2^31 / dim rows would overflow a plain list column.
+#: index: the student's embedding of each passage (its number within its document), with its FAISS id and shard.
+#: Vector columns are large_list (64-bit offsets): a shard of 2^31 / dim rows would overflow a plain list column.
 EMBEDDINGS = pa.schema(
     [
         ("docid", pa.string()),
+        ("passage", pa.int32()),
         ("faiss_id", pa.int64()),
         ("shard", pa.int32()),
         ("vector", pa.large_list(pa.float32())),
@@ -79,6 +80,7 @@ EMBEDDINGS = pa.schema(
 TOKEN_EMBEDDINGS = pa.schema(
     [
         ("docid", pa.string()),
+        ("passage", pa.int32()),
         ("faiss_id", pa.int64()),
         ("shard", pa.int32()),
         ("first_token", pa.int64()),
@@ -90,7 +92,8 @@ TOKEN_EMBEDDINGS = pa.schema(
 DOC_IDS = pa.schema([("faiss_id", pa.int64()), ("docid", pa.string())])
 #: index, ColBERT students: the token rows of each document, so a token hit maps back to its document.
 TOKEN_DOCS = pa.schema(
-    [("faiss_id", pa.int64()), ("docid", pa.string()), ("first_token", pa.int64()), ("tokens", pa.int32())]
+    [("faiss_id", pa.int64()), ("docid", pa.string()), ("passage", pa.int32()), ("first_token", pa.int64()),
+     ("tokens", pa.int32())]
 )
 #: evaluate: a ranked run, the Parquet twin of the TREC run file.
 RUN = pa.schema(

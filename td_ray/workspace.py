@@ -138,15 +138,17 @@ class Workspace:
     @contextlib.contextmanager
     def exactly_once_writer(self, relative: str, schema: pa.Schema, keys: list[str],
                             expected: KeyBatches | None = None,
-                            metadata: Callable[[], dict[str, str]] | None = None) -> Iterator[KeyedWriter]:
+                            metadata: Callable[[], dict[str, str]] | None = None,
+                            select: Callable[[pa.Table], pa.Table] | None = None) -> Iterator[KeyedWriter]:
         """An atomic writer that commits only if each `keys` value was written once and, when `expected` (a
-        stream of the key columns that must come out) is given, exactly those. Memory: none with `expected`
-        (digests), one uint64 a row without it. On failure the error names example keys and nothing is
-        committed."""
-        checked = KeyedWriter(schema, keys, collect=expected is None)
+        stream of the key columns that must come out) is given, exactly those. `select` picks the rows whose keys
+        are checked (e.g. each document's first passage). Memory: none with `expected` (digests), one uint64 a
+        row without it. On failure the error names example keys and nothing is committed."""
+        checked = KeyedWriter(schema, keys, collect=expected is None, select=select)
 
         def validate(read: Callable[[list[str]], Iterator[pa.RecordBatch]]) -> None:
-            checked.check(expected, lambda: read(keys), relative)
+            columns = list(dict.fromkeys(keys + (schema.names if select else [])))
+            checked.check(expected, lambda: (checked.checked_keys(batch) for batch in read(columns)), relative)
 
         with self.atomic_writer(relative, schema, validate=validate, metadata=metadata) as writer:
             checked.writer = writer
@@ -209,25 +211,29 @@ class Workspace:
 class KeyedWriter:
     """Writes batches cast to one schema, keeping a digest of their keys for the exactly-once check."""
 
-    def __init__(self, schema: pa.Schema, keys: list[str], collect: bool):
-        self.schema, self.keys = schema, keys
+    def __init__(self, schema: pa.Schema, keys: list[str], collect: bool,
+                 select: Callable[[pa.Table], pa.Table] | None = None):
+        self.schema, self.keys, self.select = schema, keys, select
+        self.rows = 0
         self.digest = Digest()
         self.hashes: list[np.ndarray] | None = [] if collect else None
         self.writer: pq.ParquetWriter | None = None
-
-    @property
-    def rows(self) -> int:
-        return self.digest.rows
 
     def write(self, batch: pa.Table | pa.RecordBatch, row_group_size: int | None = None) -> None:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         batch = batch.select(self.schema.names).cast(self.schema)
-        hashes = key_hashes(batch, self.keys)
+        hashes = key_hashes(self.checked_keys(batch))
+        self.rows += batch.num_rows
         self.digest.add(hashes)
         if self.hashes is not None:
             self.hashes.append(hashes)
         self.writer.write_table(batch, row_group_size=row_group_size)
+
+    def checked_keys(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
+        """The key columns of the rows the check covers."""
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        return (self.select(table) if self.select else table).select(self.keys)
 
     def check(self, expected: KeyBatches | None, written: KeyBatches, name: str) -> None:
         """Raise ExactlyOnceError, naming example keys, unless the written keys are right."""

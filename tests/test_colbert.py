@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from td_ray.distill.colbert import (
+from td_ray.encoders.colbert import (
     COLBERT_SPEC_FILE,
     ColBERTSpec,
     ColBERTStudentEncoder,
@@ -199,7 +199,7 @@ def test_a_kl_gradient_step_lowers_the_loss(student_dir):
 def test_a_registered_colbert_student_gives_its_token_vectors_back(student_dir, tmp_path, monkeypatch):
     import mlflow
 
-    from td_ray.distill.colbert import ColBERTStudentEncoder
+    from td_ray.encoders.colbert import ColBERTStudentEncoder
     from td_ray.distill.registry import register_student
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

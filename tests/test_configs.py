@@ -151,7 +151,9 @@ def test_paper_config_follows_the_recipe(path: Path, tmp_path: Path):
     assert distill.lr == pytest.approx(5e-6) and distill.steps == 200_000 and distill.warmup_steps == 0
     assert distill.nway == 6 and distill.alpha == pytest.approx(1.0)
     assert (distill.query_maxlen, distill.passage_maxlen) == (32, 180)
-    assert (config.evaluate.query_maxlen, config.index.max_length) == (32, 180)
+    assert config.evaluate.query_maxlen == 32 and config.index.max_length >= 183  # 180 tokens + [CLS] [D] [SEP]
+    assert (config.index.passages.length, config.index.passages.stride) == (180, 90)
+    assert config.evaluate.passage_depth == 2500
     assert distill.mixed_precision != "off"
     assert 1000 <= distill.checkpoint_every <= 10_000 and distill.max_failures > 0
     assert score.top_k == 50

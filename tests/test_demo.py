@@ -1,46 +1,137 @@
-"""The CLI demo end to end in a fresh process: outputs, MLflow runs, the registered model, and a safe re-run."""
+"""The demo end to end in fresh processes: the demo job submitted with `ray job submit` to a real local head
+(`ray start --head`), then the CLI demo over the same workspace, as a re-run. Checks the outputs, the MLflow runs,
+the registered model, and that the re-run keeps every id once and trains nothing new."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from td_ray.distill.model import StudentEncoder
+from td_ray.encoders.dense import StudentEncoder
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["translate", "score", "distill", "index", "evaluate"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _clean_env() -> dict:
+    """This process's environment without an inherited MLflow store: the demo's default is under its workspace."""
+    return {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
 def _demo(workspace) -> subprocess.CompletedProcess:
-    # The demo's default store is under its workspace: no tracking URI inherited from this test process.
-    env = {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     return subprocess.run([sys.executable, "-m", "td_ray.cli", "demo", "--workspace", str(workspace)],
-                          check=False, capture_output=True, text=True, timeout=600, env=env)
+                          check=False, capture_output=True, text=True, timeout=600, env=_clean_env())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_head() -> tuple[subprocess.Popen, str, dict]:
+    """A head node on 127.0.0.1 with free ports, token auth on (Ray's secure default: the head writes
+    ~/.ray/auth_token and the CLI reads it). The test session's own in-process cluster is shut down first: two
+    clusters on one 2-core machine starve each other, and later tests start a fresh one on demand."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port, dashboard = _free_port(), _free_port()
+    env = _clean_env() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    temp_dir = tempfile.mkdtemp(prefix="tdray-head-", dir="/tmp")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={_free_port()}",  # not the default 52365, which another cluster may hold
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", dashboard), timeout=1):
+                return head, f"http://127.0.0.1:{dashboard}", env
+        except OSError:
+            time.sleep(1)
+    _stop_head(head)
+    pytest.fail("the Ray head did not open its dashboard port within 90 s")
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops the node's processes on SIGINT
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _ray_job(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """The `ray job` CLI, in a process that reads RAY_AUTH_MODE from `env` at start (as a user's shell would)."""
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=REPO, check=False)
+
+
+def _submit_demo_job(address: str, env: dict, workspace: Path) -> tuple[str, str]:
+    """Submit `jobs/pipeline.py --demo` and wait for it; returns its final state and its logs."""
+    submission = f"tdray-demo-{int(time.time())}"
+    deadline = time.time() + 120
+    while True:  # the head's job agent starts a little after its dashboard port opens
+        submitted = _ray_job(env, "submit", "--address", address, "--working-dir", str(REPO), "--submission-id",
+                             submission, "--no-wait", "--", "python", "jobs/pipeline.py", "--demo", "--workspace",
+                             str(workspace))
+        if "No available agent" not in submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    deadline = time.time() + 480
+    while True:
+        checked = _ray_job(env, "status", "--address", address, submission)
+        status = checked.stdout + checked.stderr  # the CLI logs the status line to stderr
+        final = [word for word in ("succeeded", "failed", "stopped") if f"job '{submission}' {word}" in status.lower()]
+        if final:
+            break
+        assert time.time() < deadline, _ray_job(env, "logs", "--address", address, submission).stdout[-3000:]
+        time.sleep(3)
+    return final[0], _ray_job(env, "logs", "--address", address, submission).stdout
 
 
 @pytest.fixture(scope="module")
 def demo_twice(tmp_path_factory):
+    """The demo job submitted to a Ray head on a fresh workspace, then the CLI demo over the same workspace (a
+    re-run). Returns the workspace, the job's final state and logs, and the CLI run."""
     workspace = tmp_path_factory.mktemp("demo") / "ws"
-    first = _demo(workspace)
-    assert first.returncode == 0, first.stderr[-3000:]
+    head, address, env = _start_head()
+    try:
+        state, logs = _submit_demo_job(address, env, workspace)
+    finally:
+        _stop_head(head)
+    assert state == "succeeded", logs[-5000:]
     second = _demo(workspace)
     assert second.returncode == 0, second.stderr[-3000:]
-    return workspace, first, second
+    return workspace, logs, second
 
 
 def test_summary_names_every_stage_its_metrics_and_outputs(demo_twice):
-    workspace, first, _ = demo_twice
-    lines = first.stdout.splitlines()
+    workspace, logs, _ = demo_twice  # the job's driver prints the CLI's summary
+    lines = logs.splitlines()
     for stage in STAGES:
-        assert any(line.startswith(stage) for line in lines), first.stdout
-    assert "nDCG@20=" in first.stdout and "R@100=" in first.stdout and "RR@10=" in first.stdout
-    assert f"workspace: {workspace}" in first.stdout and "evaluate.run:" in first.stdout
+        assert any(line.startswith(stage) for line in lines), logs[-5000:]
+    assert "nDCG@20=" in logs and "R@100=" in logs and "RR@10=" in logs
+    assert f"workspace: {workspace}" in logs and "evaluate.run:" in logs
 
 
 def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_twice, monkeypatch):
@@ -83,11 +174,13 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
 
 def test_rerun_keeps_every_id_exactly_once_and_skips_unchanged_training(demo_twice):
     workspace, _, _ = demo_twice
-    for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None),
-                       ("index/docids.parquet", "docid")):
+    for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None)):
         data = pq.read_table(workspace / table)
         keys = list(zip(data["qid"].to_pylist(), data["pid"].to_pylist())) if key is None else data[key].to_pylist()
         assert len(keys) == len(set(keys))
+    meta = json.loads((workspace / "index" / "index_meta.json").read_text())
+    builds = list((workspace / "index" / "builds").iterdir())
+    assert [f"index/builds/{build.name}" for build in builds] == [meta["build"]]  # one build, reused
     assert not list(workspace.rglob("*.tmp-*"))
     uri = f"sqlite:///{workspace}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -98,3 +191,13 @@ def test_rerun_keeps_every_id_exactly_once_and_skips_unchanged_training(demo_twi
     assert distills[0].data.metrics["start_step"] == 0.0 and distills[0].data.metrics["steps"] == 30.0
     assert distills[1].data.metrics["unchanged"] == 1.0
     assert distills[1].data.metrics["model_version"] == distills[0].data.metrics["model_version"]
+
+
+def test_the_demo_job_ran_on_the_head_it_was_submitted_to_and_the_cli_rerun_reports_every_stage(demo_twice):
+    workspace, logs, second = demo_twice
+    assert "joined Ray cluster" in logs  # it ran on the submitted-to cluster, not a cluster of its own
+    for stage in STAGES:
+        assert any(line.startswith(stage) for line in second.stdout.splitlines()), second.stdout
+    meta = json.loads((workspace / "index" / "index_meta.json").read_text())
+    assert all((workspace / meta["build"] / name).is_file() for name in meta["files"])
+    assert (workspace / "evaluate" / "run.trec").read_text().count("\n") > 100

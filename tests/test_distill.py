@@ -16,12 +16,11 @@ from td_ray.distill import EXAMPLES, make_trainer
 from td_ray.distill.data import (
     ExampleFilter,
     ShortListError,
-    examples_dataset,
-    rank_query,
+    group_by_query,
     read_positives,
 )
 from td_ray.distill.losses import KLDistillationLoss
-from td_ray.distill.model import DualEncoder, StudentEncoder
+from td_ray.encoders.dense import DualEncoder, StudentEncoder
 from td_ray.distill.train import (
     STATE_FILE,
     Student,
@@ -54,31 +53,39 @@ def test_kl_loss_shape_error_says_how_to_fix():
         KLDistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-def _group(rows):
-    return {"qid": np.array([r[0] for r in rows]), "pid": np.array([r[1] for r in rows]),
-            "score": np.array([r[2] for r in rows], dtype=np.float32)}
+def _scores(rows):
+    return pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows],
+                     "score": pa.array([r[2] for r in rows], pa.float32())})
 
 
 def test_a_query_becomes_its_candidates_best_first_cut_to_top_k():
-    group = _group([("q1", "a", 0.1), ("q1", "b", 5.0), ("q1", "c", 2.0), ("q1", "d", 2.0)])
-    assert rank_query(group) == {"qid": ["q1"], "pids": [["b", "c", "d", "a"]],
-                                 "teacher_scores": [[5.0, 2.0, 2.0, pytest.approx(0.1)]], "positives": [[]]}
-    assert rank_query(group, top_k=2)["pids"] == [["b", "c"]]  # ties broken by pid
+    scores = _scores([("q1", "a", 0.1), ("q2", "z", 1.0), ("q1", "b", 5.0), ("q1", "c", 2.0), ("q1", "d", 2.0)])
+    grouped = group_by_query(scores).to_pylist()
+    assert grouped[0] == {"qid": "q1", "pids": ["b", "c", "d", "a"],
+                          "teacher_scores": [5.0, 2.0, 2.0, pytest.approx(0.1)], "positives": []}
+    assert grouped[1]["qid"] == "q2" and grouped[1]["pids"] == ["z"]
+    assert group_by_query(scores, top_k=2)["pids"].to_pylist()[0] == ["b", "c"]  # ties broken by pid
     with pytest.raises(ValueError, match="'q1' has a teacher score that is NaN"):
-        rank_query(_group([("q1", "a", float("nan")), ("q1", "b", 1.0)]))
+        group_by_query(_scores([("q1", "a", float("nan")), ("q1", "b", 1.0)]))
 
 
-def test_examples_are_grouped_by_sorting_without_changing_other_datasets(ray_cluster):
-    import ray.data
-    from ray.data.context import DataContext, ShuffleStrategy
+def test_a_score_table_in_any_order_is_grouped_in_buckets_each_query_once(tmp_path, monkeypatch):
+    from td_ray.distill import data
 
-    scores = ray.data.from_arrow(pa.table({"qid": ["q2", "q1", "q2", "q1"], "pid": ["a", "b", "c", "d"],
-                                           "score": pa.array([1.0, 2.0, 3.0, 0.5], pa.float32())}))
-    grouped = examples_dataset(scores, top_k=1)
-    assert grouped.context.shuffle_strategy == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    assert DataContext.get_current().shuffle_strategy != ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    rows = sorted(grouped.take_all(), key=lambda row: row["qid"])
-    assert [(row["qid"], list(row["pids"])) for row in rows] == [("q1", ["b"]), ("q2", ["c"])]
+    monkeypatch.setattr(data, "BUCKET_ROWS", 40)  # 200 rows: five buckets
+    rng = np.random.default_rng(0)
+    rows = [(f"q{q}", f"p{p}", float(rng.normal())) for q in range(20) for p in range(10)]
+    rng.shuffle(rows)  # queries interleaved, as blocks of a resumed score run can leave them
+    workspace = Workspace(str(tmp_path))
+    workspace.write_table(_scores(rows), "score/scores.parquet")
+    grouped = pa.concat_tables(data.group_scores(workspace, "score/scores.parquet", "distill/.groups", top_k=4))
+    assert sorted(grouped["qid"].to_pylist()) == sorted(f"q{q}" for q in range(20))
+    best = {}
+    for qid, pid, score in rows:
+        best.setdefault(qid, []).append((-np.float32(score), pid))
+    assert {row["qid"]: row["pids"] for row in grouped.to_pylist()} == {
+        qid: [pid for _, pid in sorted(items)[:4]] for qid, items in best.items()}
+    assert not (tmp_path / "distill" / ".groups").exists()
 
 
 def _examples(rows):
@@ -231,17 +238,6 @@ def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(p
         assert torch.allclose(restored(dict(query), dict(passages)), saved(dict(query), dict(passages)), atol=1e-5)
 
 
-def test_fit_again_resumes_from_the_last_checkpoint(pipeline_run, ray_cluster):
-    import ray.data
-
-    config, _ = pipeline_run
-    workspace = Workspace(config.workspace)
-    examples = workspace.read_table(EXAMPLES)
-    result = make_trainer(config, workspace, ray.data.from_arrow(examples), examples.num_rows, run_id=None).fit()
-    assert result.metrics["start_step"] == config.distill.steps  # resumed, not retrained from step 0
-    assert result.metrics["step"] == config.distill.steps
-
-
 def test_missing_input_column_is_named_before_training(make_workspace):
     from td_ray import distill
     from td_ray.schemas import MissingColumnsError
@@ -268,11 +264,11 @@ def test_examples_hold_each_scored_query_once_best_first(pipeline_run):
         assert set(row["pids"]) == set(by_query[row["qid"]])
 
 
-def test_a_failed_worker_is_restarted_from_its_checkpoint_and_repeats_the_same_losses(pipeline_run, ray_cluster,
+def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_losses(pipeline_run, ray_cluster,
                                                                                        tmp_path):
-    """FailureConfig(max_failures=1) restarts the worker after a crash at step 3; it resumes from the step-2
-    checkpoint and its steps 3 and 4 have the losses of a run that never failed. Also covers the ColBERT-X
-    student, MTD mixing over two languages and gradient accumulation inside the real loop."""
+    """FailureConfig(max_failures=1) restarts the worker after a crash at step 4, once step 3's loss was logged;
+    it resumes from the step-2 checkpoint, and its replayed step 3 has the loss the first attempt logged. Also
+    covers the ColBERT-X student, MTD mixing over two languages and gradient accumulation inside the real loop."""
     from mlflow.tracking import MlflowClient
 
     from td_ray import tracking
@@ -285,13 +281,13 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_repeats_the_same_l
     experiment = client.get_experiment_by_name(config.mlflow.experiment).experiment_id
     marker = tmp_path / "failed-once"
 
-    def crash_once_at_step_3(loop_config):
+    def crash_once_at_step_4(loop_config):
         steps = loop_config["distill"]["steps"]
         original = train_module.train_step
 
         def train_step(*args, **kwargs):
             step = round(args[8] * steps)  # train_step(model, loss_fn, student, texts, batch, config, device, rng, progress)
-            if step == 2 and not marker.exists():  # the third step (0-based 2)
+            if step == 3 and not marker.exists():  # the fourth step (0-based 3), after step 3 was logged
                 marker.write_text("crashed")
                 raise RuntimeError("injected worker failure")
             return original(*args, **kwargs)
@@ -299,24 +295,20 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_repeats_the_same_l
         train_module.train_step = train_step
         train_module.train_loop(loop_config)
 
-    losses = {}
-    for name, train_fn in (("straight", train_module.train_loop), ("crashed", crash_once_at_step_3)):
-        run_config = with_updates(config, distill={
-            "steps": 4, "checkpoint_every": 2, "num_workers": 1, "batch_size": 4, "grad_accum_steps": 2,
-            "max_failures": 1, "run_name": f"restart-{name}", "student_kind": "colbert", "colbert_dim": 16,
-            "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
-        run_id = client.create_run(experiment, run_name=name).info.run_id
-        dataset = read_table_dataset(workspace, EXAMPLES)
-        result = make_trainer(run_config, workspace, dataset, examples, run_id, train_fn=train_fn).fit()
-        assert result.metrics["step"] == 4
-        history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
-        losses[name] = history
-        if name == "crashed":
-            assert marker.exists() and result.metrics["start_step"] == 2  # resumed from the step-2 checkpoint
-    assert sorted(losses["crashed"]) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert losses["crashed"][step] == pytest.approx(losses["straight"][step], rel=1e-5, abs=1e-6)
-    assert len(set(losses["straight"].values())) == 4  # the steps differ: the comparison is not trivial
+    run_config = with_updates(config, distill={
+        "steps": 4, "checkpoint_every": 2, "log_every": 1, "num_workers": 1, "batch_size": 4, "grad_accum_steps": 2,
+        "max_failures": 1, "run_name": "restart", "student_kind": "colbert", "colbert_dim": 16,
+        "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
+    run_id = client.create_run(experiment, run_name="restart").info.run_id
+    dataset = read_table_dataset(workspace, EXAMPLES)
+    result = make_trainer(run_config, workspace, dataset, examples, run_id, train_fn=crash_once_at_step_4).fit()
+    assert marker.exists() and result.metrics["step"] == 4
+    assert result.metrics["start_step"] == 2  # resumed from the step-2 checkpoint
+    history = [(metric.step, metric.value) for metric in client.get_metric_history(run_id, "loss")]
+    assert sorted(step for step, _ in history) == [1, 2, 3, 3, 4]  # step 3: the first attempt's, then the replay's
+    first, replayed = (value for step, value in history if step == 3)
+    assert replayed == pytest.approx(first, rel=1e-5, abs=1e-6)
+    assert len({value for step, value in history if step != 3} | {first}) == 4  # the steps differ: not trivial
 
 
 def test_workers_that_would_take_every_cpu_are_refused_before_training(make_workspace, ray_cluster):

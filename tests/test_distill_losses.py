@@ -88,6 +88,27 @@ def test_in_batch_negatives_add_the_other_queries_passages_as_computed_by_hand()
     assert in_batch > plain  # more negatives, same positives: a larger loss
 
 
+def test_in_batch_negatives_never_count_another_copy_of_the_same_query():
+    """Round-robin MTD repeats a query once per language: its other copy's positive is the same passage in
+    another language and must not be a negative. Entries 0 and 1 are copies of q1, entry 2 is q2; nway 2."""
+    from td_ray.distill.sampling import TrainingEntry
+    from td_ray.distill.train import same_query_mask
+
+    entries = [TrainingEntry(qid, ["a", "b"], [1.0, 0.0], [lang] * 2, [0, 1])
+               for qid, lang in (("q1", "zh"), ("q1", "fa"), ("q2", "zh"))]
+    same = same_query_mask(entries)
+    assert same.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    scores = [[5.0, 0.0, 5.0, 0.0, 1.0, 1.0],
+              [5.0, 0.0, 5.0, 0.0, 1.0, 1.0],
+              [1.0, 1.0, 1.0, 1.0, 5.0, 0.0]]
+    masked = ContrastiveLoss(in_batch_negatives=True)(torch.tensor(scores), same).item()
+    kept = [[0, 1, 4, 5], [2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]  # each row without the other copy's passages
+    positive = [0, 0, 4]
+    expected = sum(-_log_softmax([scores[i][c] for c in kept[i]])[positive[i]] for i in range(3)) / 3
+    assert masked == pytest.approx(expected, rel=1e-6)
+    assert ContrastiveLoss(in_batch_negatives=True)(torch.tensor(scores)).item() > 5 * masked  # unmasked: ln 2 a copy
+
+
 @pytest.mark.parametrize(("loss", "args", "message"), [
     (KLDistillationLoss(), (torch.zeros(2, 3), torch.zeros(2, 4)), r"\[batch, nway\].*distill\.nway"),
     (MarginMSELoss(), (torch.zeros(2, 3), torch.zeros(2, 4)), r"\[batch, nway\].*column 0"),

@@ -1,54 +1,54 @@
-"""index: every document encoded once, FAISS shards built in parallel and merged into one index."""
+"""index: every passage encoded once into FAISS shards built by Ray tasks; the flat token index's merge."""
 from __future__ import annotations
 
 import faiss
 import numpy as np
 
-from td_ray.distill.model import StudentEncoder
-from td_ray.index.core import build_shard, merge_shards, reconstruct_all, stored_ids
-from td_ray.workspace import (
-    DOC_IDS,
-    EMBEDDINGS,
-    EVAL_DOCS,
-    FAISS_INDEX,
-    STUDENT_DIR,
-    Workspace,
-)
+from td_ray.encoders.dense import StudentEncoder
+from td_ray.retrieval.faiss_index import Searcher
+from td_ray.retrieval.layout import PASSAGE_MAP, build_path, read_index_meta
+from td_ray.retrieval.maxp import PassageMap
+from td_ray.retrieval.maxsim import build_shard, merge_shards, reconstruct_all, stored_ids
+from td_ray.workspace import EVAL_DOCS, STUDENT_DIR, Workspace
 
 
-def test_merged_index_holds_every_document_once_and_each_vector_finds_itself(pipeline_run):
+def _shard_vectors(workspace: Workspace, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every (faiss id, vector) the build's Flat shards hold."""
+    ids, vectors = [], []
+    for name in meta["files"]:
+        shard = faiss.read_index(str(build_path(workspace, meta, name)))
+        ids.append(stored_ids(shard))
+        vectors.append(reconstruct_all(shard))
+    return np.concatenate(ids), np.concatenate(vectors)
+
+
+def test_the_index_holds_every_passage_once_and_each_vector_finds_itself(pipeline_run):
     config, results = pipeline_run
     workspace = Workspace(config.workspace)
-    index = faiss.read_index(workspace.path(FAISS_INDEX))
+    meta = read_index_meta(workspace)
     docs = workspace.read_table(EVAL_DOCS)
-    mapping = workspace.read_table(DOC_IDS)
-    ids = stored_ids(index)
-    assert index.ntotal == docs.num_rows == len(np.unique(ids))
-    assert sorted(mapping["docid"].to_pylist()) == sorted(docs["id"].to_pylist())
-    assert results["index"].metrics["shard_0_size"] > 0 and results["index"].metrics["shard_1_size"] > 0
+    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
+    ids, vectors = _shard_vectors(workspace, meta)
+    assert meta["factory"] == "Flat" and len(meta["files"]) == config.index.num_shards
+    assert len(ids) == len(np.unique(ids)) == len(passages) == meta["passages"] >= docs.num_rows
+    assert sorted(ids.tolist()) == list(range(len(ids)))
+    assert set(passages.docids(ids)) == set(docs["id"].to_pylist())  # every document, through its passages
+    assert all(results["index"].metrics[f"shard_{i}_size"] > 0 for i in range(config.index.num_shards))
 
-    vectors = reconstruct_all(index)
-    # the merged index ranks exactly as a brute-force dot product over the whole collection
+    # the shards, searched in turn, rank exactly as a brute-force dot product over the whole collection
+    searcher = Searcher([build_path(workspace, meta, name) for name in meta["files"]], None)
     queries = vectors[:7] + 0.01
-    scores, found = index.search(queries, 5)
+    scores, found = searcher.search(queries, 5)
     brute = queries @ vectors.T
     np.testing.assert_allclose(scores, np.sort(brute, axis=1)[:, ::-1][:, :5], rtol=1e-4, atol=1e-4)
     assert found[:, 0].tolist() == ids[brute.argmax(axis=1)].tolist()
 
-    # the stored vectors are the student's encoding of the document text
-    by_faiss_id = dict(zip(mapping["faiss_id"].to_pylist(), mapping["docid"].to_pylist()))
+    # the stored vectors are the student's encoding of the passages (the demo's documents are one passage each)
     texts = dict(zip(docs["id"].to_pylist(), docs["text"].to_pylist()))
     encoder = StudentEncoder(workspace.path(STUDENT_DIR), max_length=config.index.max_length)
-    direct = encoder.encode([texts[by_faiss_id[int(i)]] for i in ids[:5]])
+    direct = encoder.encode([texts[docid] for docid in passages.docids(ids[:5])])
     np.testing.assert_allclose(vectors[:5], direct, atol=1e-4)
-
-
-def test_embeddings_table_shards_partition_the_collection(pipeline_run):
-    config, _ = pipeline_run
-    table = Workspace(config.workspace).read_table(EMBEDDINGS, columns=["docid", "shard"])
-    shards = set(table["shard"].to_pylist())
-    assert shards == set(range(config.index.num_shards))
-    assert table.num_rows == len(set(table["docid"].to_pylist()))
+    assert not build_path(workspace, meta, "embeddings.parquet").exists()  # the vectors live in the index only
 
 
 def test_merge_moves_every_shard_into_one_index():

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from td_ray.distill.colbert import (
+from td_ray.encoders.colbert import (
     ColBERTSpec,
     ColBERTStudentEncoder,
     load_colbert,
     maxsim,
 )
-from td_ray.index.core import (
+from td_ray.retrieval.maxsim import (
     build_shard,
     colbert_search,
     maxsim_scores,
@@ -114,7 +114,7 @@ def test_maxsim_scores_agree_with_the_students_maxsim(collection):
 
 def test_index_and_evaluate_stages_with_a_colbert_student(make_workspace, ray_cluster, assets_root, tmp_path):
     from td_ray import evaluate, index
-    from td_ray.index import StaleIndexError
+    from td_ray.errors import StaleIndexError
 
     torch.manual_seed(0)
     model, tokenizer = load_colbert(assets_root / "tiny-models" / "student",
@@ -128,15 +128,16 @@ def test_index_and_evaluate_stages_with_a_colbert_student(make_workspace, ray_cl
 
     docs = workspace.read_table(EVAL_DOCS)
     texts = dict(zip(docs["id"].to_pylist(), docs["text"].to_pylist()))
-    table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["docid", "faiss_id", "tokens"])
-    assert sorted(table["docid"].to_pylist()) == sorted(texts)  # every document exactly once
+    table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["docid", "passage", "faiss_id", "tokens"])
+    assert sorted(table["docid"].to_pylist()) == sorted(texts)  # every (short) document, one passage each
+    assert set(table["passage"].to_pylist()) == {0}
     encoder = ColBERTStudentEncoder(student, max_length=config.index.max_length)
     direct = dict(zip(texts, encoder.encode_documents(list(texts.values()))))
     token_index = faiss.read_index(workspace.path(FAISS_INDEX))
     assert token_index.ntotal == sum(len(vectors) for vectors in direct.values())
     meta = json.loads(Path(workspace.path(INDEX_META)).read_text())
-    assert meta.pop("key") and meta == {
-        "kind": "colbert", "dim": 16, "docs": len(texts), "tokens": token_index.ntotal, "model": str(student)}
+    assert meta.pop("key") and meta == {"kind": "colbert", "dim": 16, "docs": len(texts), "passages": len(texts),
+                                        "tokens": token_index.ntotal, "model": str(student)}
 
     # each document's token rows hold its own token vectors
     token_docs = workspace.read_table(TOKEN_DOCS)

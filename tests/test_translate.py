@@ -97,6 +97,44 @@ def test_sound_output_and_empty_source_flags():
     assert flag_names(check_translation("   ", "", quality)) == ["empty_source"]
 
 
+def test_correct_chinese_is_not_flagged_short_but_a_truncated_one_is():
+    """Chinese runs at 0.2-0.3 characters per English character: the plain bounds flagged correct translations
+    (and each flag costs a beam-4 retry)."""
+    quality = QualityConfig()
+    source = "The Department of Homeland Security announced new regulations."
+    assert check_translation(source, "国土安全部宣布了新规定。", quality) == []
+    assert len("国土安全部宣布了新规定。") / len(source) < quality.min_length_ratio  # what the plain bound flagged
+    assert "length_ratio" in flag_names(check_translation(source * 5, "国土安全部。", quality))
+    assert "length_ratio" in flag_names(check_translation(source, "规定" * 60, quality))  # runaway output
+
+
+def test_hangul_is_a_spaced_script_counted_in_words():
+    from td_ray.translate.quality import unspaced_script
+
+    assert unspaced_script("국토안보부가 새로운 규정을 발표했다.") is None
+    assert unspaced_script("国土安全部宣布了新规定。") == "cjk"
+    assert unspaced_script("กระทรวงความมั่นคงแห่งมาตุภูมิประกาศกฎระเบียบใหม่") == "thai"
+    # a Korean run of one word is not a repeated n-gram, as it was when Hangul was counted in characters
+    assert check_translation("Hello, hello, hello, hello, hello.", "안녕하세요안녕하세요안녕하세요안녕하세요안녕하세요",
+                             QualityConfig()) == []
+
+
+@pytest.mark.skipif(not (REALDATA / "msmarco" / "translations.jsonl").is_file(), reason="../shared/realdata is absent")
+def test_real_chinese_and_japanese_translations_of_ms_marco_pass_the_length_check():
+    english = {}
+    for line in (REALDATA / "msmarco" / "passages.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        pid, text, _ = line.split("\t")
+        english[pid] = text
+    checked = 0
+    for line in (REALDATA / "msmarco" / "translations.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["complete"] and row["lang"] in ("zh", "ja") and row["pid"] in english:
+            flags = flag_names(check_translation(english[row["pid"]], row["text"], QualityConfig()))
+            assert "length_ratio" not in flags, (row["dataset"], row["pid"])
+            checked += 1
+    assert checked >= 8
+
+
 def test_translate_texts_translates_each_sentence_as_the_bare_engine_does(ct2_model):
     translator, model_dir = ct2_model
     codec = SentencePieceCodec(model_dir)
@@ -186,7 +224,7 @@ def test_store_plans_only_missing_or_edited_rows_and_views_each_id_once(tmp_path
     assert todo_ids == ["2"] and (current.source_rows, current.todo_rows) == (3, 1)
     store.commit_block(workspace, directory, _block(["2"], edited[1:2]))
     assert plan()[0].todo_rows == 0 and not workspace.exists(todo)  # nothing left: no work list
-    assert store.write_view(workspace, directory, current.current, english, "passages", "qaa", "k") == 3
+    assert store.write_view(workspace, directory, current.current, english, "passages", "qaa", "k", "m") == 3
     view = workspace.read_table(translated("passages", "qaa"))
     assert sorted(zip(view["id"].to_pylist(), view["source_hash"].to_pylist())) == list(zip(["1", "2", "3"], edited))
 
@@ -206,7 +244,7 @@ def _work_list_and_view_seconds(root: Path, rows: int) -> float:
     started = time.perf_counter()
     plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), "translate/todo.parquet")
     store.commit_block(workspace, directory, _block(ids[done:], hashes[done:]))
-    assert store.write_view(workspace, directory, plan.current, english, "passages", "qaa", "k") == rows
+    assert store.write_view(workspace, directory, plan.current, english, "passages", "qaa", "k", "m") == rows
     return time.perf_counter() - started
 
 
@@ -243,7 +281,7 @@ def test_a_view_missing_an_id_is_refused_naming_it(tmp_path):
     store.commit_block(workspace, directory, _block(["1"], hashes[:1]))
     plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), "translate/todo.parquet")
     with pytest.raises(ExactlyOnceError, match=r"missing \['2'\]"):
-        store.write_view(workspace, directory, plan.current, english, "passages", "qaa", "k")
+        store.write_view(workspace, directory, plan.current, english, "passages", "qaa", "k", "m")
     assert not workspace.exists(translated("passages", "qaa"))
 
 

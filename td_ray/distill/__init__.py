@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 
 from td_ray import schemas, tracking
-from td_ray.config import PipelineConfig
-from td_ray.distill.data import ExampleFilter, examples_dataset, read_positives
+from td_ray.config import OPERATIONAL_DISTILL_FIELDS, PipelineConfig
+from td_ray.distill.data import ExampleFilter, group_scores, read_positives
 from td_ray.distill.registry import register_student
 from td_ray.distill.train import HF_DIR, train_loop
 from td_ray.fingerprint import digest
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import in_task, read_table_dataset, write_stream
+from td_ray.raydata import in_task, read_table_dataset
 from td_ray.result import StageResult
 from td_ray.sources import ingest
 from td_ray.textjoin import TextLookup, check_coverage, export_text
 from td_ray.workspace import (
+    PASSAGES_EN,
     SCORES,
     STUDENT_DIR,
     TRAIN_QRELS,
@@ -44,11 +45,15 @@ DATA_CPUS = 1.0
 
 def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples: int, run_id: str | None,
                  train_fn=train_loop, texts: dict | None = None):
-    """The TorchTrainer for this config; the same run name and storage resume from the last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """The TorchTrainer for this config. Its run is named by `run_name` and the training identity
+    (`training_key`): the same identity resumes from the last checkpoint, a changed input or training setting
+    starts a new run. The examples are read in order, so one worker's shard is the same on every restart."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     options = config.distill
+    ingest_options = DataConfig.default_ingest_options()
+    ingest_options.preserve_order = True
     return TorchTrainer(
         train_fn,
         train_loop_config={
@@ -62,11 +67,12 @@ def make_trainer(config: PipelineConfig, workspace: Workspace, dataset, examples
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
                                      resources_per_worker={"CPU": options.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{options.run_name}-{config.fingerprint()}",
+        run_config=RunConfig(name=f"{options.run_name}-{training_key(config, workspace)[:12]}",
                              storage_path=str(workspace.local_dir("ray_train")),
                              failure_config=FailureConfig(max_failures=options.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=options.checkpoint_keep)),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options),
     )
 
 
@@ -96,19 +102,25 @@ def check_free_cpus(config: PipelineConfig) -> None:
         logger.warning("%s (continuing: an autoscaling cluster may add CPUs)", message)
 
 
-def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, list[str]]:
-    """Write ``distill/examples.parquet``: Ray Data groups the score table by query, the driver streams the rows
-    through the nway and qrels checks. Returns the rows written and the qids skipped."""
+def build_examples(config: PipelineConfig, workspace: Workspace) -> tuple[int, int]:
+    """Write ``distill/examples.parquet`` in a Ray task (`write_examples`), off the driver; returns the rows written
+    and the number of queries skipped as too short."""
     options = config.distill
-    positives = None
     if options.positives == "qrels":
         schemas.require_columns(workspace.read_schema(TRAIN_QRELS), ("qid", "docid", "relevance"), TRAIN_QRELS)
-        positives = read_positives(workspace.read_table(TRAIN_QRELS))
+    return in_task(write_examples, workspace, options, num_cpus=1)
+
+
+def write_examples(workspace: Workspace, options) -> tuple[int, int]:
+    """Group the score table by query (hash buckets on disk), attach qrels positives, drop or refuse queries that
+    cannot fill nway, and write the examples, each qid once."""
+    positives = read_positives(workspace.read_table(TRAIN_QRELS)) if options.positives == "qrels" else None
     keep = ExampleFilter(options.nway, options.short_list_policy, positives)
-    rows = write_stream(examples_dataset(read_table_dataset(workspace, SCORES), options.top_k), workspace, EXAMPLES,
-                        schemas.EXAMPLES, ["qid"], transform=keep)
+    with workspace.exactly_once_writer(EXAMPLES, schemas.EXAMPLES, ["qid"]) as writer:
+        for examples in group_scores(workspace, SCORES, "distill/.groups", options.top_k):
+            writer.write(keep(examples))
     keep.report()
-    return rows, keep.skipped
+    return writer.rows, len(keep.skipped)
 
 
 def check_texts(config: PipelineConfig, workspace: Workspace, texts: dict) -> None:
@@ -141,15 +153,19 @@ TRAINED_FILE = "td_ray_trained.json"
 """Beside the saved student: the training identity it was made from and the registry version it became."""
 
 
-def training_key(config: PipelineConfig, workspace: Workspace) -> str:
-    """What determines the trained student: the distill settings that change training, and the identity of every
-    table it reads (scores, queries, passages per language, qrels)."""
+def training_tables(config: PipelineConfig) -> list[str]:
+    """The tables distill trains from: scores, training queries, passages per language, and qrels for TT."""
     options = config.distill
     tables = [SCORES, TRAIN_QUERIES_EN] + [translated("passages", lang) for lang in options.passage_langs]
-    if options.positives == "qrels":
-        tables.append(TRAIN_QRELS)
-    return digest(options.model_dump(mode="json", exclude={"max_failures"}),
-                  [workspace.table_identity(table) for table in tables])
+    return tables + ([TRAIN_QRELS] if options.positives == "qrels" else [])
+
+
+def training_key(config: PipelineConfig, workspace: Workspace) -> str:
+    """The training identity: the distill settings that change what is trained (all but
+    OPERATIONAL_DISTILL_FIELDS), and the identity of every table it reads. Anything else in the config (MLflow,
+    index, evaluate, the teacher's name in score) leaves it as it is, so changing it resumes the same run."""
+    return digest(config.distill.model_dump(mode="json", exclude=set(OPERATIONAL_DISTILL_FIELDS)),
+                  [workspace.table_identity(table) for table in training_tables(config)])
 
 
 def _registered(config: PipelineConfig, student_dir: Path, key: str) -> str | None:
@@ -212,12 +228,12 @@ def run(config: PipelineConfig) -> StageResult:
         with result.checkpoint.as_directory() as directory:
             _replace_dir(Path(directory) / HF_DIR, student_dir)
         version = register_student(student_dir, config.mlflow.registered_model, config.mlflow.alias,
-                                   lineage(config))
+                                   lineage(config, workspace))
         atomic_write_text(student_dir / TRAINED_FILE, json.dumps(
             {"key": key, "model": config.mlflow.registered_model, "version": version}))
         metrics = {"steps": float(result.metrics.get("step", 0)),
                    "start_step": float(result.metrics.get("start_step", 0)),
-                   "examples": float(examples), "skipped_queries": float(len(skipped)), "model_version": float(version)}
+                   "examples": float(examples), "skipped_queries": float(skipped), "model_version": float(version)}
         if "loss" in result.metrics:  # absent when a finished run was resumed and trained no further
             metrics["final_loss"] = float(result.metrics["loss"])
         stage = StageResult("distill", examples, time.perf_counter() - started,
@@ -227,18 +243,27 @@ def run(config: PipelineConfig) -> StageResult:
     return stage
 
 
-def lineage(config: PipelineConfig) -> dict[str, str]:
-    """Tags on the registered student: where its teacher, translations and data came from, and the config hash."""
+def lineage(config: PipelineConfig, workspace: Workspace) -> dict[str, str]:
+    """Tags on the registered student, read from the footers of the tables it was trained on (not from the config,
+    which may have changed since score or translate ran): teacher and revision, MT model per language, sources."""
     options = config.distill
-    models = {target.lang: target.model or "pretranslated" for target in config.translate.targets}
+    made = json.loads(workspace.file_metadata(SCORES).get("td_ray_provenance", "{}"))
+    teacher = made.get("teacher") or (f"import:{made.get('format')}:{Path(made['path']).name}" if "path" in made
+                                      else "unknown")
+    models = {lang: workspace.file_metadata(translated("passages", lang)).get("td_ray_mt_model", "unknown")
+              for lang in options.passage_langs}
     return {
-        "td_ray.teacher": config.score.provenance,
+        "td_ray.teacher": teacher,
+        "td_ray.teacher_revision": str(made.get("teacher_revision") or made.get("sha256") or "unknown"),
+        "td_ray.scores": json.dumps(made, sort_keys=True)[:5000],
         "td_ray.student_kind": options.student_kind,
         "td_ray.loss": options.loss,
         "td_ray.passage_lang": ",".join(options.passage_langs),
         "td_ray.mixing": options.mixing if len(options.passage_langs) > 1 else "none",
-        "td_ray.mt_model": ",".join(f"{lang}={models.get(lang, 'none')}" for lang in options.passage_langs),
-        "td_ray.train_queries": config.data.train_queries.model_dump_json(),
-        "td_ray.passages": config.data.passages.model_dump_json(),
+        "td_ray.mt_model": ",".join(f"{lang}={model}" for lang, model in models.items()),
+        "td_ray.train_queries": workspace.file_metadata(TRAIN_QUERIES_EN).get("td_ray_source", "unknown")[:5000],
+        "td_ray.passages": workspace.file_metadata(PASSAGES_EN).get("td_ray_source", "unknown")[:5000]
+        if workspace.exists(PASSAGES_EN) else "unknown",
+        "td_ray.training_key": training_key(config, workspace),
         "td_ray.config_hash": config.fingerprint(),
     }

@@ -1,14 +1,14 @@
 """Training examples, as PyLate keeps distillation data: ids and teacher scores only, one row per query.
 
-Ray Data groups the score table by query on the cluster and the driver streams the groups into
-``distill/examples.parquet`` one batch at a time, so no process holds every example. Text is joined in the
+The score table is grouped by query in hash buckets on disk (`group_scores`), so no process holds every score
+or every example, whatever the order of the table. Text is joined in the
 training workers (:mod:`td_ray.textjoin`), in whichever language(s) the config names: one English score table
 serves every translation, which is the heart of Translate-Distill.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,22 +16,67 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from td_ray.distill.sampling import ShortListError
+from td_ray.keys import string_hashes
+from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExampleFilter", "ShortListError", "TextSource", "examples_dataset", "rank_query", "read_positives"]
+__all__ = ["ExampleFilter", "ShortListError", "TextSource", "group_by_query", "group_scores", "read_positives"]
 
 
-def rank_query(group: dict[str, np.ndarray], top_k: int | None = None) -> dict[str, list]:
-    """One query's scored candidates as one example row: ids and raw scores, best first (ties by pid), cut to
-    its `top_k` best (all when None). A `map_groups` function: `group` holds one qid's rows."""
-    pids = np.asarray(group["pid"]).astype(str)
-    scores = np.asarray(group["score"], dtype=np.float64)
-    if not np.isfinite(scores).all():
-        raise ValueError(f"query {str(group['qid'][0])!r} has a teacher score that is NaN or infinite; rescore it")
-    order = np.lexsort((pids, -scores))[:top_k]
-    return {"qid": [str(group["qid"][0])], "pids": [pids[order].tolist()],
-            "teacher_scores": [scores[order].astype(np.float32).tolist()], "positives": [[]]}
+def group_by_query(scores: pa.Table, top_k: int | None = None) -> pa.Table:
+    """Example rows (qid, pids, teacher_scores, positives) from score rows (qid, pid, score) holding every row of
+    the queries they name: each query's candidates best-scored first (ties by pid), cut to its `top_k` best (all
+    when None), with empty positives. Vectorised: one sort, then list columns over the group boundaries."""
+    nan = pc.is_nan(scores["score"].cast(pa.float64()))
+    if pc.any(pc.or_kleene(nan, pc.is_null(scores["score"]))).as_py():
+        bad = scores.filter(pc.or_kleene(nan, pc.is_null(scores["score"])))["qid"][0].as_py()
+        raise ValueError(f"query {bad!r} has a teacher score that is NaN or missing; rescore it")
+    ordered = scores.sort_by([("qid", "ascending"), ("score", "descending"), ("pid", "ascending")])
+    qids = ordered["qid"].combine_chunks()
+    starts = (np.flatnonzero(np.concatenate([[True], pc.not_equal(qids.slice(1), qids.slice(0, len(qids) - 1))
+                                             .to_numpy(zero_copy_only=False)])) if len(qids) else np.zeros(0, np.int64))
+    offsets = pa.array(np.append(starts, len(qids)).astype(np.int32))
+    pids = pa.ListArray.from_arrays(offsets, ordered["pid"].combine_chunks().cast(pa.string()))
+    values = pa.ListArray.from_arrays(offsets, ordered["score"].combine_chunks().cast(pa.float32()))
+    if top_k is not None:
+        pids, values = pc.list_slice(pids, 0, top_k), pc.list_slice(values, 0, top_k)
+    return pa.table({"qid": qids.take(pa.array(starts)), "pids": pids, "teacher_scores": values,
+                     "positives": pa.array([[]] * len(starts), pa.list_(pa.string()))})
+
+
+def group_scores(workspace: Workspace, scores: str, folder: str, top_k: int | None) -> Iterator[pa.Table]:
+    """Example rows of every query of the score table `scores`, bucket by bucket: the rows are spread over hash
+    buckets of their qid in `folder` (one streamed pass), then each bucket is grouped by `group_by_query`. Holds one
+    bucket (about BUCKET_ROWS score rows) at a time, whatever the order of the score table."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    path = workspace.path(folder)
+    shutil.rmtree(path, ignore_errors=True)  # the buckets of a killed run
+    workspace.local_dir(folder)
+    buckets = max(1, -(-workspace.row_count(scores) // BUCKET_ROWS))
+    schema = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("score", pa.float32())])
+    writers = [pq.ParquetWriter(f"{path}/bucket-{i:04d}.parquet", schema) for i in range(buckets)]
+    try:
+        for batch in workspace.iter_batches(scores, ["qid", "pid", "score"], batch_size=262_144):
+            table = pa.Table.from_batches([batch]).cast(schema)
+            which = string_hashes(table["qid"]) % np.uint64(buckets)
+            for bucket in np.unique(which):
+                writers[bucket].write_table(table.filter(pa.array(which == bucket)))
+    finally:
+        for writer in writers:
+            writer.close()
+    for bucket in range(buckets):
+        file = f"{path}/bucket-{bucket:04d}.parquet"
+        table = pq.read_table(file)
+        yield group_by_query(table, top_k)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+BUCKET_ROWS = 1_000_000
+"""Score rows per bucket when grouping by query (about 40 MB of ids and scores)."""
 
 
 def read_positives(qrels: pa.Table) -> pa.Table:
@@ -80,22 +125,6 @@ class ExampleFilter:
         if self.skipped:
             logger.warning("skipped %d queries that cannot fill nway=%d passages, e.g. %s", len(self.skipped),
                            self.nway, self.skipped[:3])
-
-
-def examples_dataset(scores_dataset, top_k: int | None):
-    """The Ray Dataset of example rows (qid, pids, teacher_scores, positives) grouped from a score dataset.
-
-    The grouping sorts with plain tasks instead of Ray Data's default hash shuffle, whose aggregator actors cost
-    10-15 s to start at any size (measured on 2 CPUs: 1,600 rows grouped in 13-16 s hashed, 2 s sorted). The
-    setting is made on this dataset's own context, which its derived datasets share.
-    """
-    from functools import partial
-
-    from ray.data.context import ShuffleStrategy
-
-    scores_dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return scores_dataset.select_columns(["qid", "pid", "score"]).groupby("qid").map_groups(
-        partial(rank_query, top_k=top_k), batch_format="numpy")
 
 
 TextSource = Callable[[list[str]], list[str]]

@@ -21,8 +21,8 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
     """`predict` takes texts (a list, or a DataFrame whose first column holds them) and returns vectors."""
 
     def load_context(self, context) -> None:
-        from td_ray.distill.colbert import ColBERTStudentEncoder, is_colbert
-        from td_ray.distill.model import StudentEncoder
+        from td_ray.encoders.colbert import ColBERTStudentEncoder, is_colbert
+        from td_ray.encoders.dense import StudentEncoder
 
         path = context.artifacts["student"]
         self.colbert = is_colbert(path)
@@ -46,12 +46,13 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def register_student(student_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
-    """Log the student into the active run, register it under `name`, point `alias` at it; returns the version."""
+    """Log the student into the active run, register it under `name`, tag it, then point `alias` at it; returns the
+    version."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     import td_ray
-    from td_ray.distill.colbert import is_colbert
+    from td_ray.encoders.colbert import is_colbert
 
     if is_colbert(student_dir):
         signature = ModelSignature(inputs=Schema([ColSpec("string")]),
@@ -72,8 +73,8 @@ def register_student(student_dir: Path, name: str, alias: str, tags: dict[str, s
     )
     registered = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, alias, registered)
-    for key, value in tags.items():
+    for key, value in tags.items():  # every tag before the alias moves: who loads @alias finds its lineage
         client.set_model_version_tag(name, registered, key, value)
+    client.set_registered_model_alias(name, alias, registered)
     logger.info("registered %s version %s as @%s", name, registered, alias)
     return registered

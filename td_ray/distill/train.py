@@ -1,9 +1,10 @@
 """The Ray Train loop run by every worker: DDP over the student (dense or ColBERT-X), the configured loss against
 the teacher, gradient accumulation, mixed precision on GPU, checkpoints, and a resume that replays the same steps.
 
-Every random draw of a step (passages, languages, dropout) is seeded by (seed, rank, step, micro-batch), and a
-resumed worker skips the micro-batches its epoch had already consumed, so a restart from a checkpoint repeats the
-losses an uninterrupted run would have had.
+Every random draw of a step (passages, languages, dropout) is seeded by (seed, rank, step, micro-batch), each
+epoch is shuffled by (seed, epoch), and a resumed worker skips the micro-batches its epoch had already consumed.
+With one worker a restart from a checkpoint therefore repeats the losses an uninterrupted run would have had;
+with several, each worker may be dealt other examples after a restart (see `micro_batches`).
 """
 from __future__ import annotations
 
@@ -35,14 +36,26 @@ HF_DIR = "hf"
 
 
 class StepLogger:
-    """Per-step metrics straight to the stage's MLflow run (rank 0 only)."""
+    """Per-step metrics to the stage's MLflow run (rank 0 only), buffered and sent as one batch every
+    `log_every` steps, at each checkpoint and at the end.
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
+    A failed send is logged and kept for the next flush, which retries it; tracking never stops training. At most
+    MAX_BUFFERED metrics wait (the oldest are dropped past that, with a warning), so a tracking server that stays
+    down cannot fill the worker's memory.
+    """
+
+    MAX_BUFFERED = 100_000
+    BATCH_LIMIT = 1000
+    """Metrics per log_batch request (MLflow's limit)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, client=None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri) if tracking_uri and run_id else None
+        self.client = client or (MlflowClient(tracking_uri) if tracking_uri and run_id else None)
         self.run_id = run_id
+        self.buffer: list = []
+        self.failures = 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.client is None:
@@ -50,7 +63,25 @@ class StepLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+        self.buffer += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if len(self.buffer) > self.MAX_BUFFERED:
+            dropped = len(self.buffer) - self.MAX_BUFFERED
+            self.buffer = self.buffer[dropped:]
+            logger.warning("MLflow unreachable: dropped the %d oldest buffered step metrics", dropped)
+
+    def flush(self) -> bool:
+        """Send every buffered metric; on failure keep them for the next flush. Returns whether all were sent."""
+        while self.buffer:
+            batch = self.buffer[:self.BATCH_LIMIT]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # any tracking failure: training goes on, the metrics wait
+                self.failures += 1
+                logger.warning("could not log %d step metrics to MLflow (%s); will retry at the next flush",
+                               len(self.buffer), error)
+                return False
+            del self.buffer[:len(batch)]
+        return True
 
 
 @dataclass
@@ -68,7 +99,7 @@ class Student:
     def __init__(self, config: DistillConfig, path: str):
         self.config = config
         if config.student_kind == "colbert":
-            from td_ray.distill.colbert import ColBERTSpec, load_colbert
+            from td_ray.encoders.colbert import ColBERTSpec, load_colbert
 
             spec = ColBERTSpec(dim=config.colbert_dim, query_maxlen=config.query_maxlen,
                                doc_maxlen=config.passage_maxlen)
@@ -76,7 +107,7 @@ class Student:
         else:
             from transformers import AutoTokenizer
 
-            from td_ray.distill.model import DualEncoder
+            from td_ray.encoders.dense import DualEncoder
 
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = DualEncoder.from_pretrained(path, config.pooling, config.similarity)
@@ -135,6 +166,13 @@ def join_text(entries: list[TrainingEntry], texts: TrainingTexts) -> tuple[list[
     return queries, passages
 
 
+def same_query_mask(entries: list[TrainingEntry]) -> torch.Tensor:
+    """[n, n] bool: entries i != j that are copies of the same query (round-robin MTD)."""
+    qids = [entry.qid for entry in entries]
+    same = torch.tensor([[a == b for b in qids] for a in qids], dtype=torch.bool)
+    return same & ~torch.eye(len(qids), dtype=torch.bool)
+
+
 def train_step(model, loss_fn, student: Student, texts: TrainingTexts, batch: dict, config: DistillConfig,
                device: torch.device, rng: np.random.Generator, progress: float = 0.0) -> torch.Tensor:
     """The loss of one micro-batch of example rows."""
@@ -142,7 +180,7 @@ def train_step(model, loss_fn, student: Student, texts: TrainingTexts, batch: di
     queries, passages = join_text(entries, texts)
     scores = model(*student.inputs(queries, passages, device), all_pairs=config.in_batch_negatives).float()
     if config.loss == "contrastive":
-        return loss_fn(scores)
+        return loss_fn(scores, same_query_mask(entries) if config.in_batch_negatives else None)
     teacher = torch.as_tensor(np.asarray([entry.teacher_scores for entry in entries]), dtype=torch.float32,
                               device=device)
     return loss_fn(scores, teacher)
@@ -180,19 +218,35 @@ class Precision:
         return norm
 
 
-def micro_batches(shard, batch_size: int, skip: int, rank: int) -> Iterator[dict]:
-    """Full batches of the worker's shard, epoch after epoch; the first `skip` are passed over (a resume)."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The local shuffle seed of one epoch: every epoch is shuffled differently, and the same way again on resume."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def micro_batches(shard, config: DistillConfig, start: int, per_epoch: int, rank: int) -> Iterator[dict]:
+    """Full batches of the worker's shard, epoch after epoch, each epoch read through a local shuffle buffer seeded
+    by (seed, epoch); the first `start` micro-batches of the run are passed over (a resume).
+
+    With one worker the shard holds the same examples in the same order every time (the dataset preserves its
+    order), so a resumed run reads exactly the batches an uninterrupted one would have. With several, Ray Data
+    may deal the blocks to the workers differently after a restart: each worker then skips the right number of
+    batches, but of its new share.
+    """
+    epoch, skip = divmod(start, per_epoch)
     while True:
+        shuffle = ({"local_shuffle_buffer_size": config.shuffle_buffer, "local_shuffle_seed": epoch_seed(config.seed, epoch)}
+                   if config.shuffle_buffer else {})
         count = 0
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
+        for batch in shard.iter_batches(batch_size=config.batch_size, drop_last=True, batch_format="numpy", **shuffle):
             count += 1
             if skip:
                 skip -= 1
                 continue
             yield batch
         if count == 0:
-            raise ValueError(f"worker {rank} got no full batch of {batch_size} examples; lower distill.batch_size or "
-                             "distill.num_workers, or train on more queries")
+            raise ValueError(f"worker {rank} got no full batch of {config.batch_size} examples; lower "
+                             "distill.batch_size or distill.num_workers, or train on more queries")
+        epoch += 1
 
 
 def _seed_step(config: DistillConfig, rank: int, step: int, micro: int) -> np.random.Generator:
@@ -202,12 +256,40 @@ def _seed_step(config: DistillConfig, rank: int, step: int, micro: int) -> np.ra
     return rng
 
 
+def start_training(student_model: torch.nn.Module, config: DistillConfig, state: dict | None, prepare):
+    """The model placed by `prepare` (on its device, DDP-wrapped), then AdamW and its schedule over the parameters
+    where they now live, then their saved state. Loading an optimizer's state casts it to its parameters' device
+    and dtype, so this order matters: restoring before the move left AdamW's state on the CPU beside parameters
+    on the GPU, and every restart failed."""
+    from transformers import get_linear_schedule_with_warmup
+
+    if state is not None:
+        student_model.load_state_dict(state["model"])
+    model = prepare(student_model)
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return model, optimizer, scheduler
+
+
+def mean_over_workers(value: float, device: torch.device) -> float:
+    """`value` averaged over the DDP workers (the logged loss is the whole batch's, not rank 0's shard's)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train entry point. ``loop_config``: the DistillConfig, the student path, the text files
     (``texts``: queries and passages per language), ``examples_per_worker`` and the MLflow ids."""
     import ray.train
     import ray.train.torch
-    from transformers import get_linear_schedule_with_warmup
 
     from td_ray.textjoin import TextLookup
 
@@ -222,42 +304,44 @@ def train_loop(loop_config: dict) -> None:
     texts = TrainingTexts(TextLookup(files["queries"], "training queries"),
                           {lang: TextLookup(path, f"passages ({lang})") for lang, path in files["passages"].items()})
     student = Student(config, loop_config["student"])
-    optimizer = torch.optim.AdamW(student.model.parameters(), lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     precision = Precision(config.mixed_precision, device)
-    step = 0
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        student.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    model, optimizer, scheduler = start_training(student.model, config, state, ray.train.torch.prepare_model)
+    step = 0
+    if state is not None:
         if precision.scaler and "scaler" in state:
             precision.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         logger.info("rank %d resumed at step %d", rank, step)
-    model = ray.train.torch.prepare_model(student.model)
     loss_fn = make_loss(config)
     step_logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     per_epoch = max(1, loop_config["examples_per_worker"] // config.batch_size)
-    stream = micro_batches(ray.train.get_dataset_shard("train"), config.batch_size,
-                           (step * config.grad_accum_steps) % per_epoch, rank)
+    stream = micro_batches(ray.train.get_dataset_shard("train"), config, step * config.grad_accum_steps, per_epoch,
+                           rank)
 
     def report(metrics: dict[str, float], final: bool) -> None:
-        # Every rank calls report (it synchronises them); only rank 0 writes the checkpoint.
+        # Every rank calls report (it synchronises them); only rank 0 writes the checkpoint. Checkpoints upload in
+        # the background while training goes on; the final one, which holds the model to register, before fit ends.
+        if step_logger is not None:
+            step_logger.flush()
         if rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as directory:
-            state = {"model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step}
-            if precision.scaler:
-                state["scaler"] = precision.scaler.state_dict()
-            torch.save(state, Path(directory) / STATE_FILE)
-            if final:
-                student.save(Path(directory) / HF_DIR)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        directory = tempfile.mkdtemp(prefix="td-ray-checkpoint-")
+        saved = {"model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step}
+        if precision.scaler:
+            saved["scaler"] = precision.scaler.state_dict()
+        torch.save(saved, Path(directory) / STATE_FILE)
+        if final:
+            student.save(Path(directory) / HF_DIR)
+        mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
     start_step = step
     metrics = {"step": float(step), "start_step": float(start_step)}
@@ -279,10 +363,12 @@ def train_loop(loop_config: dict) -> None:
         grad_norm = precision.step(optimizer, model.parameters())
         scheduler.step()
         step += 1
-        metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "step": float(step), "start_step": float(start_step)}
+        metrics = {"loss": mean_over_workers(loss_sum, device), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "step": float(step), "start_step": float(start_step)}
         if step_logger is not None:
             step_logger.log(step, metrics)
+            if step % config.log_every == 0:
+                step_logger.flush()
         if step % config.checkpoint_every == 0 or step == config.steps:
             report(metrics, final=step == config.steps)
     if checkpoint is not None and step == start_step:  # resumed a finished run: hand its model back

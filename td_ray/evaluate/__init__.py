@@ -18,23 +18,26 @@ import faiss
 import numpy as np
 
 from td_ray import schemas, tracking
-from td_ray.config import PipelineConfig
-from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.distill.colbert import ColBERTStudentEncoder, is_colbert
-from td_ray.distill.model import StudentEncoder
+from td_ray.config import EvaluateConfig, PipelineConfig
+from td_ray.encoders import student_kind
+from td_ray.encoders.colbert import ColBERTStudentEncoder
+from td_ray.encoders.dense import StudentEncoder
+from td_ray.errors import StaleIndexError
 from td_ray.evaluate.core import (
+    document_run,
     evaluate_run,
     parse_measures,
-    rank,
     rank_colbert,
     write_trec_run,
 )
-from td_ray.index import StaleIndexError, read_index_meta, student_path
-from td_ray.index.core import searchable, vectors_by_id
+from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.result import StageResult
+from td_ray.retrieval.faiss_index import Searcher
+from td_ray.retrieval.layout import PASSAGE_MAP, build_path, read_index_meta, student_path
+from td_ray.retrieval.maxp import PassageMap, rank_documents
+from td_ray.retrieval.maxsim import searchable, vectors_by_id
 from td_ray.sources import ingest
 from td_ray.workspace import (
-    DOC_IDS,
     EVAL_QRELS,
     EVAL_TOPICS,
     FAISS_INDEX,
@@ -51,18 +54,39 @@ logger = logging.getLogger(__name__)
 __all__ = ["evaluate_run", "run"]
 
 
-def _rank_colbert(workspace: Workspace, index: faiss.Index, model: str, docids: dict[int, str], topics, depth: int):
+def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: EvaluateConfig):
+    """The dense run: topics encoded and searched in batches, passages aggregated to documents by MaxP."""
+    searcher = Searcher([build_path(workspace, meta, name) for name in meta["files"]],
+                        options.search_params or meta.get("search_params"))
+    if searcher.ntotal != meta["passages"]:
+        raise StaleIndexError(f"the index in {build_path(workspace, meta)} holds {searcher.ntotal} vectors but "
+                              f"{INDEX_META} says {meta['passages']}; re-run the index stage")
+    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
+    encoder = StudentEncoder(model, max_length=options.query_maxlen, batch_size=options.batch_size)
+    texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
+    runs = []
+    for start in range(0, len(texts), options.batch_size):
+        vectors = encoder.encode(texts[start:start + options.batch_size])
+        runs += rank_documents(searcher, passages, vectors, options.depth, options.passage_depth)
+    logger.info("evaluate: %d topics searched over %d passages of %d documents (%s, %s)", len(qids), searcher.ntotal,
+                meta["docs"], meta["factory"], options.search_params or meta.get("search_params") or "exact")
+    return document_run(qids, runs)
+
+
+def _rank_colbert(workspace: Workspace, index: faiss.Index, model: str, topics, options: EvaluateConfig):
     """The ColBERT run: queries padded to the student's own query_maxlen (evaluate.query_maxlen does not apply,
-    the [MASK] padding is part of the query), token vectors held in memory beside the (maybe GPU) token index."""
-    token_docs = workspace.read_table(TOKEN_DOCS, columns=["faiss_id", "tokens"]).sort_by("faiss_id")
+    the [MASK] padding is part of the query), token vectors held in memory beside the (maybe GPU) token index;
+    passages ranked by exact MaxSim, documents by MaxP."""
+    token_docs = workspace.read_table(TOKEN_DOCS, columns=["faiss_id", "docid", "tokens"]).sort_by("faiss_id")
     offsets = np.concatenate([[0], np.cumsum(token_docs["tokens"].to_numpy().astype(np.int64))])
     if token_docs["faiss_id"].to_pylist() != list(range(token_docs.num_rows)) or offsets[-1] != index.ntotal:
         raise StaleIndexError(f"{TOKEN_DOCS} does not match the token index; re-run the index stage")
     token_vectors = vectors_by_id(index)
     queries = ColBERTStudentEncoder(model).encode_queries(topics["text"].to_pylist())
-    logger.info("evaluate: ColBERT search of %d topics over %d documents (%d tokens)",
+    logger.info("evaluate: ColBERT search of %d topics over %d passages (%d tokens)",
                 topics.num_rows, token_docs.num_rows, index.ntotal)
-    return rank_colbert(searchable(index), token_vectors, offsets, docids, topics["id"].to_pylist(), queries, depth)
+    return rank_colbert(searchable(index), token_vectors, offsets, token_docs["docid"].to_numpy(zero_copy_only=False),
+                        topics["id"].to_pylist(), queries, options.depth, options.passage_depth)
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -77,16 +101,17 @@ def run(config: PipelineConfig) -> StageResult:
         workspace.remove_temporaries("inputs", "evaluate")
         ingest(workspace, config.data.eval_topics, "queries", "eval_topics")
         ingest(workspace, config.data.eval_qrels, "qrels", "eval_qrels")
-        for table, columns in ((EVAL_TOPICS, ("id", "text")), (EVAL_QRELS, ("qid", "docid", "relevance")), (DOC_IDS, ("faiss_id", "docid"))):
+        for table, columns in ((EVAL_TOPICS, ("id", "text")), (EVAL_QRELS, ("qid", "docid", "relevance"))):
             schemas.require_columns(workspace.read_schema(table), columns, table)
-        index_path = Path(workspace.path(FAISS_INDEX))
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no index at {index_path}; run the index stage first")
-        model = student_path(config, workspace)
+        model = student_path(config.index.model, workspace)
         meta = read_index_meta(workspace)
-        key = digest(meta.get("key"), path_fingerprint(index_path), model, path_fingerprint(model),
-                     workspace.table_identity(EVAL_TOPICS), workspace.table_identity(EVAL_QRELS),
-                     options.model_dump(mode="json"))
+        if not meta:
+            raise FileNotFoundError(f"no index in {workspace.path('index')}; run the index stage first")
+        if meta["kind"] != student_kind(model):
+            raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a {student_kind(model)} student; "
+                                  "re-run the index stage")
+        key = digest(meta.get("key"), model, path_fingerprint(model), workspace.table_identity(EVAL_TOPICS),
+                     workspace.table_identity(EVAL_QRELS), options.model_dump(mode="json"))
         trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
         outputs = {"run": str(trec_path), "per_query": workspace.path(PER_QUERY)}
         if workspace.exists(RUN) and workspace.file_metadata(RUN).get("td_ray_inputs") == key and trec_path.is_file():
@@ -98,22 +123,15 @@ def run(config: PipelineConfig) -> StageResult:
                                  outputs, metrics, run_id)
             tracking.log_result(result)
             return result
-        index = faiss.read_index(str(index_path))
-        mapping = workspace.read_table(DOC_IDS)
-        docids = dict(zip(mapping["faiss_id"].to_pylist(), mapping["docid"].to_pylist()))
         topics = workspace.read_table(EVAL_TOPICS)
-        if (meta["kind"] == "colbert") != is_colbert(model):
-            raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a "
-                                  f"{'colbert' if is_colbert(model) else 'dense'} student; re-run the index stage")
         if meta["kind"] == "colbert":
+            index = faiss.read_index(workspace.path(FAISS_INDEX))
             if meta["tokens"] != index.ntotal:
-                raise StaleIndexError(f"{index_path} holds {index.ntotal} token vectors but {INDEX_META} says "
+                raise StaleIndexError(f"{FAISS_INDEX} holds {index.ntotal} token vectors but {INDEX_META} says "
                                       f"{meta['tokens']}; re-run the index stage")
-            ranked = _rank_colbert(workspace, index, model, docids, topics, options.depth)
+            ranked = _rank_colbert(workspace, index, model, topics, options)
         else:
-            encoder = StudentEncoder(model, max_length=options.query_maxlen)
-            ranked = rank(searchable(index), docids, topics["id"].to_pylist(), encoder.encode(topics["text"].to_pylist()),
-                          options.depth)
+            ranked = _rank_dense(workspace, meta, model, topics, options)
         write_trec_run(ranked, trec_path, options.run_tag)
         metrics, per_query = evaluate_run(ranked, workspace.read_table(EVAL_QRELS), options.measures)
         workspace.write_table(per_query, PER_QUERY)

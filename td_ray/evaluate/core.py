@@ -1,4 +1,4 @@
-"""Pure evaluation logic: rank with FAISS (dense, or ColBERT MaxSim), write TREC runs, score with ir_measures."""
+"""Pure evaluation logic: runs as tables (documents by MaxP, or ColBERT MaxSim), TREC runs, ir_measures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,8 @@ import pyarrow as pa
 
 from td_ray import schemas
 from td_ray.errors import TdRayError
-from td_ray.index.core import colbert_search, search
+from td_ray.retrieval.maxp import maxp
+from td_ray.retrieval.maxsim import colbert_search
 from td_ray.workspace import atomic_write_text
 
 
@@ -41,30 +42,31 @@ def hits_per_token(depth: int) -> int:
     return max(depth, MIN_HITS_PER_TOKEN)
 
 
-def rank(index: faiss.Index, docids: dict[int, str], qids: list[str], vectors: np.ndarray, depth: int) -> pa.Table:
-    """The top `depth` documents per query as a RUN table (rank 1 is best)."""
-    scores, ids = search(index, vectors, depth)
-    return run_table(docids, qids, scores, ids)
-
-
-def rank_colbert(index: faiss.Index, token_vectors: np.ndarray, doc_offsets: np.ndarray, docids: dict[int, str],
-                 qids: list[str], query_vectors, depth: int) -> pa.Table:
-    """The top `depth` documents per query by exact MaxSim over the token index's candidates, as a RUN table."""
-    scores, ids = colbert_search(index, token_vectors, doc_offsets, query_vectors, depth, hits_per_token(depth))
-    return run_table(docids, qids, scores, ids)
-
-
-def run_table(docids: dict[int, str], qids: list[str], scores: np.ndarray, ids: np.ndarray) -> pa.Table:
-    """A RUN table from per-query score and id rows, best first (ids -1 are padding and dropped)."""
+def document_run(qids: list[str], runs: list[list[tuple[str, float]]]) -> pa.Table:
+    """A RUN table from each query's (docid, score) list, best first."""
     rows: dict[str, list] = {"qid": [], "docid": [], "rank": [], "score": []}
-    for qid, row_scores, row_ids in zip(qids, scores, ids):
-        kept = [(score, docids[int(i)]) for score, i in zip(row_scores, row_ids) if i >= 0]
-        for position, (score, docid) in enumerate(kept, start=1):
+    for qid, run in zip(qids, runs):
+        for position, (docid, score) in enumerate(run, start=1):
             rows["qid"].append(qid)
             rows["docid"].append(docid)
             rows["rank"].append(position)
             rows["score"].append(float(score))
     return pa.table(rows, schema=schemas.RUN)
+
+
+def rank_colbert(index: faiss.Index, token_vectors: np.ndarray, passage_offsets: np.ndarray, docids: np.ndarray,
+                 qids: list[str], query_vectors, depth: int, passage_depth: int) -> pa.Table:
+    """The top `depth` documents per query, as a RUN table: the top `passage_depth` passages by exact MaxSim over
+    the token index's candidates, aggregated by MaxP. `docids[i]` is the document of passage i."""
+    scores, ids = colbert_search(index, token_vectors, passage_offsets, query_vectors, passage_depth,
+                                 hits_per_token(passage_depth))
+    return document_run(qids, maxp(scores, ids, lambda found: docids[found], depth))
+
+
+def run_table(docids: dict[int, str], qids: list[str], scores: np.ndarray, ids: np.ndarray) -> pa.Table:
+    """A RUN table from per-query score and id rows, best first (ids -1 are padding and dropped)."""
+    return document_run(qids, [[(docids[int(i)], score) for score, i in zip(row_scores, row_ids) if i >= 0]
+                               for row_scores, row_ids in zip(scores, ids)])
 
 
 def write_trec_run(run: pa.Table, path: Path, tag: str) -> None:

@@ -1,18 +1,29 @@
-"""index: encode the evaluation collection with the student on Ray Data actors, build FAISS shards in
-parallel Ray tasks, and merge them into one saved index.
+"""index: encode the evaluation collection with the student and build its FAISS index in sharded Ray tasks.
 
-Output, dense student: ``index/embeddings.parquet`` (docid, faiss_id, shard, vector), ``index/index.faiss`` and
-``index/docids.parquet`` (faiss_id -> docid). A ColBERT student (``td_ray_colbert.json`` in its directory)
-indexes every document token instead: ``index/token_embeddings.parquet`` (per document its flattened token
-vectors), ``index/index.faiss`` keyed by global token row, ``index/token_docs.parquet`` (each document's token
-rows) and ``index/docids.parquet``. Both write ``index/index_meta.json`` (kind, dim, docs, tokens, model), which
-tells the evaluate stage how to search.
+Dense students, after faiss' recipe for indexes that do not fit in RAM (`td_ray.retrieval.faiss_index`):
+
+1. Ray Data streams the documents through encoder actors; each cuts its documents into passages
+   (`index.passages`, for MaxP) and encodes them. The driver numbers the passages as they arrive (their faiss
+   ids), writes the vectors to the build's vector table, one row group per batch and one shard per row group,
+   and the (docid, passage) of each faiss id to the passage map. Each document's first passage must come out
+   exactly once.
+2. A Ray task trains the index on a sample of the vectors (`index.train_sample`) and saves it empty.
+3. One Ray task per shard reads its own row groups, adds them to a copy of the trained index and writes the
+   shard file atomically; a retried task rewrites the same file. The shards must hold every passage once.
+4. IVF shards are merged on disk (one inverted-list file that search memory-maps); Flat and HNSW shards stay
+   and are searched in turn.
+
+The driver never holds the vectors. A build lives in ``index/builds/<key>/``, the key naming the documents, the
+student and every setting; an unchanged key reuses the build, a changed one is built beside it and swapped in by
+``index/index_meta.json`` (`td_ray.retrieval.layout`).
+
+ColBERT students keep one flat index of every passage token (`td_ray.retrieval.maxsim`), built in shards and
+merged in the driver.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,37 +35,43 @@ import pyarrow.dataset as pads
 
 from td_ray import schemas, tracking
 from td_ray.config import IndexConfig, PipelineConfig
-from td_ray.distill.colbert import ColBERTSpec, is_colbert
-from td_ray.errors import TdRayError
+from td_ray.encoders import student_kind
+from td_ray.encoders.colbert import ColBERTSpec
+from td_ray.errors import ExactlyOnceError
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.keys import KeyBatches
-from td_ray.index.actor import INPUT_COLUMNS, ColBERTEncoderActor, EncoderActor
-from td_ray.index.core import build_shard, merge_shards, stored_ids
+from td_ray.index.actor import INPUT_COLUMNS, ColBERTEncoderActor, EncoderActor, merge_task, shard_task, train_task
+from td_ray.index.core import PassageNumbering
 from td_ray.ray_session import ensure_ray
-from td_ray.raydata import actor_map_args, read_table_dataset, write_stream
+from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
+from td_ray.retrieval import faiss_index
+from td_ray.retrieval.layout import (
+    BUILDS,
+    EMBEDDINGS_TABLE,
+    PASSAGE_MAP,
+    TRAINED,
+    read_index_meta,
+    student_path,
+    write_index_meta,
+)
+from td_ray.retrieval.maxp import write_passage_map
+from td_ray.retrieval.maxsim import build_shard, merge_shards, stored_ids
 from td_ray.sources import ingest
-from td_ray.errors import ModelError
 from td_ray.workspace import (
     DOC_IDS,
-    EMBEDDINGS,
     EVAL_DOCS,
     FAISS_INDEX,
-    INDEX_META,
-    STUDENT_DIR,
     TOKEN_DOCS,
     TOKEN_EMBEDDINGS,
     Workspace,
-    atomic_write_text,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ColBERTEncoderActor", "EncoderActor", "StaleIndexError", "read_index_meta", "run"]
+__all__ = ["ColBERTEncoderActor", "EncoderActor", "dense_dim", "index_key", "run", "vectors_of"]
 
-
-class StaleIndexError(TdRayError):
-    """The saved index does not match the student searching it, or its own tables: re-run the index stage."""
+SHARD_TASK_RETRIES = 3
+"""Times Ray runs a shard task again after its worker dies (each retry rewrites the same shard file)."""
 
 
 def vectors_of(column: pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
@@ -72,15 +89,166 @@ def vectors_of(column: pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
     return flat.reshape(-1, dim or flat.size // max(len(column), 1))
 
 
-def _shard_index_bytes(workspace_uri: str, shard: int) -> np.ndarray:
-    """Ray task: build shard `shard`'s FAISS index from the embeddings table; returns it serialized."""
-    workspace = Workspace(workspace_uri)
-    table = pads.dataset(workspace.path(EMBEDDINGS), filesystem=workspace.fs).to_table(
-        columns=["faiss_id", "vector"], filter=pc.field("shard") == shard
+def dense_dim(model: str) -> int:
+    """The dimension of a dense student's vectors (its hidden size)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model).hidden_size)
+
+
+def index_key(config: PipelineConfig, workspace: Workspace, model: str) -> str:
+    """What a build is made from: the documents, the student's files and every index setting but the pool's."""
+    options = config.index
+    return digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model),
+                  options.model_dump(mode="json", exclude={"batch_size", "num_actors", "max_actors",
+                                                           "num_cpus_per_actor", "num_gpus_per_actor", "device"}))
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Encode every evaluation document once and build its index (of passages, or of ColBERT tokens)."""
+    started = time.perf_counter()
+    options = config.index
+    workspace = Workspace(config.workspace)
+    with tracking.stage_run(config, "index") as run_id:
+        workspace.remove_temporaries("inputs", "index")
+        ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
+        schemas.require_columns(workspace.read_schema(EVAL_DOCS), INPUT_COLUMNS, EVAL_DOCS)
+        model = student_path(options.model, workspace)
+        key = index_key(config, workspace, model)
+        meta = read_index_meta(workspace)
+        if meta.get("key") == key and _complete(workspace, meta):
+            logger.info("index: unchanged (documents, student and settings), the index in %s is reused",
+                        workspace.path(meta.get("build", "index")))
+            result = StageResult("index", int(meta["docs"]), time.perf_counter() - started, _outputs(workspace, meta),
+                                 {"dim": float(meta["dim"]), "unchanged": 1.0}, run_id)
+            tracking.log_result(result)
+            return result
+        if student_kind(model) == "colbert":
+            meta, metrics = _build_colbert(config, workspace, model, key)
+        else:
+            meta, metrics = _build_dense(config, workspace, model, key)
+        write_index_meta(workspace, meta)
+        _remove_other_builds(workspace, meta.get("build"))
+        result = StageResult("index", int(meta["docs"]), time.perf_counter() - started, _outputs(workspace, meta),
+                             metrics, run_id)
+        tracking.log_result(result)
+    logger.info(result.summary())
+    return result
+
+
+def _complete(workspace: Workspace, meta: dict) -> bool:
+    if "build" not in meta:
+        return Path(workspace.path(FAISS_INDEX)).is_file()
+    return all((Path(workspace.path(meta["build"])) / name).is_file() for name in meta["files"] + [PASSAGE_MAP])
+
+
+def _outputs(workspace: Workspace, meta: dict) -> dict[str, str]:
+    if "build" in meta:
+        build = Path(workspace.path(meta["build"]))
+        return {"index": str(build / meta["files"][0]), "passages": str(build / PASSAGE_MAP)}
+    return {"index": workspace.path(FAISS_INDEX), "docids": workspace.path(DOC_IDS)}
+
+
+def _remove_other_builds(workspace: Workspace, keep: str | None) -> None:
+    """Once a new build is in use, the builds it replaced are deleted."""
+    builds = Path(workspace.path(BUILDS))
+    for path in builds.iterdir() if builds.is_dir() else []:
+        if f"{BUILDS}/{path.name}" != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ dense
+def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
+    options = config.index
+    plan = faiss_index.plan_index(options.factory, dense_dim(model))
+    docs = workspace.row_count(EVAL_DOCS)
+    if options.passages is None:  # one vector per document: the training points are known before encoding
+        faiss_index.check_training_points(plan, docs, options.train_sample, f"{EVAL_DOCS} ({docs} documents)")
+    relative = f"{BUILDS}/{key}"
+    build = Path(workspace.path(relative))
+    shutil.rmtree(build, ignore_errors=True)  # an interrupted build of the same key
+    build.mkdir(parents=True)
+    ensure_ray(config.ray)
+    passages = _encode_passages(workspace, build, model, options)
+    faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
+    files, summaries, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
+                                                    options.device)
+    if not options.keep_vectors:
+        (build / EMBEDDINGS_TABLE).unlink()
+    size = sum((build / name).stat().st_size for name in files + (["index.ivfdata"] if plan.merges_on_disk else []))
+    meta = {"kind": "dense", "dim": plan.dim, "docs": docs, "passages": passages, "tokens": passages, "model": model,
+            "key": key, "build": relative, "factory": plan.factory, "files": files,
+            "search_params": faiss_index.default_search_params(plan), "bytes": size,
+            "passage_split": options.passages.model_dump() if options.passages else None}
+    logger.info("index: %d documents as %d passages, %s at dim %d, %.1f MB in %s (trained on %d vectors)", docs,
+                passages, plan.factory, plan.dim, size / 2**20, build, trained_on)
+    metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
+               "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
+               "bytes_per_vector": size / max(passages, 1)}
+    return meta, metrics | {f"shard_{i}_size": float(s.vectors) for i, s in enumerate(summaries)}
+
+
+def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
+                     device: str = "auto") -> tuple[list[str], list[faiss_index.ShardSummary], int]:
+    """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks); returns its files, each
+    shard's summary and the vectors trained on. Checks that the shards hold every one of the `vectors` once."""
+    import ray
+
+    table, trained = build / EMBEDDINGS_TABLE, build / TRAINED
+    trained_on = in_task(train_task, str(table), plan, train_sample, vectors, str(trained), device, num_cpus=1)
+    shard_paths = [build / f"shard-{shard:03d}.faiss" for shard in range(shards)]
+    build_shard_file = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(shard_task)
+    summaries = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
+                         for shard, path in enumerate(shard_paths)])
+    total = faiss_index.ShardSummary(sum(s.vectors for s in summaries), sum(s.id_sum for s in summaries),
+                                     sum(s.id_square_sum for s in summaries))
+    if total != faiss_index.ShardSummary.expected(vectors):
+        raise ExactlyOnceError(f"index: the shards hold {total.vectors} vectors for {vectors} passages, or some twice; "
+                               "nothing was committed: run the stage again")
+    if not plan.merges_on_disk:
+        return [path.name for path in shard_paths], summaries, trained_on
+    in_task(merge_task, str(trained), [str(path) for path in shard_paths], str(build / "index.faiss"),
+            str(build / "index.ivfdata"), num_cpus=1)
+    for path in shard_paths:
+        path.unlink()
+    return ["index.faiss"], summaries, trained_on
+
+
+def _encode_passages(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> int:
+    """Stream every document's passage vectors into the build's vector table and passage map; returns passages.
+
+    Checked before anything is committed: every document gave exactly one first passage, and nothing else.
+    """
+    split = (options.passages.length, options.passages.stride) if options.passages else None
+    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
+        EncoderActor, batch_format="numpy",
+        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
+                               "passages": split},
+        **actor_map_args(options),
     )
-    return faiss.serialize_index(build_shard(vectors_of(table["vector"]), table["faiss_id"].to_numpy()))
+    numbering = PassageNumbering(options.num_shards)
+    first_passages = workspace.key_batches(EVAL_DOCS, ["id"])
+    with pa.OSFile(str(build / f".{PASSAGE_MAP}.rows"), "wb") as sink, \
+            pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
+            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{EMBEDDINGS_TABLE}",
+                                          schemas.EMBEDDINGS, ["docid"], expected=first_passages,
+                                          select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            for part in numbering(batch):  # one row group a shard
+                writer.write(part)
+                passage_rows.write_table(part.select(["docid", "passage"]))
+    write_passage_map(_read_ipc(build / f".{PASSAGE_MAP}.rows"), build / PASSAGE_MAP)
+    (build / f".{PASSAGE_MAP}.rows").unlink()
+    return numbering.next_id
 
 
+def _read_ipc(path: Path):
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)
+
+
+# ------------------------------------------------------------------------------------------------ ColBERT
 def _token_shard_index_bytes(workspace_uri: str, shard: int, dim: int) -> np.ndarray:
     """Ray task: build shard `shard`'s token index (ids are global token rows) from the token embeddings table."""
     workspace = Workspace(workspace_uri)
@@ -94,152 +262,64 @@ def _token_shard_index_bytes(workspace_uri: str, shard: int, dim: int) -> np.nda
     return faiss.serialize_index(build_shard(vectors, ids) if len(ids) else faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
 
-def read_index_meta(workspace: Workspace) -> dict:
-    """What the saved index holds: kind (dense or colbert), dim, docs, tokens (the vectors it holds: docs when dense)
-    and model. An index saved before this file existed is dense."""
-    path = Path(workspace.path(INDEX_META))
-    if not path.is_file():
-        return {"kind": "dense"}
-    return json.loads(path.read_text(encoding="utf-8"))
+def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig) -> tuple[int, int]:
+    """Stream each passage's token vectors into the token embeddings table; returns (passages, tokens).
 
-
-def student_path(config: PipelineConfig, workspace: Workspace) -> str:
-    """The encoder to index and search with: `index.model`, else the student the distill stage saved."""
-    if config.index.model:
-        return config.index.model
-    path = Path(workspace.path(STUDENT_DIR))
-    if not path.is_dir():
-        raise ModelError(f"no student at {path}; run the distill stage first, or set index.model")
-    return str(path)
-
-
-def _encoded_docs(workspace: Workspace, actor: type, model: str, options: IndexConfig):
-    """The evaluation documents streamed through a pool of `actor` (one encoder each)."""
-    return read_table_dataset(workspace, EVAL_DOCS).map_batches(
-        actor,
-        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size},
+    Passages are numbered in arrival order and their tokens take the next global token rows, so each passage's
+    rows are contiguous and ascend with its number: a token row finds its passage by bisection. Each document's
+    first passage must come out exactly once.
+    """
+    split = (options.passages.length, options.passages.stride) if options.passages else None
+    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
+        ColBERTEncoderActor, batch_format="numpy",
+        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
+                               "passages": split},
         **actor_map_args(options),
     )
-
-
-def _encode_dense(workspace: Workspace, model: str, options: IndexConfig, expected: KeyBatches) -> int:
-    """Stream one vector per document into the embeddings table; returns the document count."""
-    dataset = _encoded_docs(workspace, EncoderActor, model, options)
-    next_id = 0
-
-    def assign_ids(batch: pa.Table) -> pa.Table:
-        nonlocal next_id
-        ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
-        next_id += batch.num_rows
-        vectors = vectors_of(batch["vector"])
-        return pa.table({
-            "docid": batch["docid"], "faiss_id": ids, "shard": (ids % options.num_shards).astype(np.int32),
-            "vector": pa.LargeListArray.from_arrays(np.arange(0, vectors.size + 1, max(vectors.shape[1], 1)),
-                                                    vectors.reshape(-1)),
-        })
-
-    return write_stream(dataset, workspace, EMBEDDINGS, schemas.EMBEDDINGS, ["docid"], expected, transform=assign_ids)
-
-
-def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig,
-                    expected: KeyBatches) -> tuple[int, int]:
-    """Stream each document's token vectors into the token embeddings table; returns (documents, tokens).
-
-    Documents are numbered in arrival order and their tokens take the next global token rows, so each
-    document's rows are contiguous and ascend with its number: a token row finds its document by bisection.
-    """
-    dataset = _encoded_docs(workspace, ColBERTEncoderActor, model, options)
     next_id = next_token = 0
-
-    def assign_ids(batch: pa.Table) -> pa.Table:
-        nonlocal next_id, next_token
-        ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
-        tokens = batch["tokens"].to_numpy().astype(np.int64)
-        first = next_token + np.cumsum(tokens) - tokens
-        next_id, next_token = next_id + batch.num_rows, next_token + int(tokens.sum())
-        return pa.table({"docid": batch["docid"], "faiss_id": ids, "shard": (ids % options.num_shards).astype(np.int32),
-                         "first_token": first, "tokens": batch["tokens"], "vectors": batch["vectors"]})
-
-    rows = write_stream(dataset, workspace, TOKEN_EMBEDDINGS, schemas.TOKEN_EMBEDDINGS, ["docid"], expected,
-                        transform=assign_ids)
-    return rows, next_token
-
-
-def _merge_and_save(workspace: Workspace, shards: list[faiss.Index], dim: int, vectors: int) -> Path:
-    """Merge the shards, check the merged index holds `vectors` distinct ids, and save it atomically."""
-    merged = merge_shards(shards, dim)
-    ids = stored_ids(merged)
-    if merged.ntotal != vectors or len(np.unique(ids)) != vectors:
-        raise RuntimeError(f"merged index holds {merged.ntotal} vectors ({len(np.unique(ids))} ids) for {vectors} expected")
-    index_path = workspace.local_dir("index") / Path(FAISS_INDEX).name
-    temporary = index_path.with_name(index_path.name + ".tmp")
-    faiss.write_index(merged, str(temporary))
-    os.replace(temporary, index_path)
-    return index_path
+    with workspace.exactly_once_writer(TOKEN_EMBEDDINGS, schemas.TOKEN_EMBEDDINGS, ["docid"],
+                                       expected=workspace.key_batches(EVAL_DOCS, ["id"]),
+                                       select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
+            tokens = batch["tokens"].to_numpy().astype(np.int64)
+            first = next_token + np.cumsum(tokens) - tokens
+            next_id, next_token = next_id + batch.num_rows, next_token + int(tokens.sum())
+            writer.write(pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids,
+                                   "shard": (ids % options.num_shards).astype(np.int32), "first_token": first,
+                                   "tokens": batch["tokens"], "vectors": batch["vectors"]}))
+    return next_id, next_token
 
 
-def run(config: PipelineConfig) -> StageResult:
-    """Encode every evaluation document once and save one merged FAISS index (of documents, or of ColBERT tokens)."""
+def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
     import ray
 
-    started = time.perf_counter()
     options = config.index
-    workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, "index") as run_id:
-        workspace.remove_temporaries("inputs", "index")
-        ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
-        schemas.require_columns(workspace.read_schema(EVAL_DOCS), INPUT_COLUMNS, EVAL_DOCS)
-        model = student_path(config, workspace)
-        key = digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model),
-                     options.model_dump(mode="json", include={"num_shards", "max_length"}))
-        meta = read_index_meta(workspace)
-        if meta.get("key") == key and Path(workspace.path(FAISS_INDEX)).is_file():
-            logger.info("index: unchanged (documents, student and settings), %s reused", workspace.path(FAISS_INDEX))
-            result = StageResult("index", int(meta["docs"]), time.perf_counter() - started,
-                                 {"index": workspace.path(FAISS_INDEX), "docids": workspace.path(DOC_IDS)},
-                                 {"dim": float(meta["dim"]), "unchanged": 1.0}, run_id)
-            tracking.log_result(result)
-            return result
-        ensure_ray(config.ray)
-        expected = workspace.key_batches(EVAL_DOCS, ["id"])
-        colbert = is_colbert(model)
-        if colbert:
-            dim = ColBERTSpec.load(model).dim
-            rows, tokens = _encode_colbert(workspace, model, options, expected)
-            build = ray.remote(num_cpus=0.5)(_token_shard_index_bytes)
-            futures = [build.remote(workspace.uri, shard, dim) for shard in range(options.num_shards)]
-        else:
-            rows = tokens = _encode_dense(workspace, model, options, expected)
-            build = ray.remote(num_cpus=0.5)(_shard_index_bytes)
-            futures = [build.remote(workspace.uri, shard) for shard in range(options.num_shards)]
-        shards = [faiss.deserialize_index(data) for data in ray.get(futures)]
-        shard_sizes = [shard.ntotal for shard in shards]
-        if not colbert:
-            dim = shards[0].d
-        index_path = _merge_and_save(workspace, shards, dim, tokens)
-        outputs = {"index": str(index_path), "docids": workspace.path(DOC_IDS)}
-        metrics = {"dim": float(dim), "shards": float(options.num_shards)}
-        if colbert:
-            table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["faiss_id", "docid", "first_token", "tokens"])
-            table = table.sort_by("faiss_id")
-            offsets = np.cumsum(table["tokens"].to_numpy().astype(np.int64)) - table["tokens"].to_numpy()
-            if not np.array_equal(table["first_token"].to_numpy(), offsets):
-                raise RuntimeError("token rows are not contiguous in document order; the token index cannot map hits back")
-            workspace.write_table(table, TOKEN_DOCS, schemas.TOKEN_DOCS)
-            outputs["token_docs"] = workspace.path(TOKEN_DOCS)
-            metrics |= {"tokens": float(tokens), "tokens_per_doc": tokens / max(rows, 1)}
-            source = TOKEN_EMBEDDINGS
-        else:
-            source = EMBEDDINGS
-        workspace.write_table(workspace.read_table(source, columns=["faiss_id", "docid"]), DOC_IDS, schemas.DOC_IDS)
-        meta = {"kind": "colbert" if colbert else "dense", "dim": dim, "docs": rows, "tokens": tokens, "model": model,
-                "key": key}
-        atomic_write_text(Path(workspace.path(INDEX_META)), json.dumps(meta, indent=1) + "\n")
-        result = StageResult("index", rows, time.perf_counter() - started, outputs,
-                             metrics | {f"shard_{i}_size": float(n) for i, n in enumerate(shard_sizes)}, run_id)
-        tracking.log_result(result)
-    if colbert:
-        logger.info("index: %d documents as %d token vectors (%.1f per document, dim %d) in %d shards %s",
-                    rows, tokens, tokens / max(rows, 1), dim, options.num_shards, shard_sizes)
-    logger.info(result.summary())
-    return result
+    ensure_ray(config.ray)
+    dim = ColBERTSpec.load(model).dim
+    passages, tokens = _encode_colbert(workspace, model, options)
+    build = ray.remote(num_cpus=0.5)(_token_shard_index_bytes)
+    shards = [faiss.deserialize_index(data) for data in
+              ray.get([build.remote(workspace.uri, shard, dim) for shard in range(options.num_shards)])]
+    shard_sizes = [shard.ntotal for shard in shards]
+    merged = merge_shards(shards, dim)
+    ids = stored_ids(merged)
+    if merged.ntotal != tokens or len(np.unique(ids)) != tokens:
+        raise ExactlyOnceError(f"merged index holds {merged.ntotal} vectors ({len(np.unique(ids))} ids) for {tokens}")
+    index_path = workspace.local_dir("index") / Path(FAISS_INDEX).name
+    faiss_index.write_atomic(merged, index_path)
+    table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["faiss_id", "docid", "passage", "first_token", "tokens"])
+    table = table.sort_by("faiss_id")
+    offsets = np.cumsum(table["tokens"].to_numpy().astype(np.int64)) - table["tokens"].to_numpy()
+    if not np.array_equal(table["first_token"].to_numpy(), offsets):
+        raise RuntimeError("token rows are not contiguous in document order; the token index cannot map hits back")
+    workspace.write_table(table, TOKEN_DOCS, schemas.TOKEN_DOCS)
+    workspace.write_table(table.select(["faiss_id", "docid"]), DOC_IDS, schemas.DOC_IDS)
+    docs = workspace.row_count(EVAL_DOCS)
+    logger.info("index: %d documents as %d passages and %d token vectors (%.1f per passage, dim %d) in %d shards %s",
+                docs, passages, tokens, tokens / max(passages, 1), dim, options.num_shards, shard_sizes)
+    meta = {"kind": "colbert", "dim": dim, "docs": docs, "passages": passages, "tokens": tokens, "model": model,
+            "key": key}
+    metrics = {"dim": float(dim), "shards": float(options.num_shards), "passages": float(passages),
+               "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1)}
+    return meta, metrics | {f"shard_{i}_size": float(n) for i, n in enumerate(shard_sizes)}

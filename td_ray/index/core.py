@@ -1,103 +1,61 @@
-"""Pure FAISS helpers: build a shard, merge shards into one index, search it (one vector per document, or
-ColBERT token vectors with exact MaxSim over the candidates)."""
+"""The index stage's pure logic: passages numbered as they stream in, vectors read back by shard or sampled for
+training, each reading one row group at a time."""
 from __future__ import annotations
 
-import faiss
+from collections.abc import Iterator
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from td_ray import schemas
 
 
-def build_shard(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """An exact inner-product index over `vectors`, keyed by the int64 `ids`."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-    return index
+class PassageNumbering:
+    """Numbers streamed batches of passage rows with their faiss ids (consecutive, in arrival order) and cuts each
+    batch into `shards` contiguous slices, slice i going to shard i: every shard gets its share of every batch,
+    and each slice is written as a row group of its own, so a shard task reads only its row groups."""
+
+    def __init__(self, shards: int):
+        self.shards = shards
+        self.next_id = 0
+
+    def __call__(self, batch: pa.Table) -> list[pa.Table]:
+        ids = np.arange(self.next_id, self.next_id + batch.num_rows, dtype=np.int64)
+        self.next_id += batch.num_rows
+        vectors = batch["vector"].combine_chunks() if isinstance(batch["vector"], pa.ChunkedArray) else batch["vector"]
+        table = pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids,
+                          "shard": pa.array(np.zeros(batch.num_rows, dtype=np.int32)),
+                          "vector": vectors.cast(pa.large_list(pa.float32()))}, schema=schemas.EMBEDDINGS)
+        bounds = np.linspace(0, batch.num_rows, self.shards + 1).astype(int)
+        return [table.slice(start, end - start).set_column(3, "shard", pa.array(np.full(end - start, shard, np.int32)))
+                for shard, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
 
 
-def merge_shards(shards: list[faiss.Index], dim: int) -> faiss.Index:
-    """One index holding every shard's vectors (merge_from moves them: the shards are left empty)."""
-    merged = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    for shard in shards:
-        merged.merge_from(shard)
-    return merged
+def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
+    return np.asarray(batch.column("vector").flatten(), dtype=np.float32).reshape(-1, dim)
 
 
-def stored_ids(index: faiss.Index) -> np.ndarray:
-    """The int64 ids an IndexIDMap holds, in storage order."""
-    return faiss.vector_to_array(index.id_map)
+def shard_batches(table: str, shard: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(vectors, faiss ids) of one shard, row group by row group (a shard is whole row groups, see
+    PassageNumbering), read from the vector table without touching the other shards' rows."""
+    parquet = pq.ParquetFile(table)
+    column = parquet.schema_arrow.get_field_index("shard")
+    groups = [group for group in range(parquet.num_row_groups)
+              if parquet.metadata.row_group(group).column(column).statistics.min == shard]
+    for batch in parquet.iter_batches(row_groups=groups, columns=["faiss_id", "vector"], batch_size=16_384):
+        if batch.num_rows:
+            dim = len(batch.column("vector")[0])
+            yield _vectors(batch, dim), batch.column("faiss_id").to_numpy()
 
 
-def reconstruct_all(index: faiss.Index) -> np.ndarray:
-    """Every stored vector, in the order of `stored_ids`."""
-    return index.index.reconstruct_n(0, index.ntotal)
-
-
-def searchable(index: faiss.Index) -> faiss.Index:
-    """The index on all GPUs when this FAISS build has any (faiss-gpu extra), else as is."""
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_all_gpus(index)
-    return index
-
-
-def search(index: faiss.Index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and ids of the top `depth` documents per query (id -1 pads when the index is smaller)."""
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, index.ntotal))
-
-
-def vectors_by_id(index: faiss.Index) -> np.ndarray:
-    """Every stored vector as a [ntotal, dim] array whose row i holds id i (ids must be 0 .. ntotal - 1, as the
-    token rows of a ColBERT index are)."""
-    ids = stored_ids(index)
-    if len(ids) and (ids.min() < 0 or ids.max() >= len(ids) or len(np.unique(ids)) != len(ids)):
-        raise ValueError(f"the index's {len(ids)} ids are not 0 .. {len(ids) - 1}; rebuild it with the index stage")
-    vectors = np.empty((index.ntotal, index.d), dtype=np.float32)
-    vectors[ids] = reconstruct_all(index)
-    return vectors
-
-
-def maxsim_scores(query: np.ndarray, token_vectors: np.ndarray, doc_offsets: np.ndarray, docs: np.ndarray,
-                  chunk: int = 1024) -> np.ndarray:
-    """Exact MaxSim of one query [Lq, dim] against each of `docs` (document numbers): per query token, the best
-    dot product with any of the document's tokens, summed. Document j's tokens are the rows
-    ``doc_offsets[j]:doc_offsets[j + 1]`` of `token_vectors`; `chunk` documents are scored at a time."""
-    docs = np.asarray(docs, dtype=np.int64)
-    out = np.empty(len(docs), dtype=np.float32)
-    for begin in range(0, len(docs), chunk):
-        part = docs[begin:begin + chunk]
-        starts, lengths = doc_offsets[part], doc_offsets[part + 1] - doc_offsets[part]
-        if (lengths < 1).any():
-            raise ValueError(f"documents {part[lengths < 1][:5].tolist()} have no tokens; MaxSim needs at least one")
-        segments = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        rows = np.arange(lengths.sum()) + np.repeat(starts - segments, lengths)
-        similarity = query @ token_vectors[rows].T  # [Lq, tokens of these documents]
-        out[begin:begin + chunk] = np.maximum.reduceat(similarity, segments, axis=1).sum(axis=0)
-    return out
-
-
-def colbert_search(index: faiss.Index, token_vectors: np.ndarray, doc_offsets: np.ndarray, queries,
-                   depth: int, hits_per_token: int) -> tuple[np.ndarray, np.ndarray]:
-    """ColBERTv1 end-to-end retrieval over a token index whose ids are token rows.
-
-    Each query token fetches its `hits_per_token` nearest document tokens; their documents are the candidates,
-    and each candidate is scored exactly by MaxSim (:func:`maxsim_scores`) and ranked (ties by document number).
-    `queries` is a [n, Lq, dim] array or a list of [Lq_i, dim] arrays. Returns scores and document numbers
-    shaped like :func:`search`: [n, min(depth, docs)], padded with -inf and -1 when a query finds fewer.
-    The ranking equals brute-force MaxSim over the whole collection once `hits_per_token` reaches the collection's
-    token count; smaller values trade recall of the candidates, never the exactness of their scores.
-    """
-    doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
-    queries = [np.ascontiguousarray(query, dtype=np.float32) for query in queries]
-    width = min(depth, len(doc_offsets) - 1)
-    scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
-    ids = np.full((len(queries), width), -1, dtype=np.int64)
-    if not queries or width < 1 or index.ntotal == 0:
-        return scores, ids
-    _, hits = index.search(np.concatenate(queries), min(hits_per_token, index.ntotal))
-    bounds = np.cumsum([0] + [len(query) for query in queries])
-    for row, query in enumerate(queries):
-        found = hits[bounds[row]:bounds[row + 1]]
-        candidates = np.unique(np.searchsorted(doc_offsets, found[found >= 0], side="right") - 1)
-        exact = maxsim_scores(query, token_vectors, doc_offsets, candidates)
-        order = np.lexsort((candidates, -exact))[:width]
-        scores[row, :len(order)], ids[row, :len(order)] = exact[order], candidates[order]
-    return scores, ids
+def sample_vectors(table: str, rows: int, sample: int, dim: int, seed: int = 0) -> np.ndarray:
+    """About `sample` vectors drawn evenly (each row with probability sample / rows, seeded) from the table."""
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, sample / max(rows, 1))
+    parts = []
+    for batch in pq.ParquetFile(table).iter_batches(columns=["vector"], batch_size=16_384):
+        chosen = np.flatnonzero(rng.random(batch.num_rows) < keep)
+        if len(chosen):
+            parts.append(_vectors(batch.take(pa.array(chosen)), dim))
+    return np.concatenate(parts)[:sample] if parts else np.zeros((0, dim), np.float32)

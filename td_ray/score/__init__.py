@@ -12,18 +12,14 @@ import json
 import logging
 import time
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.keys import HashSet, key_hashes
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
-from td_ray.score.actor import TeacherActor
-from td_ray.score.core import CrossEncoderTeacher, check_teacher
+from td_ray.score.actor import TeacherActor, plan_task
+from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
 from td_ray.sources import ingest
@@ -32,13 +28,9 @@ from td_ray.workspace import CANDIDATES, SCORES, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "run"]
+__all__ = ["BLOCKS", "CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "inputs_key", "run"]
 
-BLOCKS = "score/blocks"
-"""Scored blocks of an unfinished run, one directory per inputs-and-settings fingerprint: the unit of resume."""
-TODO = "score/todo.parquet"
-"""This run's work list: the (qid, pid) pairs no committed block holds."""
-_TODO_ROW_GROUP = 8192
+
 
 
 def inputs_key(options: ScoreConfig, identities: list) -> str:
@@ -46,26 +38,6 @@ def inputs_key(options: ScoreConfig, identities: list) -> str:
     queries, passages: `Workspace.table_identity`). It names the block directory of a run, so a run resumes
     only blocks made from the same inputs."""
     return digest(provenance(options), identities)
-
-
-def _kept_candidates(workspace: Workspace, top_k: int):
-    """A re-readable stream of the (qid, pid) pairs to score: each query's candidates ranked within `top_k`."""
-    def batches():
-        for batch in workspace.iter_batches(CANDIDATES, ["qid", "pid", "rank"]):
-            yield batch.filter(pc.less_equal(batch.column(2), top_k)).select([0, 1])
-    return batches
-
-
-def _write_todo(workspace: Workspace, pairs, committed: HashSet) -> int:
-    """The pairs no committed block holds, as the work list Ray Data reads; returns its rows."""
-    rows = 0
-    with workspace.atomic_writer(TODO, pa.schema([("qid", pa.string()), ("pid", pa.string())])) as writer:
-        for batch in pairs():
-            todo = batch.filter(pa.array(~committed.contains(key_hashes(batch))))
-            if todo.num_rows:
-                writer.write_table(pa.Table.from_batches([todo]), row_group_size=_TODO_ROW_GROUP)
-                rows += todo.num_rows
-    return rows
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -107,14 +79,15 @@ def run(config: PipelineConfig) -> StageResult:
             tracking.log_result(result)
             return result
         directory = f"{BLOCKS}/{key}"
-        pairs = _kept_candidates(workspace, options.top_k)
-        todo = _write_todo(workspace, pairs, HashSet.of(_block_keys(workspace, directory)))
+        ensure_ray(config.ray)
+        todo = in_task(plan_task, workspace, directory, options.top_k)
         scored = _score_todo(config, workspace, directory, queries_table, passages_table, todo) if todo else {}
         workspace.fs.delete_file(workspace.path(TODO))
         metadata = {"td_ray_provenance": json.dumps(provenance(options)), "td_ray_inputs": key}
-        with workspace.exactly_once_writer(SCORES, schemas.SCORES, ["qid", "pid"], expected=pairs,
+        with workspace.exactly_once_writer(SCORES, schemas.SCORES, ["qid", "pid"],
+                                           expected=kept_candidates(workspace, options.top_k),
                                            metadata=lambda: metadata) as writer:
-            for batch in _block_batches(workspace, directory):
+            for batch in block_batches(workspace, directory):
                 writer.write(batch)
         workspace.fs.delete_dir(workspace.path(directory))
         result = StageResult("score", writer.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
@@ -125,20 +98,10 @@ def run(config: PipelineConfig) -> StageResult:
     return result
 
 
-def _block_batches(workspace: Workspace, directory: str, columns: list[str] | None = None):
-    for name in workspace.block_names(directory):
-        yield from workspace.iter_batches(f"{directory}/{name}", columns)
-
-
-def _block_keys(workspace: Workspace, directory: str):
-    return _block_batches(workspace, directory, ["qid", "pid"])
-
-
 def _score_todo(config: PipelineConfig, workspace: Workspace, directory: str, queries_table: str,
                 passages_table: str, todo: int) -> dict[str, float]:
     """Run the teacher actors over the work list; returns the teacher's throughput."""
     options = config.score
-    ensure_ray(config.ray)
     folder = workspace.local_dir("text")
     lookups = {name: in_task(export_text, workspace, table, folder)
                for name, table in (("queries", queries_table), ("passages", passages_table))}

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from td_ray import schemas
 from td_ray.config import ScoreConfig
-from td_ray.score.core import CrossEncoderTeacher
+from td_ray.score.core import CrossEncoderTeacher, write_todo
 from td_ray.score.seq2seq import Seq2SeqTeacher
 from td_ray.textjoin import TextLookup
 from td_ray.workspace import Workspace
@@ -57,3 +57,9 @@ class TeacherActor:
         name = self.workspace.commit_block(self.directory, block, schemas.SCORES, ["qid", "pid"])
         return {"block": [name], "rows": [batch.num_rows], "seconds": [time.perf_counter() - started],
                 "missing": [""]}
+
+
+def plan_task(workspace: Workspace, directory: str, top_k: int) -> int:
+    """Ray task: write the work list against the committed blocks (their key hashes, 8 bytes a pair, are held
+    here, off the driver); returns the pairs to score."""
+    return write_todo(workspace, directory, top_k)

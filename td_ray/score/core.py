@@ -7,7 +7,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from td_ray.errors import ModelError
+from td_ray.keys import HashSet, key_hashes
+from td_ray.workspace import CANDIDATES, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +56,37 @@ class CrossEncoderTeacher:
         with torch.inference_mode():
             logits = self.model(**encoded).logits[:, 0]
         return logits.float().cpu().numpy()
+
+
+BLOCKS = "score/blocks"
+"""Scored blocks of an unfinished run, one directory per inputs-and-settings fingerprint: the unit of resume."""
+TODO = "score/todo.parquet"
+"""This run's work list: the (qid, pid) pairs no committed block holds."""
+_TODO_ROW_GROUP = 8192
+
+
+def kept_candidates(workspace: Workspace, top_k: int):
+    """A re-readable stream of the (qid, pid) pairs to score: each query's candidates ranked within `top_k`."""
+    def batches():
+        for batch in workspace.iter_batches(CANDIDATES, ["qid", "pid", "rank"]):
+            yield batch.filter(pc.less_equal(batch.column(2), top_k)).select([0, 1])
+    return batches
+
+
+def block_batches(workspace: Workspace, directory: str, columns: list[str] | None = None):
+    """Every committed block's rows, file after file."""
+    for name in workspace.block_names(directory):
+        yield from workspace.iter_batches(f"{directory}/{name}", columns)
+
+
+def write_todo(workspace: Workspace, directory: str, top_k: int) -> int:
+    """The kept pairs that no block of `directory` holds, as the work list Ray Data reads; returns its rows."""
+    committed = HashSet.of(block_batches(workspace, directory, ["qid", "pid"]))
+    rows = 0
+    with workspace.atomic_writer(TODO, pa.schema([("qid", pa.string()), ("pid", pa.string())])) as writer:
+        for batch in kept_candidates(workspace, top_k)():
+            todo = batch.filter(pa.array(~committed.contains(key_hashes(batch))))
+            if todo.num_rows:
+                writer.write_table(pa.Table.from_batches([todo]), row_group_size=_TODO_ROW_GROUP)
+                rows += todo.num_rows
+    return rows

@@ -15,11 +15,11 @@ end-of-sequence token; pygaggle truncates the whole string instead, which drops 
 from __future__ import annotations
 
 import logging
-import string
 from typing import Any
 
 import numpy as np
 
+from td_ray.config import split_template
 from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -28,16 +28,6 @@ MONOT5_TEMPLATE = "Query: {query} Document: {document} Relevant:"
 DEFAULT_MAX_BATCH_TOKENS = 16384
 """Padded tokens per forward pass when the caller gives no budget (count x longest input)."""
 _DTYPES = ("auto", "float32", "bfloat16")
-
-
-def split_template(template: str) -> tuple[str, str]:
-    """The template's text before and after ``{document}``; it must hold ``{query}`` and ``{document}`` once each."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    if sorted(fields) != ["document", "query"]:
-        raise ValueError(f"teacher template {template!r} must contain {{query}} and {{document}} once each and no "
-                         f"other fields (found {fields})")
-    before, after = template.split("{document}")
-    return before, after
 
 
 def resolve_word_id(tokenizer: Any, word: str, model: str) -> int:

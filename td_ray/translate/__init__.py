@@ -25,7 +25,13 @@ from td_ray.result import StageResult
 from td_ray.sources import SourceError, ingest
 from td_ray.textjoin import export_text
 from td_ray.translate import store
-from td_ray.translate.actor import INPUT_COLUMNS, CT2TranslatorActor, PretranslatedCheckActor
+from td_ray.translate.actor import (
+    INPUT_COLUMNS,
+    CT2TranslatorActor,
+    PretranslatedCheckActor,
+    plan_task,
+    view_task,
+)
 from td_ray.translate.core import SentencePieceCodec, resolve_ct2_model
 from td_ray.translate.quality import flag_names
 from td_ray.workspace import PASSAGES_EN, TRAIN_QUERIES_EN, Workspace, translated
@@ -98,14 +104,14 @@ def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, 
                     kind, target.lang, rows, workspace.path(relative))
         return entry | {"source_rows": rows, "reused_rows": rows, "translated_rows": 0, "unchanged": True}
     todo_table = store.todo_path(kind, target.lang, slug)
-    plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), todo_table)
-    entry |= {"source_rows": plan.source_rows, "reused_rows": plan.source_rows - plan.todo_rows,
-              "translated_rows": plan.todo_rows}
-    if plan.todo_rows:
+    keys = workspace.local_dir("translate/todo") / f"{kind}.{target.lang}.{slug}.keys.npy"
+    ensure_ray(config.ray)
+    source_rows, todo_rows = in_task(plan_task, workspace, english, directory, todo_table, str(keys))
+    entry |= {"source_rows": source_rows, "reused_rows": source_rows - todo_rows, "translated_rows": todo_rows}
+    if todo_rows:
         schemas.require_columns(workspace.read_schema(todo_table), INPUT_COLUMNS, todo_table)
-        ensure_ray(config.ray)
         logger.info("translate %s -> %s: %d of %d rows to translate (%d already in the store)", kind, target.lang,
-                    plan.todo_rows, plan.source_rows, entry["reused_rows"])
+                    todo_rows, source_rows, entry["reused_rows"])
         dataset = read_table_dataset(workspace, todo_table).map_batches(
             CT2TranslatorActor,
             batch_format="pyarrow",
@@ -121,8 +127,9 @@ def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, 
             totals.add_block(block)
         totals.seconds += time.perf_counter() - started
         workspace.fs.delete_file(workspace.path(todo_table))
-    store.write_view(workspace, directory, plan.current, english, kind, target.lang,
-                     _view_key(workspace, english, slug, directory))
+    in_task(view_task, workspace, directory, str(keys), english, kind, target.lang,
+            _view_key(workspace, english, slug, directory), f"{target.model} [{slug}]")
+    keys.unlink()
     return entry
 
 
@@ -178,7 +185,8 @@ def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str,
     )
     rows = write_stream(dataset, workspace, relative, schemas.TRANSLATIONS, ["id"],
                         expected=workspace.key_batches(english, ["id"]), transform=check_coverage,
-                        metadata=lambda: {"td_ray_view": key, "td_ray_flags": json.dumps(dict(flags))})
+                        metadata=lambda: {"td_ray_view": key, "td_ray_mt_model": name,
+                                          "td_ray_flags": json.dumps(dict(flags))})
     return entry | {"source_rows": rows, "copied_rows": rows, "flags": dict(flags)}
 
 

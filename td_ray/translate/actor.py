@@ -14,6 +14,8 @@ from td_ray.config import QualityConfig, TranslateConfig
 from td_ray.textjoin import TextLookup
 from td_ray.translate.core import SentencePieceCodec, translate_texts
 from td_ray.translate.quality import check_translation, flag_names
+from td_ray.keys import HashSet
+from td_ray.translate import store
 from td_ray.translate.store import commit_block, text_hash
 from td_ray.workspace import Workspace
 
@@ -97,3 +99,17 @@ class PretranslatedCheckActor:
             "mt_model": pa.array([self.mt_model] * size), "source_hash": text_hash(batch["text"]),
             "flags": pa.array(flags, pa.list_(pa.string())),
         })
+
+
+def plan_task(workspace: Workspace, english: str, directory: str, todo: str, keys: str) -> tuple[int, int]:
+    """Ray task: write the work list of the rows no committed block holds, and save the current keys' hashes (to
+    `keys`, for the view); returns (source rows, rows to translate). Holds 16 bytes a row, off the driver."""
+    plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), todo)
+    plan.current.save(keys)
+    return plan.source_rows, plan.todo_rows
+
+
+def view_task(workspace: Workspace, directory: str, keys: str, english: str, kind: str, lang: str, key: str,
+              mt_model: str) -> int:
+    """Ray task: write the view from the store against the saved current keys (memory-mapped)."""
+    return store.write_view(workspace, directory, HashSet.load(keys), english, kind, lang, key, mt_model)

@@ -12,7 +12,15 @@ from td_ray.config import QualityConfig
 
 #: Subtitle and web markup: `{\fn...}` override tags, HTML/XML tags and entities.
 _MARKUP = re.compile(r"\{\\[^}]*\}|</?[A-Za-z][^<>]{0,80}>|&(?:[a-z]+|#\d+);")
-_UNSPACED_CHARACTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\u0e00-\u0e7f]")
+#: Scripts written without spaces between words. Hangul is not one of them: Korean puts spaces between words.
+UNSPACED_SCRIPTS = {
+    "cjk": re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),  # Han, hiragana, katakana
+    "thai": re.compile(r"[\u0e00-\u0e7f]"),
+    "lao": re.compile(r"[\u0e80-\u0eff]"),
+    "tibetan": re.compile(r"[\u0f00-\u0fff]"),
+    "myanmar": re.compile(r"[\u1000-\u109f]"),
+    "khmer": re.compile(r"[\u1780-\u17ff]"),
+}
 
 #: Every flag name, in the order flags are reported.
 FLAGS = ("empty_source", "empty_output", "punctuation_only", "markup", "repeated_ngram", "length_ratio",
@@ -23,11 +31,19 @@ def _is_punctuation_only(text: str) -> bool:
     return not any(unicodedata.category(char)[0] in "LN" for char in text)
 
 
+def unspaced_script(text: str) -> str | None:
+    """The script written without spaces (`UNSPACED_SCRIPTS`) that makes up over 30 % of `text`'s characters."""
+    characters = [char for char in text if not char.isspace()]
+    for name, pattern in UNSPACED_SCRIPTS.items():
+        if characters and len(pattern.findall(text)) > 0.3 * len(characters):
+            return name
+    return None
+
+
 def _units(text: str, size: int) -> tuple[list[str], int]:
     """Words, or characters for scripts without spaces (then n-grams are twice as long)."""
-    characters = [char for char in text if not char.isspace()]
-    if characters and sum(bool(_UNSPACED_CHARACTER.match(char)) for char in characters) > 0.3 * len(characters):
-        return characters, size * 2
+    if unspaced_script(text):
+        return [char for char in text if not char.isspace()], size * 2
     return text.lower().split(), size
 
 
@@ -58,10 +74,13 @@ def check_translation(source: str, output: str, quality: QualityConfig, hit_deco
         flags.append(f"repeated_ngram: {' '.join(gram)[:40]!r} occurs {count} times")
     source_chars, output_chars = len(source.strip()), len(output.strip())
     if source_chars >= quality.ratio_min_source_chars:
+        script = unspaced_script(output)
+        scale = quality.unspaced_length_scale.get(script, 1.0) if script else 1.0
         ratio = output_chars / source_chars
-        if not quality.min_length_ratio <= ratio <= quality.max_length_ratio:
-            flags.append(f"length_ratio: {ratio:.2f} (output/source characters) outside "
-                         f"[{quality.min_length_ratio}, {quality.max_length_ratio}]")
+        low, high = quality.min_length_ratio * scale, quality.max_length_ratio * scale
+        if not low <= ratio <= high:
+            flags.append(f"length_ratio: {ratio:.2f} (output/source characters) outside [{low:.3g}, {high:.3g}]"
+                         + (f" ({script} bounds)" if script else ""))
     if output.strip().lower() == source.strip().lower() and sum(char.isalpha() for char in source) >= 3:
         flags.append("copy_of_source: output equals the source")
     if hit_decoding_limit:

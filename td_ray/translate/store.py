@@ -110,12 +110,12 @@ def write_todo(workspace: Workspace, english: str, committed: HashSet, relative:
     """Write the rows of `english` whose (id, source hash) no committed block holds as this run's work list,
     in one streamed pass that also collects the current keys. The work list is removed when empty."""
     source_rows = todo_rows = 0
-    current: list[np.ndarray] = []
+    current = np.empty(workspace.row_count(english), dtype=np.uint64)  # filled in place: no copies
     with workspace.atomic_writer(relative, schemas.TRANSLATE_TODO) as writer:
         for batch in workspace.iter_batches(english, ["id", "text"], _READ_BATCH_ROWS):
             keys = pa.table({"id": batch.column(0), "source_hash": text_hash(batch.column(1))})
             hashes = key_hashes(keys)
-            current.append(hashes)
+            current[source_rows:source_rows + batch.num_rows] = hashes
             missing = ~committed.contains(hashes)
             source_rows += batch.num_rows
             if missing.any():
@@ -127,7 +127,7 @@ def write_todo(workspace: Workspace, english: str, committed: HashSet, relative:
                 todo_rows += table.num_rows
     if not todo_rows:
         workspace.fs.delete_file(workspace.path(relative))
-    return Plan(source_rows, todo_rows, HashSet(np.concatenate(current) if current else np.zeros(0, np.uint64)))
+    return Plan(source_rows, todo_rows, HashSet(current))
 
 
 def commit_block(workspace: Workspace, directory: str, table: pa.Table) -> str:
@@ -141,20 +141,20 @@ def block_names(workspace: Workspace, directory: str) -> list[str]:
 
 
 def write_view(workspace: Workspace, directory: str, current: HashSet, english: str, kind: str, lang: str,
-               key: str) -> int:
+               key: str, mt_model: str) -> int:
     """Write ``translate/<kind>.<lang>.parquet``: one row per current (id, source_hash), streamed from the store.
 
     Each store row is looked up once in `current` (a sorted hash array, built in one pass over the input);
     a key committed twice is written once. Fails, committing nothing, unless every id of `english` has exactly
     one translation. `key` (what the view was made from) goes in the file's metadata, so an unchanged view is
-    neither rewritten nor checked again.
+    neither rewritten nor checked again, and so does `mt_model` (the model version, for lineage).
     """
     dataset = _store_dataset(workspace, directory)
     relative = translated(kind, lang)
     written = np.zeros(len(current), dtype=bool)
     with workspace.exactly_once_writer(relative, schemas.TRANSLATIONS, ["id"],
                                        expected=workspace.key_batches(english, ["id"]),
-                                       metadata=lambda: {"td_ray_view": key}) as writer:
+                                       metadata=lambda: {"td_ray_view": key, "td_ray_mt_model": mt_model}) as writer:
         for batch in _scan(dataset):
             hashes = key_hashes(batch, ["id", "source_hash"])
             positions = np.minimum(np.searchsorted(current.hashes, hashes), max(len(current) - 1, 0))

@@ -31,7 +31,10 @@ class ContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.in_batch_negatives = in_batch_negatives
 
-    def forward(self, student_scores: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_scores: torch.Tensor, same_query: torch.Tensor | None = None) -> torch.Tensor:
+        """`same_query` ([batch, batch] bool, in-batch negatives only): entries i != j that are copies of one query
+        (round-robin MTD repeats each query once per language). Their passages are no negatives of each other:
+        another copy's positive is the same passage in another language."""
         if student_scores.dim() != 2:
             raise ValueError(f"student scores {tuple(student_scores.shape)} must be a 2-d [batch, ...] matrix")
         batch, columns = student_scores.shape
@@ -43,6 +46,9 @@ class ContrastiveLoss(nn.Module):
                     f"and {columns} columns are not a multiple of the batch of {batch}"
                 )
             labels = torch.arange(batch, device=student_scores.device) * (columns // batch)
+            if same_query is not None:
+                hidden = same_query.to(student_scores.device).repeat_interleave(columns // batch, dim=1)
+                student_scores = student_scores.masked_fill(hidden, float("-inf"))
         else:
             if columns < 2:
                 raise ValueError(

@@ -12,7 +12,7 @@ PLAID-X 0.3.1 (hltcoe/ColBERT-X, branch plaid-x), the code that trained the Tran
   td-ray's tiny student) gets them added, in that order, and the embeddings grow to match, as PLAID-X does;
 - a bias-free linear layer projects each token to ``dim`` (128) and the vectors are L2-normalised.
 
-Swapped in for :class:`td_ray.distill.model.DualEncoder`: ``ColBERTEncoder.forward`` takes the same
+Swapped in for :class:`td_ray.encoders.dense.DualEncoder`: ``ColBERTEncoder.forward`` takes the same
 (query, passages) batches and returns the same [batch, nway] scores, but the batches must come from
 :class:`ColBERTTokenizer` (or :func:`score`, which tokenizes and calls the model, DDP-wrapped or not).
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from td_ray.distill.model import load_encoder
+from td_ray.encoders.dense import load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class ColBERTEncoder(nn.Module):
         for name, inputs in (("query", query), ("passages", passages)):
             if "scoring_mask" not in inputs:
                 raise ValueError(f"the {name} batch has no scoring_mask: tokenize with ColBERTTokenizer.queries "
-                                 "and .documents (td_ray.distill.colbert), not the plain HF tokenizer")
+                                 "and .documents (td_ray.encoders.colbert), not the plain HF tokenizer")
         queries, documents = self.encode(**query), self.encode(**passages)
         doc_mask = passages["scoring_mask"]
         if all_pairs:

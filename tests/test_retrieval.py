@@ -1,0 +1,198 @@
+"""Dense retrieval at collection scale: passages and MaxP, FAISS factory strings, trained indexes built in sharded
+Ray tasks and merged on disk, exactly once, reused when unchanged, and clear errors for impossible settings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import with_updates
+
+from td_ray import evaluate, index
+from td_ray.config import ConfigError, parse_config
+from td_ray.encoders.passages import split_passages, window_starts
+from td_ray.retrieval.faiss_index import IndexSettingsError, Searcher, check_training_points, plan_index
+from td_ray.retrieval.layout import TRAINED, build_path, read_index_meta
+from td_ray.retrieval.maxp import maxp
+from td_ray.workspace import RUN, Workspace
+
+
+# ------------------------------------------------------------------------------------------------ units
+def test_windows_of_180_every_90_tokens_cover_the_document_once_each():
+    assert window_starts(180, 180, 90) == [0]  # no longer than a passage: one passage
+    assert window_starts(181, 180, 90) == [0, 90]
+    assert window_starts(500, 180, 90) == [0, 90, 180, 270, 360]  # the last one ends at the end (540 >= 500)
+    with pytest.raises(ValueError, match="stride"):
+        window_starts(10, 5, 6)
+
+
+def test_passages_are_decoded_windows_of_the_students_tokens(assets_root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(assets_root / "tiny-models" / "student"))
+    words = [token for token in tokenizer.get_vocab() if token.isalpha() and len(token) > 3][:50]
+    long_text = " ".join(words * 8)  # 400 words
+    short = "balto mirek"
+    passages = split_passages(tokenizer, [long_text, short], length=180, stride=90)
+    tokens = len(tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    assert passages[1] == [short]
+    assert len(passages[0]) == len(window_starts(tokens, 180, 90))
+    assert [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages[0][:-1]] == [180] * (
+        len(passages[0]) - 1)
+    assert passages[0][0].split()[:5] == words[:5]
+
+
+def test_maxp_scores_a_document_by_its_best_passage_and_breaks_ties_by_docid():
+    docids = np.array(["d2", "d1", "d2", "d3", "d1"], dtype=object)
+    scores = np.array([[0.9, 0.8, 0.5, 0.8, 0.1]], dtype=np.float32)
+    ids = np.array([[0, 1, 2, 3, -1]])
+    assert maxp(scores, ids, lambda found: docids[found], depth=10) == [[("d2", pytest.approx(0.9)),
+                                                                        ("d1", pytest.approx(0.8)),
+                                                                        ("d3", pytest.approx(0.8))]]
+    assert [doc for doc, _ in maxp(scores, ids, lambda found: docids[found], depth=2)[0]] == ["d2", "d1"]
+
+
+def test_impossible_index_settings_fail_at_validate_naming_the_fix(make_workspace):
+    config = make_workspace()
+    raw = config.model_dump(mode="json")
+    for factory, message in (("IVF4,PQ7", r"PQ7 needs the dimension \(64\).*PQ4, PQ8, PQ16"),
+                             ("IVF,Flat", r"not a FAISS factory string.*could not parse.*HNSW32"),
+                             ("IVF100000,Flat", r"train_sample \(262144\) is below the 3900000")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(raw | {"index": raw["index"] | {"factory": factory}})
+    with pytest.raises(ConfigError, match="passage_depth .* must be at least depth"):
+        parse_config(raw | {"evaluate": raw["evaluate"] | {"depth": 100, "passage_depth": 50}})
+    plan = plan_index("IVF64,Flat", 64)
+    with pytest.raises(IndexSettingsError, match=r"IVF64 needs 39 x 64 = 2496 .* 240 available.*at most IVF6"):
+        check_training_points(plan, 240, 10_000, "the 240 passages")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _overlap_at_10(first: Path, second: Path) -> float:
+    def top(path: Path) -> dict[str, set[str]]:
+        run = pq.read_table(path).to_pylist()
+        return {qid: {row["docid"] for row in run if row["qid"] == qid and row["rank"] <= 10}
+                for qid in {row["qid"] for row in run}}
+
+    a, b = top(first), top(second)
+    return float(np.mean([len(a[qid] & b[qid]) / len(a[qid]) for qid in a]))
+
+
+@pytest.fixture(scope="module")
+def bag_of_words_student(assets_root, tmp_path_factory) -> Path:
+    """A student whose vector is the mean of its tokens' random embeddings (no transformer layer), compared by
+    cosine: a passage full of the query's words is close to the query whatever the rest of its document says.
+    Unlike the six-step demo student, whose scores are nearly tied, it ranks by content, so quantisation error
+    shows as the ranking changes it causes rather than as noise among ties."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("bow-student")
+    tokenizer = AutoTokenizer.from_pretrained(str(assets_root / "tiny-models" / "student"))
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=0, num_attention_heads=1,
+                        intermediate_size=64, max_position_embeddings=512)
+    model = BertModel(config, add_pooling_layer=False)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.normal_()
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "td_ray_student.json").write_text(json.dumps({"pooling": "mean", "similarity": "cosine"}))
+    return out
+
+
+def test_a_sharded_ivf_pq_build_survives_a_killed_task_equals_one_process_and_keeps_flats_top_10(
+        make_workspace, bag_of_words_student, monkeypatch, tmp_path):
+    """Over the demo collection: an exact (Flat) index in three shards searched together; then IVF-PQ, a changed
+    setting, built beside it in three shard tasks (one SIGKILLed once and retried) and swapped in. The merged
+    on-disk index answers as one process adding every vector to the same trained index, its top 10 keep at least
+    90 % of Flat's, and a re-run reuses it."""
+    config = make_workspace(index={"model": str(bag_of_words_student), "factory": "Flat", "num_shards": 3,
+                                   "keep_vectors": True})
+    workspace = Workspace(config.workspace)
+    flat = index.run(config)
+    flat_meta = read_index_meta(workspace)
+    assert flat_meta["factory"] == "Flat" and len(flat_meta["files"]) == 3  # Flat shards cannot merge on disk
+    evaluate.run(config)
+    flat_run = tmp_path / "flat-run.parquet"
+    os.replace(workspace.path(RUN), flat_run)
+
+    # IVF4 with every list probed: what is lost is PQ's quantisation; 64 one-dimension codebooks of 6 bits each
+    # keep 64 centroids trainable on the demo's 240 passages.
+    config = with_updates(config, index={"factory": "IVF4,PQ64x6", "train_sample": 1000},
+                          evaluate={"search_params": "nprobe=4"})
+    marker = tmp_path / "killed-once"
+    original = index.shard_task
+
+    def killed_once(*args):
+        if args[1] == 1 and not marker.exists():  # shard 1, first attempt: the worker dies mid-task
+            marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args)
+
+    monkeypatch.setattr(index, "shard_task", killed_once)
+    built = index.run(config)
+    assert "unchanged" not in built.metrics and marker.exists()
+    assert built.metrics["passages"] == flat.metrics["passages"] == sum(built.metrics[f"shard_{i}_size"]
+                                                                        for i in range(3))
+    meta = read_index_meta(workspace)
+    assert meta["build"] != flat_meta["build"] and not build_path(workspace, flat_meta).exists()
+    assert meta["files"] == ["index.faiss"] and build_path(workspace, meta, "index.ivfdata").is_file()
+    assert not list(build_path(workspace, meta).glob("shard-*"))  # merged into the on-disk lists
+
+    table = pq.read_table(build_path(workspace, meta, "embeddings.parquet"), columns=["faiss_id", "vector"])
+    assert len(set(table["faiss_id"].to_pylist())) == table.num_rows == built.metrics["passages"]
+    vectors = np.asarray(table["vector"].combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+    one_process = faiss.read_index(str(build_path(workspace, meta, TRAINED)))
+    one_process.add_with_ids(vectors, table["faiss_id"].to_numpy())
+    faiss.ParameterSpace().set_index_parameters(one_process, "nprobe=4")
+    queries = vectors[::17][:12] + 0.05
+    expected_scores, expected_ids = one_process.search(queries, 10)
+    scores, ids = Searcher([build_path(workspace, meta, "index.faiss")], "nprobe=4").search(queries, 10)
+    assert np.array_equal(ids, expected_ids) and np.allclose(scores, expected_scores, atol=1e-5)
+
+    evaluate.run(config)
+    assert _overlap_at_10(Path(workspace.path(RUN)), flat_run) >= 0.9
+    assert index.run(config).metrics["unchanged"] == 1.0  # the same documents, student and settings
+
+
+def test_maxp_finds_relevant_text_past_the_first_180_tokens_where_truncation_cannot(make_workspace,
+                                                                                   bag_of_words_student, tmp_path):
+    from transformers import AutoTokenizer
+
+    student = bag_of_words_student
+    words = [token for token in AutoTokenizer.from_pretrained(str(student)).get_vocab()
+             if token.isalpha() and len(token) > 3][:260]
+    query, filler = words[:3], words[3:]
+    rng = np.random.default_rng(5)
+    docs = {}
+    for number in range(20):
+        text = list(rng.choice(filler, size=600))
+        if number == 7:  # the relevant document: its query words sit at tokens ~400-460, past any first passage
+            text[400:400] = query * 20
+        docs[f"doc{number:02d}"] = " ".join(text)
+    (tmp_path / "docs.tsv").write_text("".join(f"{doc}\t{text}\n" for doc, text in docs.items()))
+    (tmp_path / "topics.tsv").write_text(f"t1\t{' '.join(query)}\n")
+    (tmp_path / "qrels.txt").write_text("t1 0 doc07 1\n")
+    data = {"eval_docs": {"format": "tsv", "path": str(tmp_path / "docs.tsv")},
+            "eval_topics": {"format": "tsv", "path": str(tmp_path / "topics.tsv")},
+            "eval_qrels": {"format": "trec_qrels", "path": str(tmp_path / "qrels.txt")}}
+    ranks = {}
+    for name, passages in (("maxp", {"length": 180, "stride": 90}), ("truncated", None)):
+        config = make_workspace(data=data, index={"model": str(student), "passages": passages, "max_length": 200,
+                                                  "num_shards": 1},
+                                evaluate={"depth": 10, "passage_depth": 10})
+        index.run(config)
+        evaluate.run(config)
+        run = pq.read_table(Workspace(config.workspace).path(RUN)).to_pylist()
+        assert len({row["docid"] for row in run}) == len(run) == 10  # documents, never passages, filled to depth
+        ranks[name] = next((row["rank"] for row in run if row["docid"] == "doc07"), None)
+    assert ranks["maxp"] == 1
+    assert ranks["truncated"] != 1

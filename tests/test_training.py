@@ -1,0 +1,144 @@
+"""Training at the paper's scale: restart placement, run identity, buffered tracking, worker-averaged loss,
+seeded epoch shuffles and lineage read from the tables trained on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import torch
+from conftest import with_updates
+
+from td_ray.config import DistillConfig
+from td_ray.distill import lineage, training_key
+from td_ray.distill.train import StepLogger, epoch_seed, mean_over_workers, micro_batches, start_training
+from td_ray.workspace import SCORES, Workspace
+
+
+def _config(**fields) -> DistillConfig:
+    return DistillConfig(student="unused", passage_lang="zh", steps=10, **fields)
+
+
+def test_a_restart_builds_the_optimizer_where_the_parameters_were_placed():
+    """`prepare` places the model (on a GPU: `.to(cuda)`); AdamW's restored state must follow the parameters.
+    On this CPU machine a cast to float64 stands in for the move: loading an optimizer's state casts it to its
+    parameters' device and dtype alike, so state on the wrong side shows here as the wrong dtype."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10)
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    fresh = torch.nn.Linear(4, 2)
+    placed, restored, _ = start_training(fresh, _config(lr=0.1), state, prepare=lambda module: module.double())
+    for parameter in placed.parameters():
+        moments = restored.state[parameter]
+        assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == parameter.dtype == torch.float64
+    placed(torch.ones(3, 4, dtype=torch.float64)).sum().backward()
+    restored.step()  # AdamW's grouped update runs: state and parameters agree
+    assert torch.allclose(placed.weight.float(), model.weight, atol=0.2) and not torch.equal(placed.weight.float(),
+                                                                                          model.weight)
+
+
+def test_run_identity_resumes_on_unrelated_changes_and_restarts_on_new_data(pipeline_run, make_workspace):
+    config, _ = pipeline_run
+    workspace = Workspace(config.workspace)
+    key = training_key(config, workspace)
+    for changed in (dict(mlflow={"alias": "staging"}), dict(index={"num_shards": 3}),
+                    dict(distill={"max_failures": 3, "checkpoint_every": 7, "checkpoint_keep": 5, "log_every": 3}),
+                    dict(score={"teacher": "another/teacher"})):
+        assert training_key(with_updates(config, **changed), workspace) == key, changed
+    for changed in (dict(distill={"lr": 1e-4}), dict(distill={"nway": 3}), dict(distill={"seed": 1})):
+        assert training_key(with_updates(config, **changed), workspace) != key, changed
+    # the same paths, other data: a new score table (another source at the same path) is a new run
+    other = make_workspace()
+    copy = Workspace(other.workspace)
+    from td_ray.distill import training_tables
+
+    for table in training_tables(config):
+        metadata = workspace.file_metadata(table)
+        copy.write_table(workspace.read_table(table), table, metadata=metadata)
+    assert training_key(other, copy) == training_key(other, Workspace(other.workspace))
+    first = training_key(other, copy)
+    scores = workspace.read_table(SCORES)
+    copy.write_table(scores, SCORES, metadata=workspace.file_metadata(SCORES) | {"td_ray_inputs": "rescored"})
+    assert training_key(other, copy) != first
+
+
+def test_lineage_comes_from_the_tables_trained_on_not_from_the_config(pipeline_run):
+    config, _ = pipeline_run
+    workspace = Workspace(config.workspace)
+    changed = with_updates(config, score={"teacher": "someone/else"},
+                           translate={"targets": [{"lang": "syn", "pretranslated": {"format": "tsv", "path": "x"}},
+                                                  {"lang": "qaa", "model": "another-mt-model"}]})
+    tags = lineage(changed, workspace)
+    assert tags["td_ray.teacher"] == config.score.teacher  # what scored the table, not what the config now says
+    assert tags["td_ray.passage_lang"] == "syn" and tags["td_ray.mt_model"] == "syn=pretranslated:passages.syn.tsv"
+    assert tags["td_ray.teacher_revision"] == "None" or tags["td_ray.teacher_revision"]
+    assert json.loads(tags["td_ray.scores"])["teacher"] == config.score.teacher
+    assert "passages.tsv" in tags["td_ray.passages"] and tags["td_ray.training_key"] == training_key(config, workspace)
+
+
+def test_tracking_failures_are_retried_at_the_next_flush_and_never_raised(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = store.create_run(store.create_experiment("steps")).info.run_id
+    logger = StepLogger(None, run_id, client=MlflowClient("http://127.0.0.1:9"))  # nothing listens there
+    for step in range(1, 4):
+        logger.log(step, {"loss": 1.0 / step, "lr": 0.1})
+    assert not logger.flush() and len(logger.buffer) == 6 and logger.failures == 1
+    logger.client = store  # the server is back
+    logger.log(4, {"loss": 0.25, "lr": 0.1})
+    assert logger.flush() and not logger.buffer
+    assert [metric.step for metric in store.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+
+
+def _average(rank: int, world: int, address: str, out) -> None:
+    torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    out[rank] = mean_over_workers(float(rank + 1), torch.device("cpu"))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_logged_loss_is_averaged_over_the_workers(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    out = context.Manager().dict()
+    workers = [context.Process(target=_average, args=(rank, 3, f"file://{tmp_path}/store", out)) for rank in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert dict(out) == {0: 2.0, 1: 2.0, 2: 2.0}
+    assert mean_over_workers(5.0, torch.device("cpu")) == 5.0  # one process: the value itself
+
+
+def test_each_epoch_is_shuffled_by_its_seed_and_a_resume_reads_the_same_batches(ray_cluster):
+    import itertools
+
+    import ray.data
+
+    rows = 40
+    dataset = ray.data.from_arrow(pa.table({"qid": [f"q{i:02d}" for i in range(rows)]}))
+    dataset.context.execution_options.preserve_order = True
+    config = _config(batch_size=4, shuffle_buffer=16, seed=3)
+    per_epoch = rows // config.batch_size
+
+    def batches(start: int, count: int) -> list[list[str]]:
+        stream = micro_batches(dataset.iterator(), config, start, per_epoch, rank=0)
+        return [list(batch["qid"]) for batch in itertools.islice(stream, count)]
+
+    run = batches(0, 3 * per_epoch)
+    epochs = [sum(run[e * per_epoch:(e + 1) * per_epoch], []) for e in range(3)]
+    assert all(sorted(epoch) == [f"q{i:02d}" for i in range(rows)] for epoch in epochs)  # each epoch: every row once
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != [f"q{i:02d}" for i in range(rows)]
+    assert batches(13, 5) == run[13:18]  # resumed mid-epoch 1 at micro-batch 13: the same batches follow
+    assert epoch_seed(3, 0) != epoch_seed(3, 1) and epoch_seed(3, 1) == epoch_seed(3, 1)
+    plain = _config(batch_size=4, shuffle_buffer=0)
+    stream = micro_batches(dataset.iterator(), plain, 0, per_epoch, rank=0)
+    assert sum((list(batch["qid"]) for batch in itertools.islice(stream, per_epoch)), []) == sorted(epochs[0])
+    np.testing.assert_equal(len(run), 3 * per_epoch)
