@@ -12,7 +12,7 @@ writes them), queries from the same clusters. In one run, per size (100 k and 1 
    at 10x the vectors over 1x;
 5. a projection for NeuCLIR Chinese under the shipped paper config.
 
-    .venv/bin/python bench/index.py                  # 100 k and 1 M vectors at dim 128: about N minutes
+    .venv/bin/python bench/index.py                  # 100 k and 1 M vectors at dim 128: about 16 minutes
     .venv/bin/python bench/index.py --help
 """
 from __future__ import annotations
