@@ -109,7 +109,7 @@ def bag_of_words_student(assets_root, tmp_path_factory) -> Path:
 
 
 def test_a_sharded_ivf_pq_build_survives_a_killed_task_equals_one_process_and_keeps_flats_top_10(
-        make_workspace, bag_of_words_student, monkeypatch, tmp_path):
+        make_workspace, bag_of_words_student, ray_cluster, monkeypatch, tmp_path):
     """Over the demo collection: an exact (Flat) index in three shards searched together; then IVF-PQ, a changed
     setting, built beside it in three shard tasks (one SIGKILLed once and retried) and swapped in. The merged
     on-disk index answers as one process adding every vector to the same trained index, its top 10 keep at least
@@ -164,7 +164,8 @@ def test_a_sharded_ivf_pq_build_survives_a_killed_task_equals_one_process_and_ke
 
 
 def test_maxp_finds_relevant_text_past_the_first_180_tokens_where_truncation_cannot(make_workspace,
-                                                                                   bag_of_words_student, tmp_path):
+                                                                                   bag_of_words_student, ray_cluster,
+                                                                                   tmp_path):
     from transformers import AutoTokenizer
 
     student = bag_of_words_student
