@@ -72,8 +72,20 @@ class Digest:
             self.total = (self.total + int(hashes.sum(dtype=np.uint64))) % 2**64
             self.mixed = (self.mixed + int(_splitmix(hashes).sum(dtype=np.uint64))) % 2**64
 
+    def merge(self, other: Digest) -> Digest:
+        """The digest of both multisets together (for parts digested apart, such as index shards)."""
+        return Digest(self.rows + other.rows, (self.total + other.total) % 2**64, (self.mixed + other.mixed) % 2**64)
+
     def add_batch(self, batch: pa.Table | pa.RecordBatch, columns: list[str] | None = None) -> None:
         self.add(key_hashes(batch, columns))
+
+    @classmethod
+    def of_range(cls, count: int, chunk: int = 1 << 20) -> Digest:
+        """The digest of the integer keys 0 .. count - 1, each once (their own values as hashes), in chunks."""
+        digest = cls()
+        for start in range(0, count, chunk):
+            digest.add(np.arange(start, min(count, start + chunk), dtype=np.uint64))
+        return digest
 
     @classmethod
     def of(cls, batches: Iterable[pa.Table | pa.RecordBatch]) -> Digest:

@@ -22,6 +22,7 @@ merged in the driver.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -41,6 +42,7 @@ from td_ray.errors import ExactlyOnceError
 from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.index.actor import INPUT_COLUMNS, ColBERTEncoderActor, EncoderActor, merge_task, shard_task, train_task
 from td_ray.index.core import PassageNumbering
+from td_ray.keys import Digest
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
@@ -185,13 +187,13 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
                "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
                "bytes_per_vector": size / max(passages, 1)}
-    return meta, metrics | {f"shard_{i}_size": float(s.vectors) for i, s in enumerate(summaries)}
+    return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(summaries)}
 
 
 def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
-                     device: str = "auto") -> tuple[list[str], list[faiss_index.ShardSummary], int]:
+                     device: str = "auto") -> tuple[list[str], list[Digest], int]:
     """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks); returns its files, each
-    shard's summary and the vectors trained on. Checks that the shards hold every one of the `vectors` once."""
+    shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one of the `vectors` once."""
     import ray
 
     table, trained = build / EMBEDDINGS_TABLE, build / TRAINED
@@ -200,10 +202,9 @@ def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, sha
     build_shard_file = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(shard_task)
     summaries = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
                          for shard, path in enumerate(shard_paths)])
-    total = faiss_index.ShardSummary(sum(s.vectors for s in summaries), sum(s.id_sum for s in summaries),
-                                     sum(s.id_square_sum for s in summaries))
-    if total != faiss_index.ShardSummary.expected(vectors):
-        raise ExactlyOnceError(f"index: the shards hold {total.vectors} vectors for {vectors} passages, or some twice; "
+    total = functools.reduce(Digest.merge, summaries, Digest())
+    if total != Digest.of_range(vectors):
+        raise ExactlyOnceError(f"index: the shards hold {total.rows} vectors for {vectors} passages, or some twice; "
                                "nothing was committed: run the stage again")
     if not plan.merges_on_disk:
         return [path.name for path in shard_paths], summaries, trained_on

@@ -10,6 +10,7 @@ import pyarrow as pa
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages
 from td_ray.index.core import sample_vectors, shard_batches
+from td_ray.keys import Digest
 from td_ray.retrieval import faiss_index
 
 #: Columns the actor reads from each batch.
@@ -78,7 +79,7 @@ def train_task(table: str, plan: faiss_index.IndexPlan, sample: int, rows: int, 
     return len(vectors)
 
 
-def shard_task(table: str, shard: int, trained: str, out: str, device: str) -> faiss_index.ShardSummary:
+def shard_task(table: str, shard: int, trained: str, out: str, device: str) -> Digest:
     """Ray task: add the shard's own row groups of the vector table to a copy of the trained index, write it."""
     return faiss_index.add_shard(Path(trained), shard_batches(table, shard), Path(out), device)
 

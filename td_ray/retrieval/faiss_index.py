@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from td_ray.errors import TdRayError
+from td_ray.keys import Digest
 
 logger = logging.getLogger(__name__)
 
@@ -146,35 +147,16 @@ def write_atomic(index: faiss.Index, path: Path) -> None:
     os.replace(temporary, path)
 
 
-@dataclass
-class ShardSummary:
-    """What one shard holds: its vectors and the sum and sum of squares of their ids (to check the build)."""
-
-    vectors: int = 0
-    id_sum: int = 0
-    id_square_sum: int = 0
-
-    def add(self, ids: np.ndarray) -> None:
-        values = ids.astype(object)  # exact integer sums, however many ids
-        self.vectors += len(ids)
-        self.id_sum += int(values.sum()) if len(ids) else 0
-        self.id_square_sum += int((values * values).sum()) if len(ids) else 0
-
-    @classmethod
-    def expected(cls, count: int) -> ShardSummary:
-        """The summary of ids 0 .. count - 1, each once."""
-        return cls(count, count * (count - 1) // 2, (count - 1) * count * (2 * count - 1) // 6)
-
-
 def add_shard(trained: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], out: Path,
-              device: str = "auto") -> ShardSummary:
-    """Add (vectors, ids) batches to a copy of the trained index and write it to `out`."""
+              device: str = "auto") -> Digest:
+    """Add (vectors, ids) batches to a copy of the trained index and write it to `out`; returns the digest of the
+    ids it added (each id its own hash), so the shards together can be checked against 0 .. passages - 1."""
     index = faiss.read_index(str(trained))
-    summary = ShardSummary()
+    summary = Digest()
     target = faiss.index_cpu_to_all_gpus(index) if on_gpu(device) and faiss.try_extract_index_ivf(index) else index
     for vectors, ids in batches:
         target.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-        summary.add(ids)
+        summary.add(np.asarray(ids, dtype=np.uint64))
     if target is not index:
         index = faiss.index_gpu_to_cpu(target)
     write_atomic(index, out)
