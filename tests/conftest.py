@@ -40,13 +40,12 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def assets_root(tmp_path_factory) -> Path:
-    """Tiny models and demo data built once, shared by every workspace through symlinks."""
-    from td_ray.assets.demo_data import write_demo_collection
-    from td_ray.assets.tiny_models import build_tiny_models
+    """Tiny models and demo data built once, as the demo builds them (so a demo run over a workspace linking to
+    them finds them complete), shared by every workspace through symlinks."""
+    from td_ray.pipeline import demo_config, prepare_demo_assets
 
     root = tmp_path_factory.mktemp("assets")
-    build_tiny_models(root / "tiny-models")
-    write_demo_collection(root / "demo")
+    prepare_demo_assets(demo_config(str(root)))
     return root
 
 
@@ -67,13 +66,13 @@ def make_workspace(tmp_path_factory, assets_root):
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, assets_root, ray_cluster):
-    """The demo pipeline, shortened, run once in this process: (config, results by stage)."""
+    """The demo pipeline, run once in this process with the demo's own settings: (config, results by stage).
+    test_demo then submits the demo job over the same workspace, as a re-run."""
     from td_ray.pipeline import demo_config, run_pipeline
 
     workspace = tmp_path_factory.mktemp("pipeline")
     for name in ("tiny-models", "demo"):
         (workspace / name).symlink_to(assets_root / name)
-    config = with_updates(demo_config(str(workspace)), demo_assets=False,
-                          distill={"steps": 6, "checkpoint_every": 3, "batch_size": 4})
+    config = with_updates(demo_config(str(workspace)), demo_assets=False)
     results = run_pipeline(config)
     return config, {result.stage: result for result in results}

@@ -67,8 +67,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return build_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+def models(assets_root: Path) -> TinyModels:
+    """The session's tiny models (seed 0), built once for every test file."""
+    return TinyModels.under(assets_root / "tiny-models")
 
 
 # ---------------------------------------------------------------- demo collection
@@ -180,7 +181,7 @@ def test_build_is_cached_and_reproducible(
     stamps = (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns)
     assert build_tiny_models(models.root, seed=0) == models
     assert (marker.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
-    assert [p.name for p in models.root.parent.iterdir()] == [models.root.name], "no temp dirs left"
+    assert not list(models.root.parent.glob(f".{models.root.name}.build-*")), "no temp dirs left"
 
     same = build_tiny_models(tmp_path / "same", seed=0)
     # Builds below only need to differ from seed 0's or to replace a cache: train their teachers briefly.

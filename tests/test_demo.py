@@ -1,10 +1,13 @@
-"""The demo end to end in fresh processes: the demo job submitted with `ray job submit` to a real local head
-(`ray start --head`), then the CLI demo over the same workspace, as a re-run. Checks the outputs, the MLflow runs,
-the registered model, and that the re-run keeps every id once and trains nothing new."""
+"""The demo as a user submits it: the session's pipeline run (the demo's settings, run in this process) is followed
+by the demo job, submitted with `ray job submit` to a real local head (`ray start --head`) over the same workspace,
+through the CLI's `demo` command, after the index was deleted. Checks the outputs, the MLflow runs, the registered
+model, and that the re-run rebuilds the lost index on the head into the same run, skips the other stages, rewrites
+none of their outputs, keeps every id once and trains nothing new."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from td_ray.distill import TRAINED_FILE
 from td_ray.encoders.dense import StudentEncoder
+from td_ray.translate.store import read_manifests
+from td_ray.workspace import SCORES, STUDENT_DIR, Workspace, translated
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _clean_env() -> dict:
     """This process's environment without an inherited MLflow store: the demo's default is under its workspace."""
     return {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-
-
-def _demo(workspace) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "td_ray.cli", "demo", "--workspace", str(workspace)],
-                          check=False, capture_output=True, text=True, timeout=600, env=_clean_env())
 
 
 def _free_port() -> int:
@@ -109,24 +110,45 @@ def _submit_demo_job(address: str, env: dict, workspace: Path) -> tuple[str, str
     return final[0], _ray_job(env, "logs", "--address", address, submission).stdout
 
 
+def _outputs(workspace: Path) -> list[Path]:
+    """The outputs of the stages before index, which the job's re-run must leave untouched."""
+    return [workspace / translated("passages", "syn"), workspace / translated("passages", "qaa"),
+            workspace / SCORES, workspace / STUDENT_DIR / TRAINED_FILE]
+
+
 @pytest.fixture(scope="module")
-def demo_twice(tmp_path_factory):
-    """The demo job submitted to a Ray head on a fresh workspace, then the CLI demo over the same workspace (a
-    re-run). Returns the workspace, the job's final state and logs, and the CLI run."""
-    workspace = tmp_path_factory.mktemp("demo") / "ws"
+def demo_job(pipeline_run):
+    """The demo job submitted to a Ray head over the session pipeline's workspace, its index deleted first (a lost
+    output): the job rebuilds it with Ray tasks on the head and skips the other stages' work. Returns the
+    workspace, the job's logs, and the earlier outputs' modification times and TREC run before the job."""
+    config, _ = pipeline_run
+    workspace = Path(config.workspace)
+    written = {path: path.stat().st_mtime_ns for path in _outputs(workspace)}
+    trec = (workspace / "evaluate" / "run.trec").read_text()
+    shutil.rmtree(workspace / "index")
     head, address, env = _start_head()
     try:
         state, logs = _submit_demo_job(address, env, workspace)
     finally:
         _stop_head(head)
     assert state == "succeeded", logs[-5000:]
-    second = _demo(workspace)
-    assert second.returncode == 0, second.stderr[-3000:]
-    return workspace, logs, second
+    return workspace, logs, (written, trec)
 
 
-def test_summary_names_every_stage_its_metrics_and_outputs(demo_twice):
-    workspace, logs, _ = demo_twice  # the job's driver prints the CLI's summary
+def _parents(client, experiment: str) -> list:
+    """The pipeline (parent) runs, oldest first."""
+    runs = client.search_runs([experiment], "attributes.run_name = 'pipeline'")
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def _children(client, experiment: str, parent) -> dict:
+    """A pipeline run's stage runs by stage name."""
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def test_summary_names_every_stage_its_metrics_and_outputs(demo_job):
+    workspace, logs, _ = demo_job  # the job's driver prints the CLI's summary
     lines = logs.splitlines()
     for stage in STAGES:
         assert any(line.startswith(stage) for line in lines), logs[-5000:]
@@ -134,26 +156,21 @@ def test_summary_names_every_stage_its_metrics_and_outputs(demo_twice):
     assert f"workspace: {workspace}" in logs and "evaluate.run:" in logs
 
 
-def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_twice, monkeypatch):
-    workspace, _, _ = demo_twice
+def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_job, monkeypatch):
+    workspace, _, _ = demo_job
     uri = f"sqlite:///{workspace}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name("td-ray")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = sorted((run for run in runs if run.info.run_name == "pipeline"), key=lambda run: run.info.start_time)
-    assert len(parents) == 2  # one per demo run
+    experiment = client.get_experiment_by_name("td-ray").experiment_id
+    parents = _parents(client, experiment)
+    assert len(parents) == 2  # the session's pipeline run, then the job
     for parent in parents:
-        children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert sorted(run.info.run_name for run in children) == sorted(STAGES)
-        assert all(run.info.status == "FINISHED" for run in children)
-        evaluate = next(run for run in children if run.info.run_name == "evaluate")
-        assert {"nDCG_20", "R_100", "RR_10"} <= set(evaluate.data.metrics)
-        assert "run.trec" in [item.path for item in client.list_artifacts(evaluate.info.run_id)]
-        distill = next(run for run in children if run.info.run_name == "distill")
-        assert distill.data.params["distill.nway"] == "4"
-    first_distill = client.search_runs([experiment.experiment_id], "tags.`td_ray.stage` = 'distill'",
-                                       order_by=["attributes.start_time ASC"])[0]
-    losses = client.get_metric_history(first_distill.info.run_id, "loss")
+        children = _children(client, experiment, parent)
+        assert sorted(children) == sorted(STAGES)
+        assert all(run.info.status == "FINISHED" for run in children.values())
+        assert {"nDCG_20", "R_100", "RR_10"} <= set(children["evaluate"].data.metrics)
+        assert "run.trec" in [item.path for item in client.list_artifacts(children["evaluate"].info.run_id)]
+        assert children["distill"].data.params["distill.nway"] == "4"
+    losses = client.get_metric_history(_children(client, experiment, parents[0])["distill"].info.run_id, "loss")
     assert sorted(metric.step for metric in losses) == list(range(1, 31))  # every step logged by rank 0
 
     versions = client.search_model_versions("name='td-ray-student'")
@@ -172,8 +189,12 @@ def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(
     np.testing.assert_allclose(np.asarray(model.predict(texts)), expected, atol=1e-5)
 
 
-def test_rerun_keeps_every_id_exactly_once_and_skips_unchanged_training(demo_twice):
-    workspace, _, _ = demo_twice
+def test_the_rerun_rebuilds_the_lost_index_into_the_same_run_and_skips_the_rest(demo_job):
+    workspace, _, (written, trec) = demo_job
+    assert {path: path.stat().st_mtime_ns for path in _outputs(workspace)} == written
+    assert (workspace / "evaluate" / "run.trec").read_text() == trec  # the same student and documents: the same run
+    manifest = read_manifests(Workspace(str(workspace)))[-1]
+    assert manifest["entries"] and all(entry["unchanged"] for entry in manifest["entries"])
     for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None)):
         data = pq.read_table(workspace / table)
         keys = list(zip(data["qid"].to_pylist(), data["pid"].to_pylist())) if key is None else data[key].to_pylist()
@@ -184,20 +205,22 @@ def test_rerun_keeps_every_id_exactly_once_and_skips_unchanged_training(demo_twi
     assert not list(workspace.rglob("*.tmp-*"))
     uri = f"sqlite:///{workspace}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("td-ray")
-    distills = client.search_runs([experiment.experiment_id], "tags.`td_ray.stage` = 'distill'",
-                                  order_by=["attributes.start_time ASC"])
-    # the second run found the same settings and tables and reused the registered student instead of training
-    assert distills[0].data.metrics["start_step"] == 0.0 and distills[0].data.metrics["steps"] == 30.0
-    assert distills[1].data.metrics["unchanged"] == 1.0
-    assert distills[1].data.metrics["model_version"] == distills[0].data.metrics["model_version"]
+    experiment = client.get_experiment_by_name("td-ray").experiment_id
+    first, job = (_children(client, experiment, parent) for parent in _parents(client, experiment))
+    for stage in ("score", "distill"):
+        assert job[stage].data.metrics["unchanged"] == 1.0, stage
+    assert "unchanged" not in job["index"].data.metrics and job["index"].data.metrics["rows"] > 0
+    # the job found the same settings and tables and reused the registered student instead of training
+    assert first["distill"].data.metrics["start_step"] == 0.0 and first["distill"].data.metrics["steps"] == 30.0
+    assert job["distill"].data.metrics["model_version"] == first["distill"].data.metrics["model_version"]
+    measures = ("nDCG_20", "R_100", "RR_10")
+    assert [job["evaluate"].data.metrics[name] for name in measures] == [first["evaluate"].data.metrics[name]
+                                                                         for name in measures]
 
 
-def test_the_demo_job_ran_on_the_head_it_was_submitted_to_and_the_cli_rerun_reports_every_stage(demo_twice):
-    workspace, logs, second = demo_twice
+def test_the_demo_job_ran_on_the_head_it_was_submitted_to(demo_job):
+    workspace, logs, _ = demo_job
     assert "joined Ray cluster" in logs  # it ran on the submitted-to cluster, not a cluster of its own
-    for stage in STAGES:
-        assert any(line.startswith(stage) for line in second.stdout.splitlines()), second.stdout
     meta = json.loads((workspace / "index" / "index_meta.json").read_text())
     assert all((workspace / meta["build"] / name).is_file() for name in meta["files"])
     assert (workspace / "evaluate" / "run.trec").read_text().count("\n") > 100
