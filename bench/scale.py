@@ -23,6 +23,7 @@ tenth). Results go to ``bench/results/scale.json``; each size's workspace is del
 
     .venv/bin/python bench/scale.py --sizes 0.001            # a smoke run: a few minutes
     .venv/bin/python bench/scale.py                          # 1/100, 1/10 and full MS MARCO: hours, ~60 GB disk
+    .venv/bin/python bench/scale.py --sizes 1 --stages translate,score_import --add   # one more part, kept beside
 """
 from __future__ import annotations
 
@@ -377,6 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--keep", action="store_true", help="keep each size's data and workspace")
     parser.add_argument("--keep-going", action="store_true", help="run later stages after one fails")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the sizes already in --out and add these (a long run measured in parts)")
     return parser
 
 
@@ -384,11 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     args.stages = [stage for stage in args.stages.split(",") if stage]
-    report = {"machine": machine_info(), "goals": GOALS, "definitions": DEFINITIONS, "full": FULL,
-              "settings": {"steps": args.steps, "max_eval_docs": args.max_eval_docs, "mt_slice": MT_SLICE,
-                           "teacher_slice": TEACHER_SLICE}, "sizes": {}, "stages": {}}
+    settings = {"steps": args.steps, "max_eval_docs": args.max_eval_docs, "mt_slice": MT_SLICE,
+                "teacher_slice": TEACHER_SLICE, "stages": args.stages}
+    report = {"machine": machine_info(), "goals": GOALS, "definitions": DEFINITIONS, "full": FULL, "sizes": {},
+              "stages": {}}
+    if args.add and args.out.is_file():
+        report["sizes"] = json.loads(args.out.read_text(encoding="utf-8"))["sizes"]
     for fraction in (float(size) for size in args.sizes.split(",")):
-        report["sizes"][f"{fraction:g}"] = measure_size(fraction, args)
+        report["sizes"][f"{fraction:g}"] = measure_size(fraction, args) | {"settings": settings}
         summarise(report)
         write_report(report, args.out)  # after every size, so a long run keeps what it measured
     report["machine"]["contention_at_end"] = contention()
