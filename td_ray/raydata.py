@@ -15,11 +15,14 @@ from td_ray.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 
-def read_table_dataset(workspace: Workspace, relative: str):
-    """A Ray Dataset over a workspace Parquet table."""
+def read_table_dataset(workspace: Workspace, relative: str, rows_per_block: int | None = None):
+    """A Ray Dataset over a workspace Parquet table. With `rows_per_block`, its blocks are cut (streaming, no
+    shuffle) to at most that many rows: a table read as a few large blocks otherwise feeds one actor of a pool
+    while the others wait, since an actor takes a whole block per task."""
     import ray.data
 
-    return ray.data.read_parquet(workspace.path(relative), filesystem=workspace.fs)
+    dataset = ray.data.read_parquet(workspace.path(relative), filesystem=workspace.fs)
+    return dataset.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else dataset
 
 
 def actor_map_args(pool: ActorPoolConfig) -> dict:

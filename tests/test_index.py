@@ -78,3 +78,18 @@ def test_vector_columns_have_64_bit_offsets_and_are_assembled_chunk_by_chunk():
     chunked = pa.chunked_array([whole.slice(0, 1), whole.slice(1, 3), whole.slice(4)])  # sliced: offsets not at 0
     assert np.array_equal(vectors_of(chunked), rows)
     assert np.array_equal(vectors_of(pa.chunked_array([whole.slice(1)]), dim=2), rows[1:])
+
+
+def test_a_table_written_as_one_row_group_is_read_in_blocks_every_actor_of_a_pool_can_take(tmp_path, ray_cluster):
+    """The index stage reads the documents in blocks of `index.batch_size` rows: read as one block, the whole
+    collection would go to a single encoder actor while the rest of the pool waited."""
+    import pyarrow as pa
+
+    from td_ray.raydata import read_table_dataset
+
+    workspace = Workspace(str(tmp_path))
+    workspace.write_table(pa.table({"id": [f"d{i}" for i in range(1000)]}), "docs.parquet")
+    assert read_table_dataset(workspace, "docs.parquet").materialize().num_blocks() == 1
+    blocks = read_table_dataset(workspace, "docs.parquet", rows_per_block=128).materialize()
+    assert blocks.num_blocks() == 8
+    assert sorted(row["id"] for row in blocks.take_all()) == sorted(f"d{i}" for i in range(1000))

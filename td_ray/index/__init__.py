@@ -221,7 +221,7 @@ def _encode_passages(workspace: Workspace, build: Path, model: str, options: Ind
     Checked before anything is committed: every document gave exactly one first passage, and nothing else.
     """
     split = (options.passages.length, options.passages.stride) if options.passages else None
-    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
+    dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
         EncoderActor, batch_format="numpy",
         fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
                                "passages": split},
@@ -271,7 +271,7 @@ def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig) -> t
     first passage must come out exactly once.
     """
     split = (options.passages.length, options.passages.stride) if options.passages else None
-    dataset = read_table_dataset(workspace, EVAL_DOCS).map_batches(
+    dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
         ColBERTEncoderActor, batch_format="numpy",
         fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
                                "passages": split},
