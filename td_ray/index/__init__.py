@@ -173,8 +173,8 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     ensure_ray(config.ray)
     passages = _encode_passages(workspace, build, model, options)
     faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
-    files, summaries, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
-                                                    options.device)
+    files, digests, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
+                                                  options.device)
     if not options.keep_vectors:
         (build / EMBEDDINGS_TABLE).unlink()
     size = sum((build / name).stat().st_size for name in files + (["index.ivfdata"] if plan.merges_on_disk else []))
@@ -187,32 +187,33 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
                "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
                "bytes_per_vector": size / max(passages, 1)}
-    return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(summaries)}
+    return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(digests)}
 
 
 def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
                      device: str = "auto") -> tuple[list[str], list[Digest], int]:
     """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks); returns its files, each
-    shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one of the `vectors` once."""
+    shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one of the
+    `vectors` once."""
     import ray
 
     table, trained = build / EMBEDDINGS_TABLE, build / TRAINED
     trained_on = in_task(train_task, str(table), plan, train_sample, vectors, str(trained), device, num_cpus=1)
     shard_paths = [build / f"shard-{shard:03d}.faiss" for shard in range(shards)]
     build_shard_file = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(shard_task)
-    summaries = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
+    digests = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
                          for shard, path in enumerate(shard_paths)])
-    total = functools.reduce(Digest.merge, summaries, Digest())
+    total = functools.reduce(Digest.merge, digests, Digest())
     if total != Digest.of_range(vectors):
         raise ExactlyOnceError(f"index: the shards hold {total.rows} vectors for {vectors} passages, or some twice; "
                                "nothing was committed: run the stage again")
     if not plan.merges_on_disk:
-        return [path.name for path in shard_paths], summaries, trained_on
+        return [path.name for path in shard_paths], digests, trained_on
     in_task(merge_task, str(trained), [str(path) for path in shard_paths], str(build / "index.faiss"),
             str(build / "index.ivfdata"), num_cpus=1)
     for path in shard_paths:
         path.unlink()
-    return ["index.faiss"], summaries, trained_on
+    return ["index.faiss"], digests, trained_on
 
 
 def _encode_passages(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> int:
