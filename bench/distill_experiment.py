@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,7 +58,6 @@ from td_ray.distill.data import group_by_query
 from td_ray.encoders.dense import DualEncoder
 from td_ray.distill.train import Student, TrainingTexts, make_loss, train_step
 from td_ray.evaluate.core import evaluate_run, run_table
-from td_ray.retrieval.maxsim import build_shard
 from td_ray.score.core import CrossEncoderTeacher
 
 from common import write_report
@@ -223,8 +223,9 @@ def run_ndcg(run: pa.Table, qrels: pa.Table) -> float:
 def student_ndcg(model: DualEncoder, tokenizer, evaluation: dict, config: DistillConfig) -> float:
     """nDCG@10 of exact inner-product search (FAISS) over the evaluation documents."""
     doc_ids, topic_ids = list(evaluation["docs"]), list(evaluation["topics"])
-    index = build_shard(encode(model, tokenizer, list(evaluation["docs"].values()), config.passage_maxlen),
-                        np.arange(len(doc_ids)))
+    vectors = encode(model, tokenizer, list(evaluation["docs"].values()), config.passage_maxlen)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     vectors = encode(model, tokenizer, list(evaluation["topics"].values()), config.query_maxlen)
     return run_ndcg(run_table(dict(enumerate(doc_ids)), topic_ids, *index.search(vectors, min(100, index.ntotal))),
                     evaluation["qrels"])
@@ -469,7 +470,7 @@ def main() -> None:
             ("kendall_tau: scipy.stats.kendalltau (tau-b) between the teacher's scores and the student's dot products "
             "(English query x synthetic passage) over each held-out query's 10 candidates, averaged over queries."),
             ("ndcg: nDCG@10 (ir_measures, via td_ray.evaluate.core.evaluate_run) of exact inner-product search "
-            "(td_ray.retrieval.maxsim.build_shard: FAISS IndexFlatIP) of the English eval topics over eval_docs.syn.tsv."),
+            "(FAISS IndexFlatIP) of the English eval topics over eval_docs.syn.tsv."),
             ("Top-level td and tt hold the main comparison's means over seeds; comparisons holds per-seed values, "
             "standard deviations, losses, and the comparison at the paper's nway (on the first --paper-seeds seeds)."),
         ],

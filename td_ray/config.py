@@ -496,6 +496,21 @@ class PassageConfig(_Strict):
         return self
 
 
+class ColBERTIndexConfig(_Strict):
+    """index, ColBERT students: the compressed token index (PLAID-style): centroids by k-means, each token stored as
+    its centroid's id and its residual at `nbits` per dimension."""
+
+    nbits: Literal[1, 2, 4, 8] = Field(
+        2, description="Bits per dimension of each token's residual: 1 or 2 as PLAID (dim 128: 18 or 34 B a token "
+        "with its centroid id), 4, or 8 (nearly exact; 130 B).",
+    )
+    centroids: int | None = Field(
+        None, ge=1, description="k-means centroids. Default: PLAID's 2^floor(log2(16 sqrt(tokens))), the tokens "
+        "estimated from the training sample (NeuCLIR Chinese, about 2.7 G tokens: 2^19).",
+    )
+    kmeans_niter: int = Field(4, ge=1, description="k-means iterations (PLAID's default).")
+
+
 class IndexConfig(ActorPoolConfig):
     """index: encode the evaluation collection with the student and build a FAISS index in sharded Ray tasks."""
 
@@ -516,8 +531,11 @@ class IndexConfig(ActorPoolConfig):
     )
     train_sample: int = Field(
         262_144, ge=1, description="Vectors a trained index (IVF, PQ, SQ) is trained on, drawn evenly from all; at "
-        "least 39 x the IVF lists (FAISS's minimum per centroid).",
+        "least 39 x the IVF lists (FAISS's minimum per centroid). ColBERT: token vectors the centroids and the "
+        "residual codec are trained on, from documents drawn evenly, at least one per centroid.",
     )
+    colbert: ColBERTIndexConfig = Field(ColBERTIndexConfig(), description="ColBERT students: the compressed token "
+                                        "index.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Train and add on GPUs when FAISS sees one (the gpu extra); the index is written for CPUs.",
     )
@@ -538,6 +556,19 @@ class EvaluateConfig(_Strict):
     search_params: str | None = Field(
         None, description="FAISS search parameters as a ParameterSpace string, e.g. `nprobe=64` (IVF) or "
         "`efSearch=128` (HNSW). Default: nprobe = lists / 16 (at least 16) and efSearch 128.",
+    )
+    ncells: int | None = Field(
+        None, ge=1, description="ColBERT: centroids each query token probes for candidate passages. Default: PLAID's "
+        "for passage_depth (1 up to 10 passages, 2 up to 100, else 4).",
+    )
+    centroid_score_threshold: float | None = Field(
+        None, description="ColBERT: candidates are first scored by their tokens' centroids, counting only the "
+        "centroids some query token scores at least this high (PLAID's pruning; -1 keeps every centroid). "
+        "Default: PLAID's for passage_depth (0.5, 0.45, else 0.4).",
+    )
+    ndocs: int | None = Field(
+        None, ge=1, description="ColBERT: candidates whose tokens are decoded and scored by exact MaxSim (at least "
+        "passage_depth). Default: PLAID's for passage_depth (256, 1024, else max(4 x passage_depth, 4096)).",
     )
     batch_size: int = Field(64, ge=1, description="Topics encoded and searched together.")
     measures: list[str] = Field(

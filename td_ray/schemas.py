@@ -74,26 +74,19 @@ EMBEDDINGS = pa.schema(
         ("vector", pa.large_list(pa.float32())),
     ]
 )
-#: index, ColBERT students: each document's token vectors, flattened (``tokens`` rows of the index's dim),
-#: with its document number (faiss_id), shard and first global token row: its token ids are
-#: ``first_token .. first_token + tokens - 1``, contiguous and in document-number order.
-TOKEN_EMBEDDINGS = pa.schema(
+#: index, ColBERT students: each passage's compressed tokens, in passage-number (faiss_id) order: its first token
+#: row, its tokens, and per token the centroid id (little-endian uint16, or uint32 past 65,536 centroids) and the
+#: residual code, as bytes.
+TOKEN_CODES = pa.schema(
     [
         ("docid", pa.string()),
         ("passage", pa.int32()),
         ("faiss_id", pa.int64()),
-        ("shard", pa.int32()),
         ("first_token", pa.int64()),
         ("tokens", pa.int32()),
-        ("vectors", pa.large_list(pa.float32())),
+        ("centroid_ids", pa.large_binary()),
+        ("residuals", pa.large_binary()),
     ]
-)
-#: index: FAISS stores int64 ids; this maps them back to document ids.
-DOC_IDS = pa.schema([("faiss_id", pa.int64()), ("docid", pa.string())])
-#: index, ColBERT students: the token rows of each document, so a token hit maps back to its document.
-TOKEN_DOCS = pa.schema(
-    [("faiss_id", pa.int64()), ("docid", pa.string()), ("passage", pa.int32()), ("first_token", pa.int64()),
-     ("tokens", pa.int32())]
 )
 #: evaluate: a ranked run, the Parquet twin of the TREC run file.
 RUN = pa.schema(

@@ -1,4 +1,4 @@
-"""index: every passage encoded once into FAISS shards built by Ray tasks; the flat token index's merge."""
+"""index: every passage encoded once into FAISS shards built by Ray tasks."""
 from __future__ import annotations
 
 import faiss
@@ -8,7 +8,6 @@ from td_ray.encoders.dense import StudentEncoder
 from td_ray.retrieval.faiss_index import Searcher
 from td_ray.retrieval.layout import PASSAGE_MAP, build_path, read_index_meta
 from td_ray.retrieval.maxp import PassageMap
-from td_ray.retrieval.maxsim import build_shard, merge_shards, reconstruct_all, stored_ids
 from td_ray.workspace import EVAL_DOCS, STUDENT_DIR, Workspace
 
 
@@ -17,8 +16,8 @@ def _shard_vectors(workspace: Workspace, meta: dict) -> tuple[np.ndarray, np.nda
     ids, vectors = [], []
     for name in meta["files"]:
         shard = faiss.read_index(str(build_path(workspace, meta, name)))
-        ids.append(stored_ids(shard))
-        vectors.append(reconstruct_all(shard))
+        ids.append(faiss.vector_to_array(shard.id_map))
+        vectors.append(shard.index.reconstruct_n(0, shard.ntotal))
     return np.concatenate(ids), np.concatenate(vectors)
 
 
@@ -51,33 +50,16 @@ def test_the_index_holds_every_passage_once_and_each_vector_finds_itself(pipelin
     assert not build_path(workspace, meta, "embeddings.parquet").exists()  # the vectors live in the index only
 
 
-def test_merge_moves_every_shard_into_one_index():
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(30, 8)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # unit vectors: each is its own nearest neighbour
-    shards = [build_shard(vectors[i::3], np.arange(30)[i::3]) for i in range(3)]
-    merged = merge_shards(shards, 8)
-    assert merged.ntotal == 30 and sorted(stored_ids(merged)) == list(range(30))
-    assert all(shard.ntotal == 0 for shard in shards)
-    _, found = merged.search(vectors, 1)
-    assert found[:, 0].tolist() == list(range(30))
-
-
-def test_vector_columns_have_64_bit_offsets_and_are_assembled_chunk_by_chunk():
-    """A shard's vectors pass 2^31 values (dense: 2^31 / dim rows; ColBERT: about 93 k documents), where a plain
-    list column's 32-bit offsets overflow; chunks are turned into numpy one by one, never concatenated in Arrow."""
+def test_vector_columns_have_64_bit_offsets():
+    """A shard's vectors pass 2^31 values (2^31 / dim passages; a ColBERT shard's codes, 2^31 bytes), where a
+    plain list or binary column's 32-bit offsets overflow."""
     import pyarrow as pa
 
     from td_ray import schemas
-    from td_ray.index import vectors_of
 
     assert schemas.EMBEDDINGS.field("vector").type == pa.large_list(pa.float32())
-    assert schemas.TOKEN_EMBEDDINGS.field("vectors").type == pa.large_list(pa.float32())
-    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
-    whole = pa.array(list(rows), pa.large_list(pa.float32()))
-    chunked = pa.chunked_array([whole.slice(0, 1), whole.slice(1, 3), whole.slice(4)])  # sliced: offsets not at 0
-    assert np.array_equal(vectors_of(chunked), rows)
-    assert np.array_equal(vectors_of(pa.chunked_array([whole.slice(1)]), dim=2), rows[1:])
+    assert schemas.TOKEN_CODES.field("residuals").type == schemas.TOKEN_CODES.field("centroid_ids").type == \
+        pa.large_binary()
 
 
 def test_a_table_written_as_one_row_group_is_read_in_blocks_every_actor_of_a_pool_can_take(tmp_path, ray_cluster):

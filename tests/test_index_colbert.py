@@ -1,167 +1,294 @@
-"""index and evaluate with a ColBERT-X student: a token index, exact MaxSim over its candidates, one stage run."""
+"""ColBERT-X at collection scale: the compressed (PLAID-style) token index against exact MaxSim, its sharded build,
+and the index and evaluate stages with a registered ColBERT student."""
 from __future__ import annotations
 
-import json
+import os
+import signal
 from pathlib import Path
 
-import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from td_ray.encoders.colbert import (
-    ColBERTSpec,
-    ColBERTStudentEncoder,
-    load_colbert,
-    maxsim,
-)
-from td_ray.retrieval.maxsim import (
-    build_shard,
-    colbert_search,
-    maxsim_scores,
-    merge_shards,
-    stored_ids,
-    vectors_by_id,
-)
-from td_ray.workspace import (
-    DOC_IDS,
-    EVAL_DOCS,
-    EVAL_TOPICS,
-    FAISS_INDEX,
-    INDEX_META,
-    RUN,
-    TOKEN_DOCS,
-    TOKEN_EMBEDDINGS,
-    Workspace,
-)
+from conftest import with_updates
+from td_ray.encoders.colbert import ColBERTSpec, ColBERTStudentEncoder, load_colbert, maxsim
+from td_ray.errors import StaleIndexError
+from td_ray.index.core import plan_centroids
+from td_ray.retrieval import plaid
+from td_ray.retrieval.faiss_index import IndexSettingsError
+from td_ray.retrieval.maxp import maxp
+from td_ray.retrieval.maxsim import exhaustive_search, maxsim_scores
+from td_ray.workspace import EVAL_DOCS, EVAL_TOPICS, RUN, Workspace
 
 
-def unit(rng, *shape):
-    vectors = rng.normal(size=shape).astype(np.float32)
+def unit(vectors):
+    vectors = np.asarray(vectors, dtype=np.float32)
     return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
 
 
-def brute_force_maxsim(query, documents):
-    """Per document, by plain loops: the sum over query tokens of the best dot product with a document token."""
-    return np.array([sum(max(float(q @ d) for d in doc) for q in query) for doc in documents])
-
-
 @pytest.fixture(scope="module")
-def collection():
-    """40 documents of 1 to 12 unit token vectors, in a token index built from 3 interleaved shards (so the
-    merged index stores the token rows out of order), and 5 queries of 6 tokens."""
+def clustered():
+    """300 passages of 3 to 40 tokens at dim 32, drawn around 48 topic directions (token vectors cluster, as a
+    student's do), and 6 queries of 8 tokens taken near tokens of the collection."""
     rng = np.random.default_rng(0)
-    documents = [unit(rng, int(n), 8) for n in rng.integers(1, 13, size=40)]
-    offsets = np.concatenate([[0], np.cumsum([len(doc) for doc in documents])])
-    shards = []
-    for shard in range(3):
-        numbers = range(shard, 40, 3)
-        shards.append(build_shard(np.concatenate([documents[j] for j in numbers]),
-                                  np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in numbers])))
-    index = merge_shards(shards, 8)
-    return index, documents, offsets, unit(rng, 5, 6, 8)
+    centers = rng.normal(size=(48, 32))
+    counts = rng.integers(3, 41, size=300)
+    tokens = unit(centers[rng.integers(0, 48, counts.sum())] + 0.35 * rng.normal(size=(counts.sum(), 32)))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    queries = unit(tokens[rng.integers(0, len(tokens), (6, 8))] + 0.1 * rng.normal(size=(6, 8, 32)))
+    return tokens, offsets, queries
 
 
-def test_token_vectors_come_back_in_token_row_order(collection):
-    index, documents, offsets, _ = collection
-    assert not np.array_equal(stored_ids(index), np.arange(index.ntotal))  # stored in shard order, not token order
-    np.testing.assert_array_equal(vectors_by_id(index), np.concatenate(documents))
-    assert offsets[-1] == index.ntotal
+def build(directory: Path, codec: plaid.ResidualCodec, tokens, offsets, shards: int, row_group: int = 37) -> dict:
+    """The build's steps in this process (the stage runs the same functions in Ray tasks): the codes table,
+    the allocated arrays, one fill per shard, the merged lists. Returns the index's metadata."""
+    directory.mkdir(parents=True, exist_ok=True)
+    codec.save(directory)
+    ids, residuals = codec.encode(tokens)
+    passages = len(offsets) - 1
+    pieces = [(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+    table = pa.table({"faiss_id": np.arange(passages), "first_token": offsets[:-1],
+                      "tokens": np.diff(offsets).astype(np.int32),
+                      "centroid_ids": pa.array([ids[a:b].tobytes() for a, b in pieces], pa.large_binary()),
+                      "residuals": pa.array([residuals[a:b].tobytes() for a, b in pieces], pa.large_binary())})
+    pq.write_table(table, directory / "codes.parquet", row_group_size=row_group)
+    layout = plaid.Layout(passages, len(tokens), codec.code_bytes, codec.id_dtype.str, codec.nlist)
+    layout.allocate(directory)
+    for shard, (first, last) in enumerate(plaid.shard_ranges(passages, shards)):
+        plaid.write_shard(directory / "codes.parquet", directory, shard, first, last, layout)
+    plaid.merge_lists(directory, shards, layout)
+    return {"passages": passages, "tokens": len(tokens), "dim": codec.dim, "centroids": codec.nlist,
+            "query_maxlen": 8}
 
 
-def test_search_equals_brute_force_maxsim_when_every_token_is_a_hit(collection):
-    index, documents, offsets, queries = collection
-    token_vectors = vectors_by_id(index)
-    scores, ids = colbert_search(index, token_vectors, offsets, queries, depth=10, hits_per_token=index.ntotal)
-    assert scores.shape == ids.shape == (5, 10)
-    for query, row_scores, row_ids in zip(queries, scores, ids):
-        exact = brute_force_maxsim(query, documents)
-        assert row_ids.tolist() == np.argsort(-exact)[:10].tolist()
-        np.testing.assert_allclose(row_scores, np.sort(exact)[::-1][:10], rtol=1e-5, atol=1e-5)
-    # depth beyond the collection: every document, once, and no padding
-    _, everything = colbert_search(index, token_vectors, offsets, queries, depth=100, hits_per_token=index.ntotal)
-    assert everything.shape == (5, 40) and all(sorted(row) == list(range(40)) for row in everything.tolist())
+def test_centroids_follow_plaids_rule_within_what_the_sample_trains():
+    assert plaid.default_centroids(1_000_000) == 2**13  # 16 x 1000 = 16,000 -> 8,192
+    assert plaid.default_centroids(2_700_000_000) == 2**19  # NeuCLIR Chinese at 180/90 passages
+    assert plan_centroids(None, 1_000_000, 5_000) == 4096  # lowered to a power of two the sample can train
+    assert plan_centroids(300, 10, 5_000) == 300
+    with pytest.raises(IndexSettingsError, match="index.colbert.centroids 6000: .*raise index.train_sample"):
+        plan_centroids(6000, 10**6, 5_000)
 
 
-def test_few_hits_per_token_keep_only_the_hit_documents_and_score_them_exactly(collection):
-    index, documents, offsets, queries = collection
-    token_vectors = vectors_by_id(index)
-    scores, ids = colbert_search(index, token_vectors, offsets, queries, depth=40, hits_per_token=2)
-    owner = np.repeat(np.arange(40), np.diff(offsets))
-    for query, row_scores, row_ids in zip(queries, scores, ids):
-        hit_docs = {int(owner[t]) for t in np.argsort(-(query @ token_vectors.T), axis=1)[:, :2].ravel()}
-        kept = row_ids[row_ids >= 0]
-        assert set(kept.tolist()) == hit_docs and len(kept) < 40  # candidates only: the rest is padding
-        assert np.isneginf(row_scores[len(kept):]).all()
-        exact = brute_force_maxsim(query, [documents[j] for j in kept])
-        np.testing.assert_allclose(row_scores[:len(kept)], exact, rtol=1e-5, atol=1e-5)
-        assert (np.diff(row_scores[:len(kept)]) <= 0).all()
+def test_decoded_tokens_are_within_the_codecs_error_bound(clustered):
+    tokens, _, _ = clustered
+    bounds = []
+    for nbits in plaid.NBITS:
+        codec = plaid.ResidualCodec.train(tokens, 64, nbits)
+        ids, residuals = codec.encode(tokens)
+        assert residuals.shape == (len(tokens), 32 * nbits // 8) and ids.dtype == np.uint16 and ids.max() < 64
+        assert codec.bytes_per_token == 2 + 32 * nbits // 8
+        assert np.abs(codec.decode(ids, residuals) - tokens).max() <= codec.error_bound() + 1e-6
+        bounds.append(codec.error_bound())
+    assert bounds == sorted(bounds, reverse=True) and bounds[-1] < 0.01, bounds  # more bits, a tighter bound
 
 
-def test_maxsim_scores_agree_with_the_students_maxsim(collection):
-    _, documents, offsets, queries = collection
-    chosen = np.array([3, 0, 17, 39])
-    width = max(len(documents[j]) for j in chosen)
-    padded = torch.zeros(len(chosen), width, 8)
+def test_a_sharded_build_equals_one_shard_from_the_same_codec(clustered, tmp_path):
+    tokens, offsets, _ = clustered
+    codec = plaid.ResidualCodec.train(tokens, 64, 2)
+    single = build(tmp_path / "one", codec, tokens, offsets, shards=1)
+    assert build(tmp_path / "five", codec, tokens, offsets, shards=5) == single
+    for name in plaid.FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "five" / name).read_bytes(), name
+    assert not list((tmp_path / "five").glob("ivf-*"))  # the shards' lists were merged and removed
+
+    # each centroid lists exactly the passages holding one of its tokens, ascending, once
+    lists, list_offsets = np.load(tmp_path / "one" / plaid.IVF), np.load(tmp_path / "one" / plaid.IVF_OFFSETS)
+    ids, _ = codec.encode(tokens)
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    for centroid in (0, 7, 63):
+        listed = lists[list_offsets[centroid]:list_offsets[centroid + 1]]
+        assert listed.tolist() == sorted(set(owner[ids == centroid].tolist()))
+
+
+def test_search_at_8_bits_equals_exact_maxsim_and_2_bits_keeps_its_top_10(clustered, tmp_path):
+    tokens, offsets, queries = clustered
+    exact_scores, exact_ids = exhaustive_search(tokens, offsets, queries, 10)
+    everything = plaid.SearchSettings(ncells=64, centroid_score_threshold=None, ndocs=10**6)
+    meta = build(tmp_path / "8", plaid.ResidualCodec.train(tokens, 64, 8), tokens, offsets, shards=2)
+    scores, ids = plaid.TokenIndex(tmp_path / "8", meta, everything).search(queries, 10)
+    assert np.array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, atol=0.02)
+
+    meta = build(tmp_path / "2", plaid.ResidualCodec.train(tokens, 64, 2), tokens, offsets, shards=2)
+    defaults = plaid.SearchSettings.for_depth(10)
+    assert defaults == plaid.SearchSettings(1, 0.5, 256)
+    _, ids = plaid.TokenIndex(tmp_path / "2", meta, defaults).search(queries, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact_ids.tolist())])
+    assert overlap >= 0.9, overlap
+
+
+def test_few_candidates_are_decoded_and_a_long_query_or_a_stale_index_is_refused(clustered, tmp_path):
+    tokens, offsets, queries = clustered
+    meta = build(tmp_path / "i", plaid.ResidualCodec.train(tokens, 64, 4), tokens, offsets, shards=3)
+    index = plaid.TokenIndex(tmp_path / "i", meta, plaid.SearchSettings(ncells=1, centroid_score_threshold=0.3,
+                                                                       ndocs=12))
+    centroid_scores = queries[0] @ index.centroid_vectors.T
+    candidates = index.candidates(centroid_scores)
+    assert 12 < len(candidates) < 300  # one cell per query token lists some passages, not all
+    scores, ids = index.search_one(queries[0], 5)
+    assert set(ids.tolist()) <= set(candidates.tolist()) and len(ids) == 5
+    vectors, local = index.decode_passages(ids)
+    np.testing.assert_allclose(scores, maxsim_scores(queries[0], vectors, local, np.arange(5)), rtol=1e-5)
+
+    with pytest.raises(plaid.QueryTooLongError, match="longer than the student's query_maxlen \\(8\\)"):
+        index.search_one(np.concatenate([queries[0], queries[1]]), 5)
+    with pytest.raises(StaleIndexError, match="re-run the index stage"):
+        plaid.TokenIndex(tmp_path / "i", meta | {"tokens": meta["tokens"] + 1}, index.settings)
+
+
+def test_maxsim_scores_agree_with_the_students_maxsim(clustered):
+    tokens, offsets, queries = clustered
+    chosen = np.array([3, 0, 17, 299])
+    width = max(offsets[j + 1] - offsets[j] for j in chosen)
+    padded = torch.zeros(len(chosen), width, 32)
     mask = torch.zeros(len(chosen), width, dtype=torch.bool)
     for row, j in enumerate(chosen):
-        padded[row, :len(documents[j])], mask[row, :len(documents[j])] = torch.from_numpy(documents[j]), True
-    expected = maxsim(torch.from_numpy(queries[:1]), torch.ones(1, 6), padded, mask)[0].numpy()
-    # chunk=3 splits the documents over two chunks
-    got = maxsim_scores(queries[0], np.concatenate(documents), offsets, chosen, chunk=3)
+        length = offsets[j + 1] - offsets[j]
+        padded[row, :length], mask[row, :length] = torch.from_numpy(tokens[offsets[j]:offsets[j + 1]]), True
+    expected = maxsim(torch.from_numpy(queries[:1]), torch.ones(1, 8), padded, mask)[0].numpy()
+    got = maxsim_scores(queries[0], tokens, offsets, chosen, chunk=3)  # chunk 3 splits them over two chunks
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_index_and_evaluate_stages_with_a_colbert_student(make_workspace, ray_cluster, assets_root, tmp_path):
-    from td_ray import evaluate, index
-    from td_ray.errors import StaleIndexError
+@pytest.fixture(scope="module")
+def colbert_student(assets_root, tmp_path_factory) -> Path:
+    """A lexical ColBERT student: no transformer layer, each token its word's random embedding projected to 32
+    dimensions, so a passage's MaxSim grows with the query's words it holds. The untrained tiny student's scores are
+    nearly tied (its top 10 spread over 2 % of the score), so any quantisation reshuffles them; this one ranks by
+    content, as a trained student does, and quantisation error shows as the ranking changes it causes."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    torch.manual_seed(0)
-    model, tokenizer = load_colbert(assets_root / "tiny-models" / "student",
-                                    ColBERTSpec(dim=16, query_maxlen=8, doc_maxlen=32))
-    student = tmp_path / "colbert"
-    model.save_pretrained(student, tokenizer)
-    config = make_workspace(index={"model": str(student)})
-    index.run(config)
-    result = evaluate.run(config)
+    words = tmp_path_factory.mktemp("lexical") / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(assets_root / "tiny-models" / "student"))
+    torch.manual_seed(3)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=0, num_attention_heads=1,
+                                intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False)
+    with torch.no_grad():
+        bert.embeddings.word_embeddings.weight.normal_()
+        bert.embeddings.position_embeddings.weight.zero_()
+        bert.embeddings.token_type_embeddings.weight.zero_()
+    bert.save_pretrained(words)
+    tokenizer.save_pretrained(words)
+    model, colbert_tokenizer = load_colbert(words, ColBERTSpec(dim=32, query_maxlen=8, doc_maxlen=64))
+    student = words.parent / "student"
+    model.save_pretrained(student, colbert_tokenizer)
+    return student
+
+
+def test_demo_collection_at_2_bits_keeps_exact_maxsims_top_10_documents(make_workspace, colbert_student, tmp_path):
+    """The demo's evaluation collection encoded by the lexical ColBERT student, compressed at 2 bits and searched
+    with PLAID's defaults for 100 passages, against exact MaxSim over every passage's original vectors, both
+    aggregated to documents by MaxP."""
+    from td_ray.sources import ingest
+
+    config = make_workspace()
     workspace = Workspace(config.workspace)
-
+    ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
+    ingest(workspace, config.data.eval_topics, "queries", "eval_topics")
     docs = workspace.read_table(EVAL_DOCS)
-    texts = dict(zip(docs["id"].to_pylist(), docs["text"].to_pylist()))
-    table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["docid", "passage", "faiss_id", "tokens"])
-    assert sorted(table["docid"].to_pylist()) == sorted(texts)  # every (short) document, one passage each
-    assert set(table["passage"].to_pylist()) == {0}
-    encoder = ColBERTStudentEncoder(student, max_length=config.index.max_length)
-    direct = dict(zip(texts, encoder.encode_documents(list(texts.values()))))
-    token_index = faiss.read_index(workspace.path(FAISS_INDEX))
-    assert token_index.ntotal == sum(len(vectors) for vectors in direct.values())
-    meta = json.loads(Path(workspace.path(INDEX_META)).read_text())
-    assert meta.pop("key") and meta == {"kind": "colbert", "dim": 16, "docs": len(texts), "passages": len(texts),
-                                        "tokens": token_index.ntotal, "model": str(student)}
+    encoder = ColBERTStudentEncoder(colbert_student, max_length=config.index.max_length)
+    encoded = encoder.encode_documents(docs["text"].to_pylist())
+    tokens = np.concatenate(encoded)
+    offsets = np.concatenate([[0], np.cumsum([len(vectors) for vectors in encoded])])
+    queries = encoder.encode_queries(workspace.read_table(EVAL_TOPICS)["text"].to_pylist())
+    docids = np.asarray(docs["id"].to_pylist(), dtype=object)
+    exact = maxp(*exhaustive_search(tokens, offsets, queries, 100), lambda found: docids[found], 10)
 
-    # each document's token rows hold its own token vectors
-    token_docs = workspace.read_table(TOKEN_DOCS)
-    assert workspace.read_table(DOC_IDS).sort_by("faiss_id")["docid"].to_pylist() == token_docs["docid"].to_pylist()
-    token_vectors = vectors_by_id(token_index)
-    for row in token_docs.slice(0, 5).to_pylist() + token_docs.slice(token_docs.num_rows - 2).to_pylist():
-        stored = token_vectors[row["first_token"]:row["first_token"] + row["tokens"]]
-        np.testing.assert_allclose(stored, direct[row["docid"]], atol=1e-4)
+    codec = plaid.ResidualCodec.train(tokens, plan_centroids(None, len(tokens), len(tokens)), 2)
+    meta = build(tmp_path / "demo", codec, tokens, offsets, shards=3)
+    searcher = plaid.TokenIndex(tmp_path / "demo", meta, plaid.SearchSettings.for_depth(100))
+    compressed = maxp(*searcher.search(queries, 100), lambda found: docids[found], 10)
+    overlap = np.mean([len({d for d, _ in a} & {d for d, _ in b}) / 10 for a, b in zip(exact, compressed)])
+    assert overlap >= 0.9, overlap
 
-    # the run's top document per topic carries its exact MaxSim score, and is at least as good as its runner-up
+
+def test_index_and_evaluate_a_registered_colbert_student(make_workspace, colbert_student, ray_cluster, monkeypatch,
+                                                         tmp_path):
+    """The stages with `index.model: models:/...@candidate`, 8-bit residuals, three shard tasks (one SIGKILLed once
+    and retried): every passage's tokens decode to its own token vectors, the run equals exact MaxSim's with every
+    candidate decoded, and an index built with other settings is refused."""
+    import mlflow
+
+    from td_ray import evaluate, index, tracking
+    from td_ray.distill.registry import register_student
+    from td_ray.retrieval.layout import build_path, read_index_meta
+    from td_ray.retrieval.maxp import PassageMap
+
+    config = make_workspace(index={"model": "models:/colbert-x@candidate", "num_shards": 3,
+                                   "colbert": {"nbits": 8}},
+                            evaluate={"ncells": 4096, "ndocs": 100_000, "centroid_score_threshold": -1})
+    tracking.configure(config)
+    with mlflow.start_run():
+        register_student(colbert_student, "colbert-x", "candidate", {"td_ray.student_kind": "colbert"})
+    marker = tmp_path / "killed-once"
+    original = index.token_shard_task
+
+    def killed_once(*args):
+        if args[2] == 1 and not marker.exists():  # shard 1, first attempt: the worker dies mid-task
+            marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args)
+
+    monkeypatch.setattr(index, "token_shard_task", killed_once)
+    built = index.run(config)
+    assert marker.exists()
+    workspace = Workspace(config.workspace)
+    meta = read_index_meta(workspace)
+    assert Path(meta["model"]).parts[-4:] == ("models", "colbert-x-v1", "artifacts", "student")
+    assert meta["kind"] == "colbert" and meta["nbits"] == 8 and meta["query_maxlen"] == 8
+    assert built.metrics["passages"] == sum(built.metrics[f"shard_{i}_size"] for i in range(3)) == meta["passages"]
+    assert not (build_path(workspace, meta) / "codes.parquet").exists()  # only the memory-mapped arrays stay
+
+    # every passage's token rows decode to its own tokens, encoded directly, within the codec's bound
+    docs = workspace.read_table(EVAL_DOCS)
+    encoder = ColBERTStudentEncoder(colbert_student, max_length=config.index.max_length)
+    direct = dict(zip(docs["id"].to_pylist(), encoder.encode_documents(docs["text"].to_pylist())))
+    searcher = plaid.TokenIndex(build_path(workspace, meta), meta, plaid.SearchSettings(4096, None, 10**6))
+    passages = PassageMap(build_path(workspace, meta, "passages.arrow"))
+    numbers = np.arange(meta["passages"])
+    assert sorted(passages.docids(numbers).tolist()) == sorted(direct) and meta["tokens"] == sum(
+        len(vectors) for vectors in direct.values())
+    offsets = searcher.offsets
+    decoded = searcher.codec.decode(searcher.centroid_ids[:], searcher.residuals[:])
+    for number, docid in zip(numbers, passages.docids(numbers)):
+        error = np.abs(decoded[offsets[number]:offsets[number + 1]] - direct[docid])
+        assert error.max() <= meta["error_bound"] + 1e-5, docid
+
+    # with every candidate decoded, the 8-bit run ranks documents as exact MaxSim does
+    result = evaluate.run(config)
     topics = workspace.read_table(EVAL_TOPICS)
-    queries = dict(zip(topics["id"].to_pylist(), encoder.encode_queries(topics["text"].to_pylist())))
+    queries = encoder.encode_queries(topics["text"].to_pylist())
+    docids = np.asarray(list(direct), dtype=object)
+    tokens = np.concatenate(list(direct.values()))
+    exact_offsets = np.concatenate([[0], np.cumsum([len(vectors) for vectors in direct.values()])])
+    exact = maxp(*exhaustive_search(tokens, exact_offsets, queries, len(docids)), lambda found: docids[found],
+                 len(docids))
     run = workspace.read_table(RUN).to_pylist()
-    assert {row["qid"] for row in run} == set(queries) and result.metrics["nDCG@20"] > 0
-    for qid, query in queries.items():
-        ranked = [row for row in run if row["qid"] == qid]
-        assert [row["rank"] for row in ranked] == list(range(1, len(ranked) + 1)) and len(ranked) >= 10
-        for row in ranked[:2]:
-            vectors = torch.from_numpy(direct[row["docid"]])
-            exact = maxsim(torch.from_numpy(query)[None], torch.ones(1, len(query)), vectors[None],
-                           torch.ones(1, len(vectors), dtype=torch.bool))
-            assert row["score"] == pytest.approx(float(exact), abs=1e-3)
+    for qid, expected in zip(topics["id"].to_pylist(), exact):
+        got = [(row["docid"], row["score"]) for row in run if row["qid"] == qid][:10]
+        exact_score = dict(expected)
+        # rank by rank, a document of the exact run's score: the same ranking, up to the order of documents whose
+        # exact scores tie within 8-bit error (1e-3 of a MaxSim of about 5)
+        np.testing.assert_allclose([exact_score[docid] for docid, _ in got], [s for _, s in expected[:10]],
+                                   atol=1e-3, err_msg=qid)
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected[:10]], atol=0.02)
+    assert 0 < result.metrics["nDCG@20"] <= 1
 
-    # searching it with a dense student is refused, not silently wrong
-    dense = config.model_copy(update={"index": config.index.model_copy(update={"model": str(assets_root / "tiny-models" / "student")})})
+    # an index of other settings is refused, naming the fix; so is a dense student on a ColBERT index
+    with pytest.raises(StaleIndexError, match="other index settings .* re-run the index stage"):
+        evaluate.run(with_updates(config, index={"colbert": {"nbits": 2}}))
+    dense = with_updates(config, index={"model": str(Path(config.workspace) / "tiny-models" / "student")})
     with pytest.raises(StaleIndexError, match="saved index is colbert but .* is a dense student"):
         evaluate.run(dense)
+
+
+def test_a_long_query_is_cut_to_the_students_query_maxlen(colbert_student):
+    encoder = ColBERTStudentEncoder(colbert_student)
+    long = " ".join(["river stone lake"] * 40)
+    vectors = encoder.encode_queries([long, "lake"])
+    assert vectors.shape == (2, 8, 32)
+    np.testing.assert_allclose(vectors[0], encoder.encode_queries([" ".join(["river stone lake"] * 3)])[0],
+                               atol=1e-5)

@@ -1,8 +1,11 @@
 """evaluate: encode the topics, search the merged index, write a TREC run and score it with ir_measures.
 
-A ColBERT index (``index/index_meta.json`` says kind colbert) is searched ColBERTv1-style: each query token
-fetches its nearest document tokens (:func:`~td_ray.evaluate.core.hits_per_token`), and their documents are
-ranked by exact MaxSim against their token vectors, reconstructed from the index.
+A ColBERT index (``index/index_meta.json`` says kind colbert) is the compressed token index, searched in PLAID's
+stages (`td_ray.retrieval.plaid.TokenIndex`): each query token probes `ncells` centroids for candidate passages,
+the candidates are scored by their tokens' centroids (pruned by `centroid_score_threshold`), and the best `ndocs`
+are decoded and ranked by MaxSim; passages go to documents by MaxP. Only the candidates' tokens are read.
+
+An index built from other documents, another student or other index settings than the config's is refused.
 
 Output: ``evaluate/run.parquet``, ``evaluate/run.trec`` and ``evaluate/per_query.parquet``; the aggregate
 metrics go to MLflow (``nDCG@20`` is stored as ``nDCG_20``) and the run file as an artifact.
@@ -14,38 +17,27 @@ import logging
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-
 from td_ray import schemas, tracking
 from td_ray.config import EvaluateConfig, PipelineConfig
 from td_ray.encoders import student_kind
 from td_ray.encoders.colbert import ColBERTStudentEncoder
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.errors import StaleIndexError
-from td_ray.evaluate.core import (
-    document_run,
-    evaluate_run,
-    parse_measures,
-    rank_colbert,
-    write_trec_run,
-)
+from td_ray.evaluate.core import document_run, evaluate_run, parse_measures, write_trec_run
 from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.result import StageResult
 from td_ray.retrieval.faiss_index import Searcher
-from td_ray.retrieval.layout import PASSAGE_MAP, build_path, read_index_meta, student_path
+from td_ray.retrieval.layout import PASSAGE_MAP, build_path, check_current, read_index_meta, student_path
 from td_ray.retrieval.maxp import PassageMap, rank_documents
-from td_ray.retrieval.maxsim import searchable, vectors_by_id
+from td_ray.retrieval.plaid import SearchSettings, TokenIndex
 from td_ray.sources import ingest
 from td_ray.workspace import (
     EVAL_QRELS,
     EVAL_TOPICS,
-    FAISS_INDEX,
     INDEX_META,
     PER_QUERY,
     RUN,
     RUN_TREC,
-    TOKEN_DOCS,
     Workspace,
 )
 
@@ -73,20 +65,23 @@ def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: E
     return document_run(qids, runs)
 
 
-def _rank_colbert(workspace: Workspace, index: faiss.Index, model: str, topics, options: EvaluateConfig):
-    """The ColBERT run: queries padded to the student's own query_maxlen (evaluate.query_maxlen does not apply,
-    the [MASK] padding is part of the query), token vectors held in memory beside the (maybe GPU) token index;
-    passages ranked by exact MaxSim, documents by MaxP."""
-    token_docs = workspace.read_table(TOKEN_DOCS, columns=["faiss_id", "docid", "tokens"]).sort_by("faiss_id")
-    offsets = np.concatenate([[0], np.cumsum(token_docs["tokens"].to_numpy().astype(np.int64))])
-    if token_docs["faiss_id"].to_pylist() != list(range(token_docs.num_rows)) or offsets[-1] != index.ntotal:
-        raise StaleIndexError(f"{TOKEN_DOCS} does not match the token index; re-run the index stage")
-    token_vectors = vectors_by_id(index)
-    queries = ColBERTStudentEncoder(model).encode_queries(topics["text"].to_pylist())
-    logger.info("evaluate: ColBERT search of %d topics over %d passages (%d tokens)",
-                topics.num_rows, token_docs.num_rows, index.ntotal)
-    return rank_colbert(searchable(index), token_vectors, offsets, token_docs["docid"].to_numpy(zero_copy_only=False),
-                        topics["id"].to_pylist(), queries, options.depth, options.passage_depth)
+def _rank_colbert(workspace: Workspace, meta: dict, model: str, topics, options: EvaluateConfig):
+    """The ColBERT run: queries as the student encodes them (padded or cut to its query_maxlen; evaluate.query_maxlen
+    does not apply), searched in the compressed token index, passages aggregated to documents by MaxP."""
+    settings = SearchSettings.for_depth(options.passage_depth, options.ncells, options.centroid_score_threshold,
+                                        options.ndocs)
+    searcher = TokenIndex(build_path(workspace, meta), meta, settings)
+    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
+    encoder = ColBERTStudentEncoder(model, batch_size=options.batch_size)
+    texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
+    runs = []
+    for start in range(0, len(texts), options.batch_size):
+        queries = encoder.encode_queries(texts[start:start + options.batch_size])
+        runs += rank_documents(searcher, passages, queries, options.depth, options.passage_depth)
+    logger.info("evaluate: ColBERT search of %d topics over %d passages of %d documents (%d tokens, %d-bit, ncells "
+                "%d, threshold %s, ndocs %d)", len(qids), meta["passages"], meta["docs"], meta["tokens"], meta["nbits"],
+                settings.ncells, settings.centroid_score_threshold, settings.ndocs)
+    return document_run(qids, runs)
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -110,6 +105,7 @@ def run(config: PipelineConfig) -> StageResult:
         if meta["kind"] != student_kind(model):
             raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a {student_kind(model)} student; "
                                   "re-run the index stage")
+        check_current(workspace, meta, model, config.index.model_dump(mode="json"))
         key = digest(meta.get("key"), model, path_fingerprint(model), workspace.table_identity(EVAL_TOPICS),
                      workspace.table_identity(EVAL_QRELS), options.model_dump(mode="json"))
         trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
@@ -124,14 +120,8 @@ def run(config: PipelineConfig) -> StageResult:
             tracking.log_result(result)
             return result
         topics = workspace.read_table(EVAL_TOPICS)
-        if meta["kind"] == "colbert":
-            index = faiss.read_index(workspace.path(FAISS_INDEX))
-            if meta["tokens"] != index.ntotal:
-                raise StaleIndexError(f"{FAISS_INDEX} holds {index.ntotal} token vectors but {INDEX_META} says "
-                                      f"{meta['tokens']}; re-run the index stage")
-            ranked = _rank_colbert(workspace, index, model, topics, options)
-        else:
-            ranked = _rank_dense(workspace, meta, model, topics, options)
+        rank = _rank_colbert if meta["kind"] == "colbert" else _rank_dense
+        ranked = rank(workspace, meta, model, topics, options)
         write_trec_run(ranked, trec_path, options.run_tag)
         metrics, per_query = evaluate_run(ranked, workspace.read_table(EVAL_QRELS), options.measures)
         workspace.write_table(per_query, PER_QUERY)

@@ -1,16 +1,13 @@
-"""Pure evaluation logic: runs as tables (documents by MaxP, or ColBERT MaxSim), TREC runs, ir_measures."""
+"""Pure evaluation logic: runs as tables, TREC runs, ir_measures."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
 from td_ray import schemas
 from td_ray.errors import TdRayError
-from td_ray.retrieval.maxp import maxp
-from td_ray.retrieval.maxsim import colbert_search
 from td_ray.workspace import atomic_write_text
 
 
@@ -32,16 +29,6 @@ def parse_measures(names: list[str]) -> list:
     return measures
 
 
-MIN_HITS_PER_TOKEN = 64
-"""ColBERT search: fewest token hits each query token fetches, however small evaluate.depth is."""
-
-
-def hits_per_token(depth: int) -> int:
-    """Token hits per query token for a run cut at `depth`: max(depth, MIN_HITS_PER_TOKEN), as ColBERTv1's
-    end-to-end retrieval (faiss_depth 1024 for depth 1000); a config field would belong in EvaluateConfig."""
-    return max(depth, MIN_HITS_PER_TOKEN)
-
-
 def document_run(qids: list[str], runs: list[list[tuple[str, float]]]) -> pa.Table:
     """A RUN table from each query's (docid, score) list, best first."""
     rows: dict[str, list] = {"qid": [], "docid": [], "rank": [], "score": []}
@@ -52,15 +39,6 @@ def document_run(qids: list[str], runs: list[list[tuple[str, float]]]) -> pa.Tab
             rows["rank"].append(position)
             rows["score"].append(float(score))
     return pa.table(rows, schema=schemas.RUN)
-
-
-def rank_colbert(index: faiss.Index, token_vectors: np.ndarray, passage_offsets: np.ndarray, docids: np.ndarray,
-                 qids: list[str], query_vectors, depth: int, passage_depth: int) -> pa.Table:
-    """The top `depth` documents per query, as a RUN table: the top `passage_depth` passages by exact MaxSim over
-    the token index's candidates, aggregated by MaxP. `docids[i]` is the document of passage i."""
-    scores, ids = colbert_search(index, token_vectors, passage_offsets, query_vectors, passage_depth,
-                                 hits_per_token(passage_depth))
-    return document_run(qids, maxp(scores, ids, lambda found: docids[found], depth))
 
 
 def run_table(docids: dict[int, str], qids: list[str], scores: np.ndarray, ids: np.ndarray) -> pa.Table:

@@ -17,8 +17,11 @@ The driver never holds the vectors. A build lives in ``index/builds/<key>/``, th
 student and every setting; an unchanged key reuses the build, a changed one is built beside it and swapped in by
 ``index/index_meta.json`` (`td_ray.retrieval.layout`).
 
-ColBERT students keep one flat index of every passage token (`td_ray.retrieval.maxsim`), built in shards and
-merged in the driver.
+ColBERT students get a compressed token index (`td_ray.retrieval.plaid`, after PLAID) in the same steps: a task
+trains the codec (centroids and residual quantiser) on a sample of documents; the encoder actors compress each
+passage's tokens, which the driver numbers into the codes table and passage map; one Ray task per shard fills its
+contiguous range of passages into the pre-allocated token arrays and writes its inverted lists; a task merges the
+lists on disk. Neither the driver nor any task holds the collection's tokens.
 """
 from __future__ import annotations
 
@@ -28,67 +31,53 @@ import shutil
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from td_ray import schemas, tracking
 from td_ray.config import IndexConfig, PipelineConfig
 from td_ray.encoders import student_kind
 from td_ray.encoders.colbert import ColBERTSpec
 from td_ray.errors import ExactlyOnceError
-from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.index.actor import INPUT_COLUMNS, ColBERTEncoderActor, EncoderActor, merge_task, shard_task, train_task
+from td_ray.index.actor import (
+    INPUT_COLUMNS,
+    ColBERTEncoderActor,
+    EncoderActor,
+    merge_lists_task,
+    merge_task,
+    shard_task,
+    token_shard_task,
+    train_codec_task,
+    train_task,
+)
 from td_ray.index.core import PassageNumbering
 from td_ray.keys import Digest
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
-from td_ray.retrieval import faiss_index
+from td_ray.retrieval import faiss_index, plaid
 from td_ray.retrieval.layout import (
     BUILDS,
+    CODES_TABLE,
     EMBEDDINGS_TABLE,
     PASSAGE_MAP,
     TRAINED,
+    index_key,
     read_index_meta,
     student_path,
     write_index_meta,
 )
 from td_ray.retrieval.maxp import write_passage_map
-from td_ray.retrieval.maxsim import build_shard, merge_shards, stored_ids
 from td_ray.sources import ingest
-from td_ray.workspace import (
-    DOC_IDS,
-    EVAL_DOCS,
-    FAISS_INDEX,
-    TOKEN_DOCS,
-    TOKEN_EMBEDDINGS,
-    Workspace,
-)
+from td_ray.workspace import EVAL_DOCS, Workspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ColBERTEncoderActor", "EncoderActor", "dense_dim", "index_key", "run", "vectors_of"]
+__all__ = ["ColBERTEncoderActor", "EncoderActor", "build_from_table", "build_token_index", "dense_dim", "run"]
 
 SHARD_TASK_RETRIES = 3
 """Times Ray runs a shard task again after its worker dies (each retry rewrites the same shard file)."""
-
-
-def vectors_of(column: pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
-    """A [rows, dim] float32 array from a vector column (Arrow lists or Ray's tensor extension type), assembled
-    chunk by chunk: the chunks are never concatenated into one Arrow array, whose 32-bit list offsets would
-    overflow past 2^31 values. `dim` defaults to the values per row."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if not chunks:
-        return np.zeros((0, dim or 0), dtype=np.float32)
-    if isinstance(chunks[0].type, pa.ExtensionType):
-        parts = [np.asarray(chunk.to_numpy(), dtype=np.float32) for chunk in chunks]
-    else:
-        parts = [np.asarray(chunk.flatten(), dtype=np.float32) for chunk in chunks]
-    flat = np.concatenate([part.reshape(-1) for part in parts])
-    return flat.reshape(-1, dim or flat.size // max(len(column), 1))
 
 
 def dense_dim(model: str) -> int:
@@ -96,14 +85,6 @@ def dense_dim(model: str) -> int:
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(model).hidden_size)
-
-
-def index_key(config: PipelineConfig, workspace: Workspace, model: str) -> str:
-    """What a build is made from: the documents, the student's files and every index setting but the pool's."""
-    options = config.index
-    return digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model),
-                  options.model_dump(mode="json", exclude={"batch_size", "num_actors", "max_actors",
-                                                           "num_cpus_per_actor", "num_gpus_per_actor", "device"}))
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -116,7 +97,7 @@ def run(config: PipelineConfig) -> StageResult:
         ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
         schemas.require_columns(workspace.read_schema(EVAL_DOCS), INPUT_COLUMNS, EVAL_DOCS)
         model = student_path(options.model, workspace)
-        key = index_key(config, workspace, model)
+        key = index_key(workspace, model, options.model_dump(mode="json"))
         meta = read_index_meta(workspace)
         if meta.get("key") == key and _complete(workspace, meta):
             logger.info("index: unchanged (documents, student and settings), the index in %s is reused",
@@ -139,16 +120,14 @@ def run(config: PipelineConfig) -> StageResult:
 
 
 def _complete(workspace: Workspace, meta: dict) -> bool:
-    if "build" not in meta:
-        return Path(workspace.path(FAISS_INDEX)).is_file()
-    return all((Path(workspace.path(meta["build"])) / name).is_file() for name in meta["files"] + [PASSAGE_MAP])
+    build = Path(workspace.path(meta["build"])) if "build" in meta else None
+    return build is not None and all((build / name).is_file() for name in meta["files"] + [PASSAGE_MAP])
 
 
 def _outputs(workspace: Workspace, meta: dict) -> dict[str, str]:
-    if "build" in meta:
-        build = Path(workspace.path(meta["build"]))
-        return {"index": str(build / meta["files"][0]), "passages": str(build / PASSAGE_MAP)}
-    return {"index": workspace.path(FAISS_INDEX), "docids": workspace.path(DOC_IDS)}
+    build = Path(workspace.path(meta["build"]))
+    return {"index": str(build if meta["kind"] == "colbert" else build / meta["files"][0]),
+            "passages": str(build / PASSAGE_MAP)}
 
 
 def _remove_other_builds(workspace: Workspace, keep: str | None) -> None:
@@ -251,77 +230,92 @@ def _read_ipc(path: Path):
 
 
 # ------------------------------------------------------------------------------------------------ ColBERT
-def _token_shard_index_bytes(workspace_uri: str, shard: int, dim: int) -> np.ndarray:
-    """Ray task: build shard `shard`'s token index (ids are global token rows) from the token embeddings table."""
-    workspace = Workspace(workspace_uri)
-    table = pads.dataset(workspace.path(TOKEN_EMBEDDINGS), filesystem=workspace.fs).to_table(
-        columns=["first_token", "tokens", "vectors"], filter=pc.field("shard") == shard
-    )
-    tokens = table["tokens"].to_numpy().astype(np.int64)
-    first = table["first_token"].to_numpy()
-    ids = np.arange(tokens.sum(), dtype=np.int64) + np.repeat(first - (np.cumsum(tokens) - tokens), tokens)
-    vectors = vectors_of(table["vectors"], dim)
-    return faiss.serialize_index(build_shard(vectors, ids) if len(ids) else faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
+    """The compressed token index (`td_ray.retrieval.plaid`): codec trained in a task on a sample, documents
+    encoded and compressed by actors into the codes table, shard tasks fill the token arrays and their lists, a
+    task merges the lists on disk."""
+    options = config.index
+    spec = ColBERTSpec.load(model)
+    relative = f"{BUILDS}/{key}"
+    build = Path(workspace.path(relative))
+    shutil.rmtree(build, ignore_errors=True)  # an interrupted build of the same key
+    build.mkdir(parents=True)
+    ensure_ray(config.ray)
+    started = time.perf_counter()
+    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=1)
+    logger.info("index: codec trained in %.1f s on %d token vectors of %d documents: %d centroids (about %d tokens "
+                "in the collection), %d bits, %d B a token", time.perf_counter() - started, trained["sample_tokens"],
+                trained["sample_docs"], trained["centroids"], trained["estimated_tokens"], options.colbert.nbits,
+                trained["bytes_per_token"])
+    passages, tokens = _encode_colbert(workspace, build, model, options)
+    codec = plaid.ResidualCodec.load(build)
+    digests, entries = build_token_index(build, passages, tokens, options.num_shards)
+    if not options.keep_vectors:
+        (build / CODES_TABLE).unlink()
+    size = sum((build / name).stat().st_size for name in plaid.FILES)
+    docs = workspace.row_count(EVAL_DOCS)
+    meta = {"kind": "colbert", "dim": codec.dim, "docs": docs, "passages": passages, "tokens": tokens,
+            "model": model, "key": key, "build": relative, "files": plaid.FILES, "nbits": options.colbert.nbits,
+            "centroids": codec.nlist, "query_maxlen": spec.query_maxlen, "bytes": size,
+            "bytes_per_token": codec.bytes_per_token, "error_bound": trained["error_bound"],
+            "passage_split": options.passages.model_dump() if options.passages else None}
+    logger.info("index: %d documents as %d passages and %d tokens (%.1f a passage), %d centroids, %d-bit residuals: "
+                "%.1f MB in %s (%.1f B a token with the lists)", docs, passages, tokens, tokens / max(passages, 1),
+                codec.nlist, options.colbert.nbits, size / 2**20, build, size / max(tokens, 1))
+    metrics = {"dim": float(codec.dim), "shards": float(options.num_shards), "passages": float(passages),
+               "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1), "centroids": float(codec.nlist),
+               "index_bytes": float(size), "bytes_per_token": size / max(tokens, 1), "ivf_entries": float(entries),
+               "codec_error_bound": trained["error_bound"]}
+    return meta, metrics | {f"shard_{i}_size": float(d.rows) for i, d in enumerate(digests)}
 
 
-def _encode_colbert(workspace: Workspace, model: str, options: IndexConfig) -> tuple[int, int]:
-    """Stream each passage's token vectors into the token embeddings table; returns (passages, tokens).
+def build_token_index(build: Path, passages: int, tokens: int, shards: int) -> tuple[list[Digest], int]:
+    """From the codes table and codec in `build`: allocate the token arrays, fill each shard's passages in its own
+    Ray task (retried when its worker dies), check that every passage was written once, and merge the inverted
+    lists on disk in a task. Returns each shard's digest of its passages and the lists' entries."""
+    import ray
 
-    Passages are numbered in arrival order and their tokens take the next global token rows, so each passage's
-    rows are contiguous and ascend with its number: a token row finds its passage by bisection. Each document's
-    first passage must come out exactly once.
-    """
+    codec = plaid.ResidualCodec.load(build)
+    layout = plaid.Layout(passages, tokens, codec.code_bytes, codec.id_dtype.str, codec.nlist)
+    layout.allocate(build)
+    fill = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
+    digests = ray.get([fill.remote(str(build / CODES_TABLE), str(build), shard, first, last, layout)
+                       for shard, (first, last) in enumerate(plaid.shard_ranges(passages, shards))])
+    total = functools.reduce(Digest.merge, digests, Digest())
+    if total != Digest.of_range(passages):
+        raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {passages}, or some twice; "
+                               "nothing was committed: run the stage again")
+    return digests, in_task(merge_lists_task, str(build), shards, layout, num_cpus=1)
+
+
+def _encode_colbert(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> tuple[int, int]:
+    """Stream each passage's compressed tokens into the build's codes table and passage map; returns (passages,
+    tokens). Passages are numbered in arrival order and their tokens take the next token rows, so each passage's
+    rows are contiguous and ascend with its number. Each document's first passage must come out exactly once."""
     split = (options.passages.length, options.passages.stride) if options.passages else None
     dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
         ColBERTEncoderActor, batch_format="numpy",
         fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
-                               "passages": split},
+                               "passages": split, "build": str(build)},
         **actor_map_args(options),
     )
     next_id = next_token = 0
-    with workspace.exactly_once_writer(TOKEN_EMBEDDINGS, schemas.TOKEN_EMBEDDINGS, ["docid"],
-                                       expected=workspace.key_batches(EVAL_DOCS, ["id"]),
-                                       select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
+    rows_path = build / f".{PASSAGE_MAP}.rows"
+    with pa.OSFile(str(rows_path), "wb") as sink, \
+            pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
+            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{CODES_TABLE}", schemas.TOKEN_CODES,
+                                          ["docid"], expected=workspace.key_batches(EVAL_DOCS, ["id"]),
+                                          select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
             tokens = batch["tokens"].to_numpy().astype(np.int64)
+            ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
             first = next_token + np.cumsum(tokens) - tokens
             next_id, next_token = next_id + batch.num_rows, next_token + int(tokens.sum())
-            writer.write(pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids,
-                                   "shard": (ids % options.num_shards).astype(np.int32), "first_token": first,
-                                   "tokens": batch["tokens"], "vectors": batch["vectors"]}))
+            part = pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids,
+                             "first_token": first, "tokens": batch["tokens"], "centroid_ids": batch["centroid_ids"],
+                             "residuals": batch["residuals"]}, schema=schemas.TOKEN_CODES)
+            writer.write(part)
+            passage_rows.write_table(part.select(["docid", "passage"]))
+    write_passage_map(_read_ipc(rows_path), build / PASSAGE_MAP)
+    rows_path.unlink()
     return next_id, next_token
-
-
-def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
-    import ray
-
-    options = config.index
-    ensure_ray(config.ray)
-    dim = ColBERTSpec.load(model).dim
-    passages, tokens = _encode_colbert(workspace, model, options)
-    build = ray.remote(num_cpus=0.5)(_token_shard_index_bytes)
-    shards = [faiss.deserialize_index(data) for data in
-              ray.get([build.remote(workspace.uri, shard, dim) for shard in range(options.num_shards)])]
-    shard_sizes = [shard.ntotal for shard in shards]
-    merged = merge_shards(shards, dim)
-    ids = stored_ids(merged)
-    if merged.ntotal != tokens or len(np.unique(ids)) != tokens:
-        raise ExactlyOnceError(f"merged index holds {merged.ntotal} vectors ({len(np.unique(ids))} ids) for {tokens}")
-    index_path = workspace.local_dir("index") / Path(FAISS_INDEX).name
-    faiss_index.write_atomic(merged, index_path)
-    table = workspace.read_table(TOKEN_EMBEDDINGS, columns=["faiss_id", "docid", "passage", "first_token", "tokens"])
-    table = table.sort_by("faiss_id")
-    offsets = np.cumsum(table["tokens"].to_numpy().astype(np.int64)) - table["tokens"].to_numpy()
-    if not np.array_equal(table["first_token"].to_numpy(), offsets):
-        raise RuntimeError("token rows are not contiguous in document order; the token index cannot map hits back")
-    workspace.write_table(table, TOKEN_DOCS, schemas.TOKEN_DOCS)
-    workspace.write_table(table.select(["faiss_id", "docid"]), DOC_IDS, schemas.DOC_IDS)
-    docs = workspace.row_count(EVAL_DOCS)
-    logger.info("index: %d documents as %d passages and %d token vectors (%.1f per passage, dim %d) in %d shards %s",
-                docs, passages, tokens, tokens / max(passages, 1), dim, options.num_shards, shard_sizes)
-    meta = {"kind": "colbert", "dim": dim, "docs": docs, "passages": passages, "tokens": tokens, "model": model,
-            "key": key}
-    metrics = {"dim": float(dim), "shards": float(options.num_shards), "passages": float(passages),
-               "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1)}
-    return meta, metrics | {f"shard_{i}_size": float(n) for i, n in enumerate(shard_sizes)}

@@ -1,5 +1,6 @@
 """The index stage's Ray shell: the Data actors that hold one student encoder each (dense passages, or ColBERT
-token vectors), and the tasks that train the index, add each shard and merge them."""
+token vectors compressed by the build's codec), and the tasks that train the index (or the codec), fill each shard
+and merge them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from td_ray.config import IndexConfig
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages
-from td_ray.index.core import sample_vectors, shard_batches
+from td_ray.index.core import in_sample, plan_centroids, sample_fraction, sample_vectors, shard_batches
 from td_ray.keys import Digest
-from td_ray.retrieval import faiss_index
+from td_ray.retrieval import faiss_index, plaid
+from td_ray.workspace import EVAL_DOCS, Workspace
 
 #: Columns the actor reads from each batch.
 INPUT_COLUMNS = ("id", "text")
@@ -47,29 +50,76 @@ def _passages(tokenizer, texts: list[str], passages: tuple[int, int] | None) -> 
 
 
 class ColBERTEncoderActor:
-    """Encodes batches of documents ``{id, text}`` into passage rows ``{docid, passage, tokens, vectors}``: the
-    ColBERT student's vectors of the tokens MaxSim uses, flattened, as an Arrow large_list column (64-bit offsets:
-    a shard's tokens x dim pass 2^31 values at about 93 k passages)."""
+    """Encodes batches of documents ``{id, text}`` into compressed passage rows ``{docid, passage, tokens,
+    centroid_ids, residuals}``: the ColBERT student's vectors of the tokens MaxSim uses, each stored as its centroid
+    id and residual code by the build's trained codec (`td_ray.retrieval.plaid`), as bytes. Loads both once."""
 
-    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None):
+    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None, build: str):
         from td_ray.encoders.colbert import ColBERTStudentEncoder
 
         self.encoder = ColBERTStudentEncoder(model, max_length=max_length, batch_size=batch_size)
+        self.codec = plaid.ResidualCodec.load(Path(build))
         self.passages = passages
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         per_doc = _passages(self.encoder.tokenizer.hf, _texts(batch), self.passages)
         counts = np.array([len(parts) for parts in per_doc], dtype=np.int64)
         encoded = self.encoder.encode_documents([part for parts in per_doc for part in parts])
-        tokens = np.array([len(vectors) for vectors in encoded], dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(tokens.astype(np.int64) * self.encoder.dim)])
-        values = np.concatenate([vectors.reshape(-1) for vectors in encoded]) if encoded else np.zeros(0)
+        tokens = np.array([len(vectors) for vectors in encoded], dtype=np.int64)
+        ids, residuals = self.codec.encode(np.concatenate(encoded) if encoded else np.zeros((0, self.codec.dim)))
+        bounds = np.concatenate([[0], np.cumsum(tokens)])
         return pa.table({
             "docid": pa.array(np.repeat(np.asarray(batch["id"], dtype=object), counts), pa.string()),
             "passage": pa.array(np.concatenate([np.arange(n) for n in counts]) if len(counts) else [], pa.int32()),
-            "tokens": tokens,
-            "vectors": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.float32))),
+            "tokens": tokens.astype(np.int32),
+            "centroid_ids": pa.array([ids[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])], pa.large_binary()),
+            "residuals": pa.array([residuals[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])],
+                                  pa.large_binary()),
         })
+
+
+def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexConfig) -> dict:
+    """Ray task: encode documents drawn evenly from the collection (PLAID's sample size), train the codec on
+    about `train_sample` of their token vectors, save it in the build; returns what it was trained on."""
+    from td_ray.encoders.colbert import ColBERTStudentEncoder
+
+    workspace = Workspace(workspace_uri)
+    docs = workspace.row_count(EVAL_DOCS)
+    chosen = sample_fraction(docs)
+    encoder = ColBERTStudentEncoder(model, max_length=options.max_length, batch_size=options.batch_size)
+    split = (options.passages.length, options.passages.stride) if options.passages else None
+    rng = np.random.default_rng(0)
+    parts, seen_docs, seen_tokens, keep = [], 0, 0, None
+    for batch in workspace.iter_batches(EVAL_DOCS, columns=["id", "text"], batch_size=options.batch_size * 4):
+        rows = np.flatnonzero(in_sample(batch.column("id"), chosen))
+        if not len(rows):
+            continue
+        texts = _texts({"text": batch.column("text").take(pa.array(rows)).to_numpy(zero_copy_only=False)})
+        encoded = encoder.encode_documents([part for parts in _passages(encoder.tokenizer.hf, texts, split)
+                                            for part in parts])
+        vectors = np.concatenate(encoded)
+        seen_docs, seen_tokens = seen_docs + len(rows), seen_tokens + len(vectors)
+        if keep is None:  # tokens kept per token seen, from the first batch's tokens per document
+            keep = min(1.0, options.train_sample / max(1.0, len(vectors) / len(rows) * chosen * docs))
+        parts.append(vectors[rng.random(len(vectors)) < keep])
+    sample = np.concatenate(parts)[:options.train_sample] if parts else np.zeros((0, 1), np.float32)
+    estimated = int(seen_tokens / max(seen_docs, 1) * docs)
+    centroids = plan_centroids(options.colbert.centroids, estimated, len(sample))
+    codec = plaid.ResidualCodec.train(sample, centroids, options.colbert.nbits, options.colbert.kmeans_niter,
+                                      gpu=faiss_index.on_gpu(options.device))
+    codec.save(Path(build))
+    return {"sample_docs": seen_docs, "sample_tokens": len(sample), "estimated_tokens": estimated,
+            "centroids": centroids, "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token}
+
+
+def token_shard_task(table: str, build: str, shard: int, first: int, last: int, layout: plaid.Layout) -> Digest:
+    """Ray task: fill passages [first, last) of the token index from the codes table, and write its lists."""
+    return plaid.write_shard(Path(table), Path(build), shard, first, last, layout)
+
+
+def merge_lists_task(build: str, shards: int, layout: plaid.Layout) -> int:
+    """Ray task: lay the shards' inverted lists out as one on disk."""
+    return plaid.merge_lists(Path(build), shards, layout)
 
 
 def train_task(table: str, plan: faiss_index.IndexPlan, sample: int, rows: int, out: str, device: str) -> int:

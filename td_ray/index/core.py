@@ -1,5 +1,6 @@
 """The index stage's pure logic: passages numbered as they stream in, vectors read back by shard or sampled for
-training, each reading one row group at a time."""
+training, each reading one row group at a time; for ColBERT, which documents train the codec and how many
+centroids it gets."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from td_ray import schemas
+from td_ray.keys import string_hashes
+from td_ray.retrieval.faiss_index import IndexSettingsError
+from td_ray.retrieval.plaid import default_centroids
 
 
 class PassageNumbering:
@@ -59,3 +63,31 @@ def sample_vectors(table: str, rows: int, sample: int, dim: int, seed: int = 0) 
         if len(chosen):
             parts.append(_vectors(batch.take(pa.array(chosen)), dim))
     return np.concatenate(parts)[:sample] if parts else np.zeros((0, dim), np.float32)
+
+
+def sample_fraction(docs: int) -> float:
+    """The share of documents encoded to train a ColBERT codec: PLAID's 16 sqrt(120 x passages) sampled passages,
+    counted in documents, all of a small collection."""
+    return min(1.0, 16 * np.sqrt(120 * max(docs, 1)) / max(docs, 1))
+
+
+def in_sample(ids: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
+    """Which documents (by id hash: the same ones in every run and on every node) fall in the sample."""
+    if fraction >= 1:
+        return np.ones(len(ids), dtype=bool)
+    return string_hashes(ids) < np.uint64(int(fraction * 2**64))
+
+
+def plan_centroids(requested: int | None, estimated_tokens: int, sample_tokens: int) -> int:
+    """The codec's centroids: index.colbert.centroids, else PLAID's rule for the estimated tokens, lowered to a
+    power of two the sample can train (k-means needs a training point per centroid)."""
+    if requested is not None:
+        if requested > sample_tokens:
+            raise IndexSettingsError(
+                f"index.colbert.centroids {requested}: k-means needs a training token per centroid, but the sample "
+                f"holds {sample_tokens}; raise index.train_sample, or use at most {sample_tokens} centroids "
+                "(or leave centroids unset for PLAID's rule)")
+        return requested
+    if sample_tokens < 1:
+        raise IndexSettingsError("index: the training sample holds no tokens; the collection's documents are empty")
+    return min(default_centroids(estimated_tokens), 2 ** int(np.floor(np.log2(sample_tokens))))

@@ -3,20 +3,31 @@
 A dense build is a directory ``index/builds/<key>/`` (key: the documents, the student and the index settings)
 holding the passage map, the trained index and the index itself (shards, or one IVF index and its on-disk lists).
 ``index/index_meta.json`` names the build in use; it is replaced atomically once a build is complete, so a
-changed build is made beside the old one and swapped in, and evaluate never reads a half-made one.
+changed build is made beside the old one and swapped in, and evaluate never reads a half-made one. A ColBERT
+build holds the compressed token index instead (`td_ray.retrieval.plaid`).
+
+The student may be a registered ``models:/name@alias`` (or ``models:/name/version``) URI: its files are downloaded
+once per version into ``index/models/<name>-v<version>/``, so a moved alias is a different student.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from td_ray.errors import ModelError, StaleIndexError
-from td_ray.workspace import INDEX_META, STUDENT_DIR, Workspace, atomic_write_text
+from td_ray.fingerprint import digest, path_fingerprint
+from td_ray.workspace import EVAL_DOCS, INDEX_META, STUDENT_DIR, Workspace, atomic_write_text
 
 BUILDS = "index/builds"
 PASSAGE_MAP = "passages.arrow"
 TRAINED = "trained.faiss"
 EMBEDDINGS_TABLE = "embeddings.parquet"
+CODES_TABLE = "codes.parquet"
+REGISTERED = "index/models"
+POOL_SETTINGS = {"batch_size", "num_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "device"}
+"""Index settings that change how fast a build is made, never what it holds."""
 
 
 def read_index_meta(workspace: Workspace) -> dict:
@@ -38,10 +49,60 @@ def build_path(workspace: Workspace, meta: dict, name: str = "") -> Path:
 
 
 def student_path(model: str | None, workspace: Workspace) -> str:
-    """The encoder to index and search with: `model` (index.model), else the student the distill stage saved."""
+    """The encoder directory to index and search with: `model` (index.model: a directory, or a registered
+    ``models:/`` URI, downloaded), else the student the distill stage saved."""
+    if model and model.startswith("models:/"):
+        return _registered_student(model, workspace)
     if model:
         return model
     path = Path(workspace.path(STUDENT_DIR))
     if not path.is_dir():
         raise ModelError(f"no student at {path}; run the distill stage first, or set index.model")
     return str(path)
+
+
+def _registered_student(uri: str, workspace: Workspace) -> str:
+    """The student directory of a registered model version, downloaded into the workspace once per version.
+    MLflow must point at the registry (the stages configure it)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, alias = uri.removeprefix("models:/"), None
+    if "@" in name:
+        name, alias = name.split("@", 1)
+    elif "/" in name:
+        name, number = name.rsplit("/", 1)
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as error:
+        raise ModelError(f"index.model {uri!r}: no such registered model version in {mlflow.get_tracking_uri()} "
+                         f"({str(error).splitlines()[0][:160]}); register the student (the distill stage does), or "
+                         "name a version or alias that exists") from None
+    target = workspace.local_dir(REGISTERED) / f"{name}-v{version.version}"
+    student = target / "artifacts" / "student"
+    if not student.is_dir():
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(temporary))
+        if not (temporary / "artifacts" / "student").is_dir():
+            raise ModelError(f"{uri} (version {version.version}) holds no td-ray student (artifacts/student); "
+                             "register it with td-ray's distill stage")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(temporary, target)
+    return str(student)
+
+
+def index_key(workspace: Workspace, model: str, index_settings: dict) -> str:
+    """What a build is made from: the documents, the student's files and every index setting that changes what
+    it holds (`index_settings`, the index section dumped as JSON; the pool's settings are left out)."""
+    settings = {name: value for name, value in index_settings.items() if name not in POOL_SETTINGS}
+    return digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model), settings)
+
+
+def check_current(workspace: Workspace, meta: dict, model: str, index_settings: dict) -> None:
+    """Refuse an index built from other documents, another student or other settings than the config's."""
+    if meta.get("key") != index_key(workspace, model, index_settings):
+        raise StaleIndexError(f"the index in {workspace.path(meta.get('build', 'index'))} was built from other "
+                              f"documents, another student or other index settings than this config's (student "
+                              f"{model}); re-run the index stage")
