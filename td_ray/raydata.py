@@ -65,7 +65,7 @@ def sum_column(batch: pa.Table, column: str) -> float:
     return float(pc.sum(batch[column]).as_py() or 0)
 
 
-def in_task(function: Callable, *args, num_cpus: float = 0.5, **kwargs):
+def in_task(function: Callable, *args, num_cpus: float = 0.5, num_gpus: float = 0, **kwargs):
     """Run `function` in one Ray task and return its result, so work whose memory grows with the data (an
     export, an id check over the collection) never grows the driver. A td-ray error raised there is raised
     here as itself, with its own message."""
@@ -73,7 +73,7 @@ def in_task(function: Callable, *args, num_cpus: float = 0.5, **kwargs):
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ray.remote(num_cpus=num_cpus)(function).remote(*args, **kwargs))
+        return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(function).remote(*args, **kwargs))
     except RayTaskError as error:
         if isinstance(error.cause, TdRayError):
             raise error.cause from None

@@ -242,7 +242,8 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
     build.mkdir(parents=True)
     ensure_ray(config.ray)
     started = time.perf_counter()
-    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=1)
+    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=1,
+                      num_gpus=1 if options.num_gpus_per_actor and options.device != "cpu" else 0)
     logger.info("index: codec trained in %.1f s on %d token vectors of %d documents: %d centroids (about %d tokens "
                 "in the collection), %d bits, %d B a token", time.perf_counter() - started, trained["sample_tokens"],
                 trained["sample_docs"], trained["centroids"], trained["estimated_tokens"], options.colbert.nbits,
