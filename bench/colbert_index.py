@@ -12,7 +12,8 @@ In one run:
      at 1x, with PLAID's defaults for 100 passages and a wider search;
    - the synthetic builds use 4,096 centroids at both sizes (`--centroids`): PLAID's rule would give 2^14 and
      2^15, and assigning 10 M tokens to them takes most of an hour on 2 cores (the stage uses the rule);
-   - `build_seconds` by shard count at 10x, and the peak RSS of a search process at 10x over 1x.
+   - `build_seconds` by shard count at 10x, and the peak RSS of a search process at 10x over 1x (RSS counts
+     the memory-mapped pages a search touched, which the OS shares and can drop; its private memory beside).
 2. The demo collection through the real index and evaluate stages, with two ColBERT students of dim 128: the
    tiny student untrained (its scores nearly tie) and a lexical one (each token its word's embedding, ranking by
    content as a trained student does); at 2 and 8 bits, against exact MaxSim over the original vectors, both
@@ -71,7 +72,8 @@ def passage_chunk(seed: int, chunk: int, passages: int, centres: np.ndarray) -> 
 
 
 def chunks_for(tokens: int) -> int:
-    return max(1, round(tokens / (75 * CHUNK_PASSAGES)))
+    """Chunks holding at least `tokens` tokens (75 a passage on average)."""
+    return max(1, -(-tokens // (75 * CHUNK_PASSAGES)))
 
 
 def write_codes(build: Path, codec, seed: int, chunks: int, centres: np.ndarray) -> tuple[int, int]:
@@ -240,6 +242,7 @@ def synthetic(args: argparse.Namespace, work: Path) -> dict:
                      "ms_per_query": round(searched["ms_per_query"], 1)}
     out["search_2bit"] = rss
     out["evaluate_peak_rss_ratio_10x"] = round(rss["10x"]["peak_rss_mb"] / rss["1x-2"]["peak_rss_mb"], 3)
+    out["evaluate_peak_private_ratio_10x"] = round(rss["10x"]["peak_private_mb"] / rss["1x-2"]["peak_private_mb"], 3)
     shutil.rmtree(work / "10x")
     shutil.rmtree(work / "1x-2")
     return out
@@ -408,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   for bits, entry in figures["nbits"].items()
                                                   for name in SEARCH_SETTINGS}
     report["evaluate_peak_rss_ratio_10x"] = figures["evaluate_peak_rss_ratio_10x"]
+    report["evaluate_peak_private_ratio_10x"] = figures["evaluate_peak_private_ratio_10x"]
     report["build_seconds"] = figures["build_seconds_10x"]
     write_report(report, args.out)
     if not args.skip_demo:
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in report.get(key, {}).items():
             print(f"{key} {name}: {value} {meets(GOALS, key, value)}")
     ratio = report["evaluate_peak_rss_ratio_10x"]
-    print(f"evaluate peak RSS 10x/1x: {ratio} {meets(GOALS, 'evaluate_peak_rss_ratio_10x', ratio)}")
+    print(f"evaluate peak RSS 10x/1x: {ratio} {meets(GOALS, 'evaluate_peak_rss_ratio_10x', ratio)} (private: "
+          f"{report['evaluate_peak_private_ratio_10x']})")
     print(f"search ms/query: {report['search_ms_per_query']}; build seconds by shards: {report['build_seconds']}")
     print(json.dumps(report["neuclir_zh_projection"], indent=1))
     print(f"wrote {args.out}")
