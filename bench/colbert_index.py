@@ -251,23 +251,11 @@ def synthetic(args: argparse.Namespace, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ demo
 def lexical_student(out: Path, tiny: Path) -> Path:
     """A ColBERT student with no transformer layer: each token its word's random embedding, projected."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+    from td_ray.assets.tiny_models import build_lexical_student
     from td_ray.encoders.colbert import ColBERTSpec, load_colbert
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny))
-    torch.manual_seed(3)
-    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=0, num_attention_heads=1,
-                                intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False)
-    with torch.no_grad():
-        bert.embeddings.word_embeddings.weight.normal_()
-        bert.embeddings.position_embeddings.weight.zero_()
-        bert.embeddings.token_type_embeddings.weight.zero_()
-    bert.save_pretrained(out / "words")
-    tokenizer.save_pretrained(out / "words")
-    model, colbert_tokenizer = load_colbert(out / "words", ColBERTSpec(dim=128))
-    model.save_pretrained(out / "student", colbert_tokenizer)
+    model, tokenizer = load_colbert(build_lexical_student(tiny, out / "words"), ColBERTSpec(dim=128))
+    model.save_pretrained(out / "student", tokenizer)
     return out / "student"
 
 

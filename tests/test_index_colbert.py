@@ -155,27 +155,16 @@ def test_maxsim_scores_agree_with_the_students_maxsim(clustered):
 
 @pytest.fixture(scope="module")
 def colbert_student(assets_root, tmp_path_factory) -> Path:
-    """A lexical ColBERT student: no transformer layer, each token its word's random embedding projected to 32
-    dimensions, so a passage's MaxSim grows with the query's words it holds. The untrained tiny student's scores are
-    nearly tied (its top 10 spread over 2 % of the score), so any quantisation reshuffles them; this one ranks by
-    content, as a trained student does, and quantisation error shows as the ranking changes it causes."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """A lexical ColBERT student (`build_lexical_student`, projected to 32 dimensions): the untrained tiny student's
+    scores nearly tie (its top 10 spread over 2 % of the score), so any quantisation reshuffles them; this one
+    ranks by content, as a trained student does."""
+    from td_ray.assets.tiny_models import build_lexical_student
 
-    words = tmp_path_factory.mktemp("lexical") / "bert"
-    tokenizer = AutoTokenizer.from_pretrained(str(assets_root / "tiny-models" / "student"))
-    torch.manual_seed(3)
-    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=0, num_attention_heads=1,
-                                intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False)
-    with torch.no_grad():
-        bert.embeddings.word_embeddings.weight.normal_()
-        bert.embeddings.position_embeddings.weight.zero_()
-        bert.embeddings.token_type_embeddings.weight.zero_()
-    bert.save_pretrained(words)
-    tokenizer.save_pretrained(words)
+    root = tmp_path_factory.mktemp("lexical")
+    words = build_lexical_student(assets_root / "tiny-models" / "student", root / "bert")
     model, colbert_tokenizer = load_colbert(words, ColBERTSpec(dim=32, query_maxlen=8, doc_maxlen=64))
-    student = words.parent / "student"
-    model.save_pretrained(student, colbert_tokenizer)
-    return student
+    model.save_pretrained(root / "student", colbert_tokenizer)
+    return root / "student"
 
 
 def test_demo_collection_at_2_bits_keeps_exact_maxsims_top_10_documents(make_workspace, colbert_student, tmp_path):

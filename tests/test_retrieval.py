@@ -11,7 +11,6 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import with_updates
 
 from td_ray import evaluate, index
@@ -91,20 +90,9 @@ def bag_of_words_student(assets_root, tmp_path_factory) -> Path:
     cosine: a passage full of the query's words is close to the query whatever the rest of its document says.
     Unlike the six-step demo student, whose scores are nearly tied, it ranks by content, so quantisation error
     shows as the ranking changes it causes rather than as noise among ties."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from td_ray.assets.tiny_models import build_lexical_student
 
-    out = tmp_path_factory.mktemp("bow-student")
-    tokenizer = AutoTokenizer.from_pretrained(str(assets_root / "tiny-models" / "student"))
-    torch.manual_seed(3)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=0, num_attention_heads=1,
-                        intermediate_size=64, max_position_embeddings=512)
-    model = BertModel(config, add_pooling_layer=False)
-    with torch.no_grad():
-        model.embeddings.word_embeddings.weight.normal_()
-        model.embeddings.position_embeddings.weight.zero_()
-        model.embeddings.token_type_embeddings.weight.zero_()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = build_lexical_student(assets_root / "tiny-models" / "student", tmp_path_factory.mktemp("bow-student"))
     (out / "td_ray_student.json").write_text(json.dumps({"pooling": "mean", "similarity": "cosine"}))
     return out
 

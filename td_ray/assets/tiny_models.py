@@ -30,6 +30,7 @@ import sentencepiece as spm
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
@@ -407,3 +408,22 @@ def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> Tiny
         _build_student(staged.student, bert_tokenizer, seed)
 
     return TinyModels.under(cached_build(out_dir, _build_key(seed), build, "tiny models", force))
+
+
+def build_lexical_student(tokenizer_dir: Path, out: Path, hidden_size: int = 64, seed: int = 3) -> Path:
+    """A BERT with no transformer layer: each token is its word's random embedding (positions and segments zeroed),
+    layer-normalised. Pooled by mean it ranks passages by the query's words they hold; projected per token (a
+    ColBERT student) it scores them by MaxSim over those words. Unlike a briefly trained tiny student, whose scores
+    nearly tie, it ranks by content, so an index's quantisation error shows as the ranking changes it causes."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=0,
+                                 num_attention_heads=1, intermediate_size=hidden_size, max_position_embeddings=512),
+                      add_pooling_layer=False)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.normal_()
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
