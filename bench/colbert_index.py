@@ -77,25 +77,24 @@ def chunks_for(tokens: int) -> int:
 
 
 def write_codes(build: Path, codec, seed: int, chunks: int, centres: np.ndarray) -> tuple[int, int]:
-    """Compress every chunk into the stage's codes table (one row group a chunk); returns (passages, tokens)."""
+    """Compress every chunk into the stage's codes table (one row group a chunk, numbered as the stage numbers
+    its batches); returns (passages, tokens)."""
     from td_ray import schemas
+    from td_ray.index.core import TokenNumbering
+    from td_ray.retrieval import plaid
 
-    next_id = next_token = 0
+    numbering = TokenNumbering()
     with pq.ParquetWriter(build / "codes.parquet", schemas.TOKEN_CODES) as writer:
         for chunk in range(chunks):
             counts, tokens = passage_chunk(seed, chunk, CHUNK_PASSAGES, centres)
             ids, residuals = codec.encode(tokens)
-            bounds = np.concatenate([[0], np.cumsum(counts)])
-            numbers = np.arange(next_id, next_id + len(counts))
-            writer.write_table(pa.table({
-                "docid": pa.array(numbers.astype(str)), "passage": pa.array(np.zeros(len(counts), np.int32)),
-                "faiss_id": numbers, "first_token": next_token + bounds[:-1], "tokens": counts.astype(np.int32),
-                "centroid_ids": pa.array([ids[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])],
-                                         pa.large_binary()),
-                "residuals": pa.array([residuals[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])],
-                                      pa.large_binary())}, schema=schemas.TOKEN_CODES))
-            next_id, next_token = next_id + len(counts), next_token + int(counts.sum())
-    return next_id, next_token
+            batch = pa.table({"docid": pa.array((numbering.next_id + np.arange(len(counts))).astype(str)),
+                              "passage": pa.array(np.zeros(len(counts), np.int32)),
+                              "tokens": counts.astype(np.int32), "centroid_ids": plaid.per_passage_bytes(ids, counts),
+                              "residuals": plaid.per_passage_bytes(residuals, counts)})
+            for part in numbering(batch):
+                writer.write_table(part)
+    return numbering.next_id, numbering.next_token
 
 
 def prepare_synthetic(build: Path, seed: int, chunks: int, centres: np.ndarray, nbits: int, train_sample: int,
@@ -118,6 +117,7 @@ def prepare_synthetic(build: Path, seed: int, chunks: int, centres: np.ndarray, 
     trained = time.perf_counter() - started
     passages, tokens = write_codes(build, codec, seed, chunks, centres)
     return {"passages": passages, "tokens": tokens, "centroids": codec.nlist, "nbits": nbits,
+            "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
             "train_seconds": round(trained, 2), "compress_seconds": round(time.perf_counter() - started - trained, 2),
             "bytes_per_token": codec.bytes_per_token, "error_bound": round(codec.error_bound(), 5)}
 
@@ -129,7 +129,9 @@ def build_synthetic(build: Path, prepared: dict, shards: int) -> dict:
     from td_ray.retrieval import plaid
 
     started = time.perf_counter()
-    _, entries = build_token_index(build, prepared["passages"], prepared["tokens"], shards)
+    layout = plaid.Layout(prepared["passages"], prepared["tokens"], prepared["code_bytes"], prepared["id_dtype"],
+                          prepared["centroids"])
+    _, entries = build_token_index(build, layout, shards)
     seconds = time.perf_counter() - started
     size = sum((build / name).stat().st_size for name in plaid.FILES)
     meta = {"passages": prepared["passages"], "tokens": prepared["tokens"], "dim": 128,

@@ -47,12 +47,10 @@ def build(directory: Path, codec: plaid.ResidualCodec, tokens, offsets, shards: 
     directory.mkdir(parents=True, exist_ok=True)
     codec.save(directory)
     ids, residuals = codec.encode(tokens)
-    passages = len(offsets) - 1
-    pieces = [(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
-    table = pa.table({"faiss_id": np.arange(passages), "first_token": offsets[:-1],
-                      "tokens": np.diff(offsets).astype(np.int32),
-                      "centroid_ids": pa.array([ids[a:b].tobytes() for a, b in pieces], pa.large_binary()),
-                      "residuals": pa.array([residuals[a:b].tobytes() for a, b in pieces], pa.large_binary())})
+    passages, counts = len(offsets) - 1, np.diff(offsets)
+    table = pa.table({"faiss_id": np.arange(passages), "first_token": offsets[:-1], "tokens": counts.astype(np.int32),
+                      "centroid_ids": plaid.per_passage_bytes(ids, counts),
+                      "residuals": plaid.per_passage_bytes(residuals, counts)})
     pq.write_table(table, directory / "codes.parquet", row_group_size=row_group)
     layout = plaid.Layout(passages, len(tokens), codec.code_bytes, codec.id_dtype.str, codec.nlist)
     layout.allocate(directory)

@@ -31,7 +31,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,7 +50,7 @@ from td_ray.index.actor import (
     train_codec_task,
     train_task,
 )
-from td_ray.index.core import PassageNumbering
+from td_ray.index.core import PassageNumbering, TokenNumbering
 from td_ray.keys import Digest
 from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
@@ -150,7 +149,10 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     shutil.rmtree(build, ignore_errors=True)  # an interrupted build of the same key
     build.mkdir(parents=True)
     ensure_ray(config.ray)
-    passages = _encode_passages(workspace, build, model, options)
+    numbering = PassageNumbering(options.num_shards)
+    _encode_documents(workspace, build, options, EncoderActor, {"model": model}, EMBEDDINGS_TABLE, schemas.EMBEDDINGS,
+                      numbering)
+    passages = numbering.next_id
     faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
     files, digests, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
                                                   options.device)
@@ -195,32 +197,32 @@ def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, sha
     return ["index.faiss"], digests, trained_on
 
 
-def _encode_passages(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> int:
-    """Stream every document's passage vectors into the build's vector table and passage map; returns passages.
+def _encode_documents(workspace: Workspace, build: Path, options: IndexConfig, actor: type, actor_kwargs: dict,
+                      table: str, schema: pa.Schema, numbering) -> None:
+    """Stream every document through the encoder `actor` pool into the build's `table` (rows numbered and cut into
+    row groups by `numbering`, a PassageNumbering or TokenNumbering) and its passage map.
 
     Checked before anything is committed: every document gave exactly one first passage, and nothing else.
     """
     split = (options.passages.length, options.passages.stride) if options.passages else None
     dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
-        EncoderActor, batch_format="numpy",
-        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
-                               "passages": split},
+        actor, batch_format="numpy",
+        fn_constructor_kwargs={"max_length": options.max_length, "batch_size": options.batch_size, "passages": split,
+                               **actor_kwargs},
         **actor_map_args(options),
     )
-    numbering = PassageNumbering(options.num_shards)
-    first_passages = workspace.key_batches(EVAL_DOCS, ["id"])
-    with pa.OSFile(str(build / f".{PASSAGE_MAP}.rows"), "wb") as sink, \
+    rows_path = build / f".{PASSAGE_MAP}.rows"
+    with pa.OSFile(str(rows_path), "wb") as sink, \
             pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
-            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{EMBEDDINGS_TABLE}",
-                                          schemas.EMBEDDINGS, ["docid"], expected=first_passages,
-                                          select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
+            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{table}", schema, ["docid"],
+                                          expected=workspace.key_batches(EVAL_DOCS, ["id"]),
+                                          select=lambda rows: rows.filter(pc.equal(rows["passage"], 0))) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for part in numbering(batch):  # one row group a shard
+            for part in numbering(batch):  # one row group each
                 writer.write(part)
                 passage_rows.write_table(part.select(["docid", "passage"]))
-    write_passage_map(_read_ipc(build / f".{PASSAGE_MAP}.rows"), build / PASSAGE_MAP)
-    (build / f".{PASSAGE_MAP}.rows").unlink()
-    return numbering.next_id
+    write_passage_map(_read_ipc(rows_path), build / PASSAGE_MAP)
+    rows_path.unlink()
 
 
 def _read_ipc(path: Path):
@@ -248,36 +250,38 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
                 "in the collection), %d bits, %d B a token", time.perf_counter() - started, trained["sample_tokens"],
                 trained["sample_docs"], trained["centroids"], trained["estimated_tokens"], options.colbert.nbits,
                 trained["bytes_per_token"])
-    passages, tokens = _encode_colbert(workspace, build, model, options)
-    codec = plaid.ResidualCodec.load(build)
-    digests, entries = build_token_index(build, passages, tokens, options.num_shards)
+    numbering = TokenNumbering()
+    _encode_documents(workspace, build, options, ColBERTEncoderActor, {"model": model, "build": str(build)},
+                      CODES_TABLE, schemas.TOKEN_CODES, numbering)
+    passages, tokens = numbering.next_id, numbering.next_token
+    layout = plaid.Layout(passages, tokens, trained["code_bytes"], trained["id_dtype"], trained["centroids"])
+    digests, entries = build_token_index(build, layout, options.num_shards)
     if not options.keep_vectors:
         (build / CODES_TABLE).unlink()
     size = sum((build / name).stat().st_size for name in plaid.FILES)
     docs = workspace.row_count(EVAL_DOCS)
-    meta = {"kind": "colbert", "dim": codec.dim, "docs": docs, "passages": passages, "tokens": tokens,
+    meta = {"kind": "colbert", "dim": trained["dim"], "docs": docs, "passages": passages, "tokens": tokens,
             "model": model, "key": key, "build": relative, "files": plaid.FILES, "nbits": options.colbert.nbits,
-            "centroids": codec.nlist, "query_maxlen": spec.query_maxlen, "bytes": size,
-            "bytes_per_token": codec.bytes_per_token, "error_bound": trained["error_bound"],
+            "centroids": layout.nlist, "query_maxlen": spec.query_maxlen, "bytes": size,
+            "bytes_per_token": trained["bytes_per_token"], "error_bound": trained["error_bound"],
             "passage_split": options.passages.model_dump() if options.passages else None}
     logger.info("index: %d documents as %d passages and %d tokens (%.1f a passage), %d centroids, %d-bit residuals: "
                 "%.1f MB in %s (%.1f B a token with the lists)", docs, passages, tokens, tokens / max(passages, 1),
-                codec.nlist, options.colbert.nbits, size / 2**20, build, size / max(tokens, 1))
-    metrics = {"dim": float(codec.dim), "shards": float(options.num_shards), "passages": float(passages),
-               "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1), "centroids": float(codec.nlist),
+                layout.nlist, options.colbert.nbits, size / 2**20, build, size / max(tokens, 1))
+    metrics = {"dim": float(trained["dim"]), "shards": float(options.num_shards), "passages": float(passages),
+               "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1), "centroids": float(layout.nlist),
                "index_bytes": float(size), "bytes_per_token": size / max(tokens, 1), "ivf_entries": float(entries),
                "codec_error_bound": trained["error_bound"]}
     return meta, metrics | {f"shard_{i}_size": float(d.rows) for i, d in enumerate(digests)}
 
 
-def build_token_index(build: Path, passages: int, tokens: int, shards: int) -> tuple[list[Digest], int]:
-    """From the codes table and codec in `build`: allocate the token arrays, fill each shard's passages in its own
+def build_token_index(build: Path, layout: plaid.Layout, shards: int) -> tuple[list[Digest], int]:
+    """From the codes table in `build`: allocate the token arrays of `layout`, fill each shard's passages in its own
     Ray task (retried when its worker dies), check that every passage was written once, and merge the inverted
     lists on disk in a task. Returns each shard's digest of its passages and the lists' entries."""
     import ray
 
-    codec = plaid.ResidualCodec.load(build)
-    layout = plaid.Layout(passages, tokens, codec.code_bytes, codec.id_dtype.str, codec.nlist)
+    passages = layout.passages
     layout.allocate(build)
     fill = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
     digests = ray.get([fill.remote(str(build / CODES_TABLE), str(build), shard, first, last, layout)
@@ -287,36 +291,3 @@ def build_token_index(build: Path, passages: int, tokens: int, shards: int) -> t
         raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {passages}, or some twice; "
                                "nothing was committed: run the stage again")
     return digests, in_task(merge_lists_task, str(build), shards, layout, num_cpus=1)
-
-
-def _encode_colbert(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> tuple[int, int]:
-    """Stream each passage's compressed tokens into the build's codes table and passage map; returns (passages,
-    tokens). Passages are numbered in arrival order and their tokens take the next token rows, so each passage's
-    rows are contiguous and ascend with its number. Each document's first passage must come out exactly once."""
-    split = (options.passages.length, options.passages.stride) if options.passages else None
-    dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
-        ColBERTEncoderActor, batch_format="numpy",
-        fn_constructor_kwargs={"model": model, "max_length": options.max_length, "batch_size": options.batch_size,
-                               "passages": split, "build": str(build)},
-        **actor_map_args(options),
-    )
-    next_id = next_token = 0
-    rows_path = build / f".{PASSAGE_MAP}.rows"
-    with pa.OSFile(str(rows_path), "wb") as sink, \
-            pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
-            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{CODES_TABLE}", schemas.TOKEN_CODES,
-                                          ["docid"], expected=workspace.key_batches(EVAL_DOCS, ["id"]),
-                                          select=lambda table: table.filter(pc.equal(table["passage"], 0))) as writer:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            tokens = batch["tokens"].to_numpy().astype(np.int64)
-            ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
-            first = next_token + np.cumsum(tokens) - tokens
-            next_id, next_token = next_id + batch.num_rows, next_token + int(tokens.sum())
-            part = pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids,
-                             "first_token": first, "tokens": batch["tokens"], "centroid_ids": batch["centroid_ids"],
-                             "residuals": batch["residuals"]}, schema=schemas.TOKEN_CODES)
-            writer.write(part)
-            passage_rows.write_table(part.select(["docid", "passage"]))
-    write_passage_map(_read_ipc(rows_path), build / PASSAGE_MAP)
-    rows_path.unlink()
-    return next_id, next_token

@@ -65,16 +65,14 @@ class ColBERTEncoderActor:
         per_doc = _passages(self.encoder.tokenizer.hf, _texts(batch), self.passages)
         counts = np.array([len(parts) for parts in per_doc], dtype=np.int64)
         encoded = self.encoder.encode_documents([part for parts in per_doc for part in parts])
-        tokens = np.array([len(vectors) for vectors in encoded], dtype=np.int64)
+        tokens = np.array([len(vectors) for vectors in encoded], dtype=np.int32)
         ids, residuals = self.codec.encode(np.concatenate(encoded) if encoded else np.zeros((0, self.codec.dim)))
-        bounds = np.concatenate([[0], np.cumsum(tokens)])
         return pa.table({
             "docid": pa.array(np.repeat(np.asarray(batch["id"], dtype=object), counts), pa.string()),
             "passage": pa.array(np.concatenate([np.arange(n) for n in counts]) if len(counts) else [], pa.int32()),
-            "tokens": tokens.astype(np.int32),
-            "centroid_ids": pa.array([ids[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])], pa.large_binary()),
-            "residuals": pa.array([residuals[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])],
-                                  pa.large_binary()),
+            "tokens": tokens,
+            "centroid_ids": plaid.per_passage_bytes(ids, tokens),
+            "residuals": plaid.per_passage_bytes(residuals, tokens),
         })
 
 
@@ -109,7 +107,8 @@ def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexC
                                       gpu=faiss_index.on_gpu(options.device))
     codec.save(Path(build))
     return {"sample_docs": seen_docs, "sample_tokens": len(sample), "estimated_tokens": estimated,
-            "centroids": centroids, "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token}
+            "centroids": centroids, "dim": codec.dim, "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
+            "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token}
 
 
 def token_shard_task(table: str, build: str, shard: int, first: int, last: int, layout: plaid.Layout) -> Digest:

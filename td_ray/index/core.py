@@ -36,6 +36,24 @@ class PassageNumbering:
                 for shard, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
 
 
+class TokenNumbering:
+    """Numbers streamed batches of compressed passage rows (ColBERT) with their passage numbers (faiss_id, in
+    arrival order) and their first token rows: each passage's tokens take the next rows, so they are contiguous and
+    ascend with its number. Each batch is one row group."""
+
+    def __init__(self):
+        self.next_id = self.next_token = 0
+
+    def __call__(self, batch: pa.Table) -> list[pa.Table]:
+        tokens = batch["tokens"].to_numpy().astype(np.int64)
+        ids = np.arange(self.next_id, self.next_id + batch.num_rows, dtype=np.int64)
+        first = self.next_token + np.cumsum(tokens) - tokens
+        self.next_id, self.next_token = self.next_id + batch.num_rows, self.next_token + int(tokens.sum())
+        return [pa.table({"docid": batch["docid"], "passage": batch["passage"], "faiss_id": ids, "first_token": first,
+                          "tokens": batch["tokens"], "centroid_ids": batch["centroid_ids"],
+                          "residuals": batch["residuals"]}, schema=schemas.TOKEN_CODES)]
+
+
 def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
     return np.asarray(batch.column("vector").flatten(), dtype=np.float32).reshape(-1, dim)
 
