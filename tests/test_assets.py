@@ -25,6 +25,7 @@ from transformers import (
 from td_ray.assets import tiny_models
 from td_ray.assets.build import COMPLETE_MARKER
 from td_ray.assets.demo_data import (
+    SECOND_SYNTHETIC_LANG,
     SYNTHETIC_LANG,
     DemoSizes,
     corpus_sentences,
@@ -77,10 +78,11 @@ def models(assets_root: Path) -> TinyModels:
 
 def test_demo_files_and_determinism(demo: dict[str, Path], tmp_path: Path) -> None:
     assert set(demo) == {
-        "passages", "passages_syn", "train_queries", "train_qrels", "candidates",
-        "eval_docs", "eval_docs_syn", "eval_topics", "eval_qrels", "lexicon",
+        "passages", "passages_syn", "passages_qsy", "train_queries", "train_qrels", "candidates",
+        "eval_docs", "eval_docs_syn", "eval_docs_qsy", "eval_topics", "eval_qrels", "lexicon", "lexicon_qsy",
     }
     assert demo["passages_syn"].name == f"passages.{SYNTHETIC_LANG}.tsv"
+    assert demo["passages_qsy"].name == f"passages.{SECOND_SYNTHETIC_LANG}.tsv"
     again = write_demo_collection(tmp_path / "same", SIZES, seed=0)
     other = write_demo_collection(tmp_path / "other", SIZES, seed=1)
     for key, path in demo.items():
@@ -103,11 +105,14 @@ def test_demo_sizes_and_text_format(demo: dict[str, Path]) -> None:
             assert sentence[0].isupper() and 6 <= len(sentence.split()) <= 14
 
 
-def test_synthetic_text_is_word_for_word_translation(demo: dict[str, Path]) -> None:
-    lexicon = read_tsv(demo["lexicon"])
+@pytest.mark.parametrize("lang", ["syn", "qsy"])
+def test_synthetic_text_is_word_for_word_translation(demo: dict[str, Path], lang: str) -> None:
+    lexicon = read_tsv(demo["lexicon" if lang == "syn" else f"lexicon_{lang}"])
     assert len(set(lexicon.values())) == len(lexicon), "lexicon must be a bijection"
     assert not set(lexicon) & set(lexicon.values()), "the two languages must not share words"
-    for en_key, syn_key in (("passages", "passages_syn"), ("eval_docs", "eval_docs_syn")):
+    other = read_tsv(demo["lexicon_qsy" if lang == "syn" else "lexicon"])
+    assert not set(lexicon.values()) & set(other.values()), "the two synthetic languages must not share words"
+    for en_key, syn_key in (("passages", f"passages_{lang}"), ("eval_docs", f"eval_docs_{lang}")):
         english, synthetic = read_tsv(demo[en_key]), read_tsv(demo[syn_key])
         assert list(english) == list(synthetic)
         for pid, text in english.items():
@@ -159,8 +164,8 @@ def test_corpus_sentences_cover_vocabulary(demo: dict[str, Path]) -> None:
     corpus = corpus_sentences(seed=5)
     openers = {s.split()[0].rstrip(".") for s in corpus}
     inner = {w.rstrip(".") for s in corpus for w in s.split()[1:]}
-    lexicon = read_tsv(demo["lexicon"])
-    for word in [*lexicon, *lexicon.values()]:
+    lexicon, second = read_tsv(demo["lexicon"]), read_tsv(demo["lexicon_qsy"])
+    for word in [*lexicon, *lexicon.values(), *second.values()]:
         assert word in inner and word[0].upper() + word[1:] in openers, word
     assert corpus == corpus_sentences(seed=5) != corpus_sentences(seed=6)
 
@@ -272,14 +277,14 @@ def test_ct2_greedy_matches_hf_generate(models: TinyModels, demo: dict[str, Path
 def test_tokenizers_cover_demo_vocabulary(models: TinyModels, demo: dict[str, Path]) -> None:
     texts = [
         text
-        for key in ("passages", "passages_syn", "eval_docs_syn", "train_queries", "eval_topics")
+        for key in ("passages", "passages_syn", "passages_qsy", "eval_docs_syn", "train_queries", "eval_topics")
         for text in read_tsv(demo[key]).values()
     ]
     bert = AutoTokenizer.from_pretrained(models.student)
     assert all(bert.unk_token_id not in ids for ids in bert(texts).input_ids)
-    # Every demo word is a single WordPiece token, in both languages, accents kept.
-    lexicon = read_tsv(demo["lexicon"])
-    assert all(len(bert.tokenize(w)) == 1 for w in [*lexicon, *lexicon.values()])
+    # Every demo word is a single WordPiece token, in all three languages, accents kept.
+    lexicon, second = read_tsv(demo["lexicon"]), read_tsv(demo["lexicon_qsy"])
+    assert all(len(bert.tokenize(w)) == 1 for w in [*lexicon, *lexicon.values(), *second.values()])
 
     marian = MarianTokenizer.from_pretrained(models.marian_hf)
     assert all(marian.unk_token_id not in ids for ids in marian(texts).input_ids)

@@ -12,6 +12,7 @@ from conftest import with_updates
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from td_ray import score
+from td_ray.assets.demo_data import DemoSizes
 from td_ray.errors import ModelError
 from td_ray.textjoin import MissingTextError
 from td_ray.workspace import RUN, RUN_TREC, SCORES, STUDENT_DIR, Workspace, translated
@@ -179,4 +180,4 @@ def test_td_rays_own_first_stage_run_becomes_the_candidates(pipeline_run, make_w
     best_three = run.filter(pc.less_equal(run["rank"], 3))
     assert sorted(zip(scores["qid"].to_pylist(), scores["pid"].to_pylist())) == sorted(
         zip(best_three["qid"].to_pylist(), best_three["docid"].to_pylist()))
-    assert len(set(scores["qid"].to_pylist())) == 160  # every training query got its own top 3
+    assert len(set(scores["qid"].to_pylist())) == DemoSizes().n_train_queries  # every training query got its top 3

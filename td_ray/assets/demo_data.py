@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_LANG = "syn"
 """Language code of the synthetic target language."""
+SECOND_SYNTHETIC_LANG = "qsy"
+"""A second synthetic language (a private-use ISO 639 code), through its own lexicon and alphabet: Multilingual
+Translate-Distill trains on both."""
 
 MAX_TOPICS = 16
 """Number of topic vocabularies; ``DemoSizes.n_topics`` may use at most this many."""
@@ -45,6 +48,9 @@ _EN_CODAS = ["", "", "", "n", "r", "l", "s", "k", "t"]
 _SYN_ONSETS = ["c", "h", "j", "q", "w", "x", "y"]
 _SYN_VOWELS = ["ø", "é", "å", "ü", "ä", "ö", "i"]
 _SYN_CODAS = ["", "", "j", "x", "h"]
+_SYN2_ONSETS = ["þ", "ð", "ł", "ñ", "ç", "ş", "ž"]
+_SYN2_VOWELS = ["ā", "ē", "ī", "ō", "ū", "ə"]
+_SYN2_CODAS = ["", "", "ŋ", "ʒ"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class DemoSizes:
 
     n_topics: int = 12
     n_passages: int = 600
-    n_train_queries: int = 160
+    n_train_queries: int = 1200
+    """A random-init student learns the lexicon only from many queries: with 160 it stayed at chance."""
     candidates_per_query: int = 10
     n_eval_docs: int = 240
     n_eval_topics: int = 16
@@ -72,11 +79,12 @@ class DemoSizes:
 
 @dataclass(frozen=True)
 class _Vocabulary:
-    """Topic and common pseudo-words plus the English -> synthetic lexicon."""
+    """Topic and common pseudo-words plus the English -> synthetic lexicons."""
 
     topics: tuple[tuple[str, ...], ...]
     common: tuple[str, ...]
     lexicon: dict[str, str]
+    second_lexicon: dict[str, str]
 
 
 def _make_words(
@@ -102,11 +110,13 @@ def _vocabulary() -> _Vocabulary:
     n_words = MAX_TOPICS * WORDS_PER_TOPIC + N_COMMON_WORDS
     english = _make_words(rng, n_words, _EN_ONSETS, _EN_VOWELS, _EN_CODAS, taken)
     synthetic = _make_words(rng, n_words, _SYN_ONSETS, _SYN_VOWELS, _SYN_CODAS, taken)
+    second = _make_words(rng, n_words, _SYN2_ONSETS, _SYN2_VOWELS, _SYN2_CODAS, taken)
     topics = tuple(
         tuple(english[i * WORDS_PER_TOPIC : (i + 1) * WORDS_PER_TOPIC]) for i in range(MAX_TOPICS)
     )
     common = tuple(english[MAX_TOPICS * WORDS_PER_TOPIC :])
-    return _Vocabulary(topics=topics, common=common, lexicon=dict(zip(english, synthetic)))
+    return _Vocabulary(topics=topics, common=common, lexicon=dict(zip(english, synthetic)),
+                       second_lexicon=dict(zip(english, second)))
 
 
 Sentence = tuple[str, ...]
@@ -165,7 +175,7 @@ def corpus_sentences(seed: int = 0) -> list[str]:
 
     Every word opens one sentence (so its capitalised form is seen) and appears lowercase in another;
     random passage-like sentences add realistic frequencies. English sentences come first, then their
-    translations.
+    translations into the synthetic language, then into the second one.
     """
     vocab = _vocabulary()
     rng = random.Random(seed)
@@ -182,7 +192,8 @@ def corpus_sentences(seed: int = 0) -> list[str]:
         sentences.append(_sentence(rng, rng.choice(vocab.topics), vocab.common, rng.randint(6, 14)))
     english = [_render((s,)) for s in sentences]
     synthetic = [_render((s,), vocab.lexicon) for s in sentences]
-    return english + synthetic
+    second = [_render((s,), vocab.second_lexicon) for s in sentences]
+    return english + synthetic + second
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
@@ -318,8 +329,8 @@ def english_training_examples(
 def write_demo_collection(out_dir: Path, sizes: DemoSizes = DemoSizes(), seed: int = 0) -> dict[str, Path]:
     """Write the demo collection into ``out_dir``; return file name key -> path of each file written.
 
-    Keys: passages, passages_syn, train_queries, train_qrels, candidates, eval_docs, eval_docs_syn,
-    eval_topics, eval_qrels, lexicon.
+    Keys: passages, passages_syn, passages_qsy, train_queries, train_qrels, candidates, eval_docs, eval_docs_syn,
+    eval_docs_qsy, eval_topics, eval_qrels, lexicon, lexicon_qsy.
     """
     sizes.validate()
     out_dir = Path(out_dir)
@@ -359,6 +370,10 @@ def write_demo_collection(out_dir: Path, sizes: DemoSizes = DemoSizes(), seed: i
             f"passages.{SYNTHETIC_LANG}.tsv",
             [f"p{i}\t{_render(p.sentences, vocab.lexicon)}" for i, p in enumerate(passages)],
         ),
+        "passages_qsy": (
+            f"passages.{SECOND_SYNTHETIC_LANG}.tsv",
+            [f"p{i}\t{_render(p.sentences, vocab.second_lexicon)}" for i, p in enumerate(passages)],
+        ),
         "train_queries": ("train_queries.tsv", [f"q{i}\t{' '.join(q)}" for i, q in enumerate(queries)]),
         "train_qrels": ("train_qrels.txt", [f"q{i} 0 p{p} 1" for i, p in enumerate(positives)]),
         "candidates": ("candidates.trec", run_lines),
@@ -367,9 +382,15 @@ def write_demo_collection(out_dir: Path, sizes: DemoSizes = DemoSizes(), seed: i
             f"eval_docs.{SYNTHETIC_LANG}.tsv",
             [f"d{i}\t{_render(d.sentences, vocab.lexicon)}" for i, d in enumerate(docs)],
         ),
+        "eval_docs_qsy": (
+            f"eval_docs.{SECOND_SYNTHETIC_LANG}.tsv",
+            [f"d{i}\t{_render(d.sentences, vocab.second_lexicon)}" for i, d in enumerate(docs)],
+        ),
         "eval_topics": ("eval_topics.tsv", topic_lines),
         "eval_qrels": ("eval_qrels.txt", qrel_lines),
         "lexicon": ("lexicon.tsv", [f"{en}\t{syn}" for en, syn in vocab.lexicon.items()]),
+        "lexicon_qsy": (f"lexicon.{SECOND_SYNTHETIC_LANG}.tsv",
+                         [f"{en}\t{syn}" for en, syn in vocab.second_lexicon.items()]),
     }
     written = {}
     for key, (name, lines) in files.items():

@@ -28,7 +28,7 @@ from pathlib import Path
 import ctranslate2
 import sentencepiece as spm
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import normalizers, pre_tokenizers
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -61,7 +61,6 @@ SPM_VOCAB_SIZE = 1000
 LANGUAGE_TOKENS = ["__qaa__", "__qab__"]
 """Target-language tokens in the Marian vocabulary, so the model can stand in for a multilingual one
 (NLLB/M2M100 style, steered by CTranslate2's target_prefix) in tests."""
-WORDPIECE_VOCAB_SIZE = 2000
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SUPPRESSED_LOGIT_BIAS = -1e4
 """Final-logits bias on </s>, <unk> and <pad>: greedy decoding then never stops early or emits unk."""
@@ -220,17 +219,17 @@ def _convert_marian(hf_dir: Path, out: Path) -> None:
 
 
 def _train_wordpiece(sentences: list[str]) -> BertTokenizerFast:
-    """Train a lowercase WordPiece vocabulary and wrap it as a BERT tokenizer (accents kept)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=WORDPIECE_VOCAB_SIZE, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
-    )
-    tokenizer.train_from_iterator(sentences, trainer)
-    # The trainer breaks ties between equal-count merges in varying order, so token ids differ from run to
-    # run; sorting the (deterministic) token set makes the ids, and so the weights they index, reproducible.
-    learned = sorted(set(tokenizer.get_vocab()) - set(BERT_SPECIAL_TOKENS))
+    """A lowercase WordPiece vocabulary (accents kept) holding every word of ``sentences`` whole, and each of their
+    characters alone and as a continuation: every demo word is one token, and the vocabulary, so the weights it
+    indexes, is the same on every build (a trained WordPiece breaks ties between equal-count merges in varying
+    order, which changed its intermediate pieces from build to build)."""
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words: set[str] = set()
+    for sentence in sentences:
+        words.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(sentence)))
+    characters = {character for word in words for character in word}
+    learned = sorted(words | characters | {f"##{character}" for character in characters})
     vocab = {tok: i for i, tok in enumerate([*BERT_SPECIAL_TOKENS, *learned])}
     return BertTokenizerFast(vocab=vocab, do_lower_case=True, strip_accents=False, model_max_length=512)
 
