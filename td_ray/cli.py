@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--stages", help="comma-separated subset, e.g. index,evaluate")
     sub = commands.add_parser("demo", help="the embedded demo: tiny models, generated data, local Ray and MLflow")
     sub.add_argument("--workspace", default=None, help="where to work (default ./td-ray-workspace)")
+    sub = commands.add_parser("report", help="write the workspace's HTML report (also written by run and demo)")
+    sub.add_argument("--workspace", required=True, help="the workspace to report on")
+    sub.add_argument("--config", help="pipeline YAML config, for its MLflow store (default: MLFLOW_TRACKING_URI, "
+                     "else the workspace's sqlite store)")
     sub = commands.add_parser("validate", help="check a config and print it with every default filled in")
     sub.add_argument("--config", required=True)
     commands.add_parser("config-schema", help="print the JSON schema of the config, every field described")
@@ -52,6 +56,24 @@ def _run_stages(config, stages: list[str] | None) -> int:
             ray.shutdown()
     print(format_summary(results, config))
     print(f"total: {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import os
+
+    from td_ray.config import load_config
+    from td_ray.report import write_report
+    from td_ray.tracking import tracking_uri
+    from td_ray.workspace import Workspace
+
+    if not Path(args.workspace).is_dir():
+        raise FileNotFoundError(f"workspace {args.workspace} does not exist")
+    if args.config:
+        uri = tracking_uri(load_config(args.config, workspace=args.workspace))
+    else:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Workspace(args.workspace).local_dir('mlflow') / 'mlflow.db'}"
+    print(f"report: {write_report(args.workspace, uri)}")
     return 0
 
 
@@ -82,6 +104,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from td_ray.pipeline import demo_config
 
         return _run_stages(demo_config(args.workspace), None)
+    if args.command == "report":
+        return _report(args)
     config = load_config(args.config, workspace=args.workspace)
     if args.command == "run":
         return _run_stages(config, args.stages.split(",") if args.stages else None)

@@ -576,6 +576,11 @@ class EvaluateConfig(_Strict):
     )
     query_maxlen: int = Field(32, ge=4, description="Most topic tokens.")
     run_tag: str = Field("td-ray", description="Tag in the last column of the TREC run.")
+    bm25_reference: bool = Field(
+        False, description="Also rank the topics by BM25 (bm25s) over the evaluation documents as ingested and log "
+        "its measures as `bm25_*`: a lexical reference; with English topics over target-language documents it "
+        "shows the vocabulary gap. It holds the collection in memory (refused above 1,000,000 documents).",
+    )
 
     @model_validator(mode="after")
     def _deep_enough(self) -> EvaluateConfig:
@@ -592,6 +597,11 @@ class PipelineConfig(_Strict):
                            "every node can reach (tables also accept a pyarrow filesystem URI).")
     demo_assets: bool = Field(
         False, description="Build the tiny models and the generated demo collection into the workspace first."
+    )
+    compare_untrained: bool = Field(
+        False, description="After evaluate, index and evaluate the student as distill starts it (distill.student "
+        "with the configured pooling, or ColBERT projection, seeded by distill.seed) with the same index and "
+        "evaluate settings, in `{workspace}/untrained`; the summary and the report show it beside the trained one.",
     )
     ray: RayConfig = Field(RayConfig(), description="Ray cluster.")
     mlflow: MlflowConfig = Field(MlflowConfig(), description="MLflow tracking and registry.")

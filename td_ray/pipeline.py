@@ -5,6 +5,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 from td_ray import distill, evaluate, index, score, tracking, translate
 from td_ray.config import ConfigError, PipelineConfig, parse_config
 from td_ray.result import StageResult
-from td_ray.workspace import Workspace, atomic_write_text
+from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ STAGES: dict[str, Callable[[PipelineConfig], StageResult]] = {
     "evaluate": evaluate.run,
 }
 DEMO_WORKSPACE = "./td-ray-workspace"
+UNTRAINED_EVALUATE = f"evaluate:{UNTRAINED}"
 
 
 def demo_config(workspace: str | None = None) -> PipelineConfig:
@@ -62,30 +64,104 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
         raise ConfigError("input paths not found (fix them in the config):\n  " + "\n  ".join(missing))
     started = time.perf_counter()
     results = []
-    with tracking.pipeline_run(config):
+    with tracking.pipeline_run(config) as parent_run_id:
         for stage in chosen:
             results.append(STAGES[stage](config))
+        if config.compare_untrained and "evaluate" in chosen:
+            results += _run_untrained(config)
         # The parent run carries the headline numbers, so runs compare at a glance in the UI.
-        evaluation = next((result for result in results if result.stage == "evaluate"), None)
-        if evaluation is not None:
-            mlflow.log_metrics({tracking.metric_key(name): value for name, value in evaluation.metrics.items()})
-        mlflow.log_metrics({f"{result.stage}_seconds": result.seconds for result in results}
+        for result in results:
+            if result.stage in ("evaluate", UNTRAINED_EVALUATE):
+                prefix = "" if result.stage == "evaluate" else f"{UNTRAINED}_"
+                mlflow.log_metrics({prefix + tracking.metric_key(name): value for name, value in result.metrics.items()})
+        mlflow.log_metrics({f"{result.stage.replace(':', '_')}_seconds": result.seconds for result in results}
                            | {"seconds": time.perf_counter() - started})
+        _write_report(config, parent_run_id)
+    return results
+
+
+def _write_report(config: PipelineConfig, parent_run_id: str) -> None:
+    """The workspace's report, logged to the pipeline run. It only views what the stages wrote, so a failure to
+    draw it is logged and the run, whose outputs are all in place, still succeeds."""
+    from td_ray.report import write_report
+
+    if not Workspace(config.workspace).is_local:
+        logger.info("report: the workspace is remote; run `td-ray report` where it is mounted")
+        return
+    try:
+        write_report(config.workspace, tracking.tracking_uri(config), parent_run_id)
+    except Exception:  # noqa: BLE001 - see the docstring
+        logger.exception("report: could not be written; the stages' outputs are complete (`td-ray report` retries)")
+
+
+def untrained_config(config: PipelineConfig) -> PipelineConfig:
+    """`config`'s index and evaluate settings over the untrained student, in `{workspace}/untrained`, tracked in the
+    same MLflow store."""
+    workspace = Workspace(config.workspace)
+    raw = config.model_dump(mode="json")
+    raw |= {"workspace": workspace.path(UNTRAINED), "compare_untrained": False, "demo_assets": False}
+    raw["index"]["model"] = workspace.path(f"{UNTRAINED}/student")
+    raw["mlflow"]["tracking_uri"] = tracking.tracking_uri(config)
+    return PipelineConfig.model_validate(raw)
+
+
+def _run_untrained(config: PipelineConfig) -> list[StageResult]:
+    """Index and evaluate the student as distill starts it; results are labelled `index:untrained` and
+    `evaluate:untrained`, and so are their MLflow runs."""
+    from mlflow import MlflowClient
+
+    from td_ray.assets.build import cached_build
+    from td_ray.distill.train import save_untrained_student
+    from td_ray.fingerprint import digest, path_fingerprint
+
+    untrained = untrained_config(config)
+    start = config.distill
+    key = digest(start.student, path_fingerprint(start.student) if Path(start.student).exists() else None,
+                 start.student_kind, start.colbert_dim, start.pooling, start.similarity, start.query_maxlen,
+                 start.passage_maxlen, start.seed)
+    cached_build(Path(untrained.index.model), key, lambda staged: save_untrained_student(start, staged),
+                 "untrained student")
+    results = []
+    client = MlflowClient(tracking.tracking_uri(config))
+    for stage in ("index", "evaluate"):
+        result = replace(STAGES[stage](untrained), stage=f"{stage}:{UNTRAINED}")
+        if result.run_id is not None:
+            client.set_tag(result.run_id, "mlflow.runName", f"{stage} ({UNTRAINED})")
+        results.append(result)
     return results
 
 
 def format_summary(results: list[StageResult], config: PipelineConfig) -> str:
-    """A table of rows, throughput and headline metrics per stage, then where the outputs are."""
-    lines = [f"{'stage':<10} {'rows':>8} {'seconds':>8} {'rows/s':>9}  metrics"]
+    """A table of rows, throughput and headline metrics per stage, the evaluation beside its references, then where
+    the outputs are."""
+    lines = [f"{'stage':<18} {'rows':>8} {'seconds':>8} {'rows/s':>9}  metrics"]
     for result in results:
-        shown = {name: value for name, value in result.metrics.items()
-                 if result.stage == "evaluate" or name in ("final_loss", "steps", "model_version", "dim")}
+        shown = {} if result.stage.startswith("evaluate") else {
+            name: value for name, value in result.metrics.items() if name in ("final_loss", "steps", "model_version", "dim")}
         metrics = "  ".join(f"{name}={value:.4g}" for name, value in shown.items())
-        lines.append(f"{result.stage:<10} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f}  {metrics}")
+        lines.append(f"{result.stage:<18} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f}  {metrics}")
+    by_stage = {result.stage: result for result in results}
+    if "evaluate" in by_stage or UNTRAINED_EVALUATE in by_stage:
+        measures = config.evaluate.measures
+        systems = []
+        if "evaluate" in by_stage:
+            systems.append(("student, trained", by_stage["evaluate"].metrics))
+        if UNTRAINED_EVALUATE in by_stage:
+            systems.append(("student, untrained", by_stage[UNTRAINED_EVALUATE].metrics))
+        if config.evaluate.bm25_reference and "evaluate" in by_stage:
+            systems.append(("BM25 of the topics (no student)",
+                            {name: by_stage["evaluate"].metrics.get(f"bm25_{name}", float("nan")) for name in measures}))
+        topics = by_stage.get("evaluate", by_stage.get(UNTRAINED_EVALUATE)).rows
+        lines.append(f"{f'evaluation ({topics} topics)':<42}" + "".join(f"{name:>9}" for name in measures))
+        for label, metrics in systems:
+            lines.append(f"  {label:<40}" + "".join(f"{metrics.get(name, float('nan')):>9.4f}" for name in measures))
     lines.append(f"workspace: {config.workspace}")
     for result in results:
         for name, where in result.outputs.items():
             lines.append(f"  {result.stage}.{name}: {where}")
+    report = Path(config.workspace) / "report" / "report.html"
+    if report.is_file():
+        lines.append(f"report: {report} (also logged to the pipeline's MLflow run)")
     lines.append(f"MLflow: {tracking.tracking_uri(config)} (experiment {config.mlflow.experiment!r})")
     if Path(config.workspace).exists() and tracking.tracking_uri(config).startswith("sqlite:///"):
         mlflow_cli = Path(sys.executable).parent / "mlflow"

@@ -14,6 +14,7 @@ import yaml
 
 from td_ray.config import PipelineConfig
 from td_ray.result import StageResult
+from td_ray.usage import StageUsage
 from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,13 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
         mlflow.log_params(params)
         mlflow.set_tags({"td_ray.stage": stage, "td_ray.config_hash": config.fingerprint()})
         mlflow.log_text(yaml.safe_dump({stage: section}, sort_keys=False), f"{stage}_config.yaml")
-        yield run.info.run_id
+        mlflow.set_tag("td_ray.workspace", config.workspace)
+        usage = StageUsage().start()
+        try:
+            yield run.info.run_id
+        finally:
+            usage.stop()
+        mlflow.log_metrics(usage.metrics())
 
 
 def log_result(result: StageResult) -> None:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from td_ray.errors import ExactlyOnceError, TdRayError
 from td_ray.keys import Digest, KeyBatches, describe_differences, key_hashes, repeated_hashes
+from td_ray.usage import mark_first_row
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class KeyedWriter:
         if self.hashes is not None:
             self.hashes.append(hashes)
         self.writer.write_table(batch, row_group_size=row_group_size)
+        if batch.num_rows:
+            mark_first_row()
 
     def checked_keys(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
         """The key columns of the rows the check covers."""
@@ -284,6 +287,9 @@ INDEX_META = "index/index_meta.json"
 RUN = "evaluate/run.parquet"
 RUN_TREC = "evaluate/run.trec"
 PER_QUERY = "evaluate/per_query.parquet"
+UNTRAINED = "untrained"
+"""Folder, inside the workspace, of the untrained student's index and evaluation (the pipeline's
+`compare_untrained`), itself a workspace."""
 
 
 def translated(kind: str, lang: str) -> str:

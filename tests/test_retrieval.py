@@ -17,6 +17,7 @@ from td_ray import evaluate, index
 from td_ray.config import ConfigError, parse_config
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages, window_starts
+from td_ray.retrieval.bm25 import TooManyDocumentsError, bm25_rankings
 from td_ray.retrieval.faiss_index import IndexSettingsError, Searcher, check_training_points, plan_index
 from td_ray.retrieval.layout import TRAINED, build_path, read_index_meta
 from td_ray.retrieval.maxp import maxp
@@ -46,6 +47,17 @@ def test_passages_are_decoded_windows_of_the_students_tokens(assets_root):
     assert [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages[0][:-1]] == [180] * (
         len(passages[0]) - 1)
     assert passages[0][0].split()[:5] == words[:5]
+
+
+def test_bm25_ranks_by_rare_matching_terms_and_leaves_out_documents_without_one(monkeypatch):
+    docs = [("d1", "balto mirek balto"), ("d2", "mirek zuna"), ("d3", "zuna kelo"), ("d4", "kelo kelo kelo")]
+    ranked = bm25_rankings(iter(docs), len(docs), ["balto mirek", "kelo", "qwerty"], depth=10)
+    assert [docid for docid, _ in ranked[0]] == ["d1", "d2"]  # balto is rarer and twice in d1
+    assert [docid for docid, _ in ranked[1]] == ["d4", "d3"] and ranked[2] == []
+    assert all(score > 0 for run in ranked for _, score in run)
+    monkeypatch.setattr("td_ray.retrieval.bm25.MAX_DOCUMENTS", 3)
+    with pytest.raises(TooManyDocumentsError, match="4 documents exceed 3; set evaluate.bm25_reference: false"):
+        bm25_rankings(iter(docs), len(docs), ["kelo"], depth=10)
 
 
 def test_maxp_scores_a_document_by_its_best_passage_and_breaks_ties_by_docid():

@@ -1,4 +1,5 @@
-"""MLflow store selection, and a stage tracked over HTTP by a real `mlflow server`."""
+"""MLflow store selection, what a stage used (CPU, start-up), and a stage tracked over HTTP by a real
+`mlflow server`."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from conftest import with_updates
 
 from td_ray import evaluate, tracking
 from td_ray.tracking import metric_key
+from td_ray.usage import StageUsage, mark_first_row
 
 
 def test_store_is_the_workspace_sqlite_unless_env_or_config_say_otherwise(make_workspace, monkeypatch):
@@ -26,6 +28,20 @@ def test_store_is_the_workspace_sqlite_unless_env_or_config_say_otherwise(make_w
     assert tracking.tracking_uri(config) == "http://127.0.0.1:5999"
     configured = with_updates(config, mlflow={"tracking_uri": "sqlite:////tmp/other.db"})
     assert tracking.tracking_uri(configured) == "sqlite:////tmp/other.db"
+
+
+def test_usage_counts_a_child_that_exits_mid_stage_and_the_wait_for_the_first_row():
+    usage = StageUsage().start()
+    burn = "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # exits, and is reaped, before the stage ends
+    time.sleep(0.3)
+    mark_first_row()
+    mark_first_row()  # only the first counts
+    usage.stop()
+    metrics = usage.metrics()
+    assert 1.2 <= metrics["cpu_seconds"] <= usage.seconds + 0.5
+    assert 1.5 <= metrics["startup_seconds"] <= usage.seconds and metrics["gpu_seconds"] == 0.0
+    mark_first_row()  # no stage running: nothing to note, no error
 
 
 def test_metric_names_drop_the_at_sign():

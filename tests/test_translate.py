@@ -19,9 +19,10 @@ import pytest
 import yaml
 from conftest import REALDATA, with_updates
 
-from td_ray import schemas, translate
+from td_ray import schemas, tracking, translate
 from td_ray.config import QualityConfig, TranslateConfig
 from td_ray.errors import ExactlyOnceError
+from td_ray.report import write_report
 from td_ray.sources import SourceError
 from td_ray.translate import store
 from td_ray.translate.core import (
@@ -375,6 +376,12 @@ def test_incremental_runs_translate_only_what_is_missing(make_workspace, assets_
     assert _entry(redone, "qaa")["translated_rows"] == 2
     view = Workspace(config.workspace).read_table(translated("passages", "qaa"))
     assert view.num_rows == 120 and len(set(view["id"].to_pylist())) == 120
+
+    # only translate ran here: the report shows it, its flags per language, and says what is missing
+    page = write_report(config.workspace, tracking.tracking_uri(config)).read_text()
+    assert f'data-value="2.0" data-metric="rows" data-run="{redone.run_id}"' in page
+    assert "passages &rarr; qaa" in page and "passages &rarr; qab" in page and "empty_source" in page
+    assert "No teacher scores" in page and "No training history" in page and "No evaluation" in page
 
 
 def test_bad_model_fails_before_any_actor(make_workspace, tmp_path):

@@ -126,6 +126,13 @@ class Student:
         self.model.save_pretrained(directory, self.tokenizer)
 
 
+def save_untrained_student(config: DistillConfig, directory: Path) -> None:
+    """The student as training starts it (seeded as each worker seeds it), saved as distill saves the trained one:
+    what `compare_untrained` indexes and evaluates."""
+    torch.manual_seed(config.seed)
+    Student(config, config.student).save(directory)
+
+
 def make_loss(config: DistillConfig) -> torch.nn.Module:
     """The configured training loss over student and teacher scores [batch, nway]."""
     if config.loss == "margin_mse":

@@ -7,6 +7,9 @@ are decoded and ranked by MaxSim; passages go to documents by MaxP. Only the can
 
 An index built from other documents, another student or other index settings than the config's is refused.
 
+With `bm25_reference`, BM25 (bm25s) also ranks the topics over the ingested evaluation documents, as a lexical
+reference logged as `bm25_<measure>`.
+
 Output: ``evaluate/run.parquet``, ``evaluate/run.trec`` and ``evaluate/per_query.parquet``; the aggregate
 metrics go to MLflow (``nDCG@20`` is stored as ``nDCG_20``) and the run file as an artifact.
 """
@@ -26,12 +29,15 @@ from td_ray.errors import StaleIndexError
 from td_ray.evaluate.core import document_run, evaluate_run, parse_measures, write_trec_run
 from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.result import StageResult
+from td_ray.retrieval.bm25 import bm25_rankings
 from td_ray.retrieval.faiss_index import Searcher
 from td_ray.retrieval.layout import PASSAGE_MAP, build_path, check_current, read_index_meta, student_path
 from td_ray.retrieval.maxp import PassageMap, rank_documents
 from td_ray.retrieval.plaid import SearchSettings, TokenIndex
 from td_ray.sources import ingest
+from td_ray.usage import mark_first_row
 from td_ray.workspace import (
+    EVAL_DOCS,
     EVAL_QRELS,
     EVAL_TOPICS,
     INDEX_META,
@@ -60,6 +66,7 @@ def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: E
     for start in range(0, len(texts), options.batch_size):
         vectors = encoder.encode(texts[start:start + options.batch_size])
         runs += rank_documents(searcher, passages, vectors, options.depth, options.passage_depth)
+        mark_first_row()
     logger.info("evaluate: %d topics searched over %d passages of %d documents (%s, %s)", len(qids), searcher.ntotal,
                 meta["docs"], meta["factory"], options.search_params or meta.get("search_params") or "exact")
     return document_run(qids, runs)
@@ -78,10 +85,21 @@ def _rank_colbert(workspace: Workspace, meta: dict, model: str, topics, options:
     for start in range(0, len(texts), options.batch_size):
         queries = encoder.encode_queries(texts[start:start + options.batch_size])
         runs += rank_documents(searcher, passages, queries, options.depth, options.passage_depth)
+        mark_first_row()
     logger.info("evaluate: ColBERT search of %d topics over %d passages of %d documents (%d tokens, %d-bit, ncells "
                 "%d, threshold %s, ndocs %d)", len(qids), meta["passages"], meta["docs"], meta["tokens"], meta["nbits"],
                 settings.ncells, settings.centroid_score_threshold, settings.ndocs)
     return document_run(qids, runs)
+
+
+def _bm25_metrics(workspace: Workspace, topics, qrels, options: EvaluateConfig) -> dict[str, float]:
+    """The measures of BM25 over the ingested evaluation documents, named `bm25_<measure>`."""
+    docs = ((docid, text) for batch in workspace.iter_batches(EVAL_DOCS, ["id", "text"])
+            for docid, text in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist()))
+    rankings = bm25_rankings(docs, workspace.row_count(EVAL_DOCS), topics["text"].to_pylist(), options.depth)
+    metrics, _ = evaluate_run(document_run(topics["id"].to_pylist(), rankings), qrels, options.measures)
+    logger.info("evaluate: BM25 reference over %s: %s", EVAL_DOCS, metrics)
+    return {f"bm25_{name}": value for name, value in metrics.items()}
 
 
 def run(config: PipelineConfig) -> StageResult:
@@ -123,7 +141,10 @@ def run(config: PipelineConfig) -> StageResult:
         rank = _rank_colbert if meta["kind"] == "colbert" else _rank_dense
         ranked = rank(workspace, meta, model, topics, options)
         write_trec_run(ranked, trec_path, options.run_tag)
-        metrics, per_query = evaluate_run(ranked, workspace.read_table(EVAL_QRELS), options.measures)
+        qrels = workspace.read_table(EVAL_QRELS)
+        metrics, per_query = evaluate_run(ranked, qrels, options.measures)
+        if options.bm25_reference:
+            metrics |= _bm25_metrics(workspace, topics, qrels, options)
         workspace.write_table(per_query, PER_QUERY)
         workspace.write_table(ranked, RUN, schemas.RUN,
                               metadata={"td_ray_inputs": key, "td_ray_metrics": json.dumps(metrics)})
