@@ -4,7 +4,6 @@ Imported by the scripts beside it (``python bench/<script>.py`` puts this folder
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
@@ -19,12 +18,9 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def psutil():
-    """psutil, as Ray vendors it (td-ray does not depend on psutil itself)."""
-    try:
-        import psutil as module
-    except ImportError:  # importing ray puts ray/thirdparty_files, which holds psutil, on sys.path
-        importlib.import_module("ray")
-        import psutil as module
+    """psutil, imported on first use (a td-ray dependency, pinned to the version Ray bundles)."""
+    import psutil as module
+
     return module
 
 
