@@ -107,11 +107,15 @@ def verdicts(summary: dict) -> list[str]:
     """What the table says about td against tt and mtd, per setting, in words."""
     lines = []
     for setting, arms in summary.items():
-        td, tt = arms["td"]["syn"]["nDCG@20"], arms["tt"]["syn"]["nDCG@20"]
-        relation = "beats" if td["mean"] > tt["mean"] + tt["std"] else "does not beat"
-        lines.append(f"{setting} (nway {SETTINGS[setting]}): TD {relation} TT on syn nDCG@20 ({td['mean']:.3f} +- "
-                     f"{td['std']:.3f} against {tt['mean']:.3f} +- {tt['std']:.3f})")
-        mtd = arms["mtd"]
+        if "td" not in arms:
+            continue
+        td = arms["td"]["syn"]["nDCG@20"]
+        if "tt" in arms:
+            tt = arms["tt"]["syn"]["nDCG@20"]
+            relation = "beats" if td["mean"] > tt["mean"] + tt["std"] else "does not beat"
+            lines.append(f"{setting} (nway {SETTINGS[setting]}): TD {relation} TT on syn nDCG@20 ({td['mean']:.3f} +- "
+                         f"{td['std']:.3f} against {tt['mean']:.3f} +- {tt['std']:.3f})")
+        mtd = arms.get("mtd", {})
         if "qsy" in mtd and "qsy" in arms["td"]:
             lines.append(f"{setting}: on qsy, MTD {mtd['qsy']['nDCG@20']['mean']:.3f} against TD (trained on syn "
                          f"only) {arms['td']['qsy']['nDCG@20']['mean']:.3f}; on syn, MTD "
