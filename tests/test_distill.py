@@ -218,7 +218,8 @@ def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(p
     workspace = Workspace(config.workspace)
     assert results["distill"].metrics["steps"] == config.distill.steps
     student_dir = Path(workspace.path(STUDENT_DIR))
-    assert json.loads((student_dir / "td_ray_student.json").read_text()) == {"pooling": "cls", "similarity": "dot"}
+    assert json.loads((student_dir / "td_ray_student.json").read_text()) == {"pooling": config.distill.pooling,
+                                                                             "similarity": config.distill.similarity}
     initial = StudentEncoder(config.distill.student).encode(["balto mirek"])
     trained = StudentEncoder(str(student_dir)).encode(["balto mirek"])
     assert not np.allclose(initial, trained)  # training changed the weights
@@ -297,7 +298,7 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
 
     run_config = with_updates(config, distill={
         "steps": 4, "checkpoint_every": 2, "log_every": 1, "num_workers": 1, "batch_size": 4, "grad_accum_steps": 2,
-        "max_failures": 1, "run_name": "restart", "student_kind": "colbert", "colbert_dim": 16,
+        "max_failures": 1, "run_name": "restart", "student_kind": "colbert", "colbert_dim": 16, "pooling": "cls",
         "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
     run_id = client.create_run(experiment, run_name="restart").info.run_id
     dataset = read_table_dataset(workspace, EXAMPLES)
@@ -313,8 +314,10 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
 
 def test_workers_that_would_take_every_cpu_are_refused_before_training(make_workspace, ray_cluster):
     from td_ray.distill import check_free_cpus
+    from td_ray.ray_session import ensure_ray
 
     config = make_workspace(distill={"num_workers": 2, "cpus_per_worker": 1})
+    ensure_ray(config.ray)  # test_demo shuts the session's cluster down to start a head of its own
     with pytest.raises(ValueError, match=r"leave 0 of the cluster's 2 CPUs free.*lower distill.cpus_per_worker"):
         check_free_cpus(config)
     check_free_cpus(make_workspace(distill={"num_workers": 2, "cpus_per_worker": 0.5}))

@@ -233,10 +233,12 @@ def collect(workspace_root: str, tracking_uri: str, parent_run_id: str | None = 
     data.stages = _stage_rows(client, runs, workspace_root)
     data.qa_flags, data.mt_models = _qa_flags(workspace)
     data.scores = _scores(workspace)
-    distill = data.stage("distill")
-    if distill is not None:
+    training_run = next((run for run in runs if run.data.tags.get("td_ray.stage") == "distill"
+                         and run.info.status == "FINISHED" and "loss" in run.data.metrics
+                         and _same_path(run.data.tags.get("td_ray.workspace"), workspace_root)), None)
+    if training_run is not None:  # the newest run that trained: a re-run that found nothing to do has no history
         for name in ("loss", "lr"):
-            history = sorted(client.get_metric_history(distill.run_id, name), key=lambda metric: metric.step)
+            history = sorted(client.get_metric_history(training_run.info.run_id, name), key=lambda metric: metric.step)
             data.training[name] = [(metric.step, metric.value) for metric in history]
     data.measures = ((data.config or {}).get("evaluate") or {}).get("measures") or ["nDCG@20", "R@100", "RR@10"]
     keys = {measure: measure.replace("@", "_") for measure in data.measures}
