@@ -228,7 +228,7 @@ def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(p
                          key=lambda path: path.stat().st_mtime)
     state = torch.load(checkpoints[-1] / STATE_FILE, map_location="cpu", weights_only=True)
     assert state["step"] == config.distill.steps
-    restored = DualEncoder.from_pretrained(config.distill.student)
+    restored = DualEncoder.from_pretrained(config.distill.student, config.distill.pooling, config.distill.similarity)
     restored.load_state_dict(state["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     saved = DualEncoder.from_pretrained(str(student_dir)).eval()
