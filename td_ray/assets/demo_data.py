@@ -59,7 +59,7 @@ class DemoSizes:
 
     n_topics: int = 12
     n_passages: int = 600
-    n_train_queries: int = 1200
+    n_train_queries: int = 900
     """A random-init student learns the lexicon only from many queries: with 160 it stayed at chance."""
     candidates_per_query: int = 10
     n_eval_docs: int = 240
