@@ -251,12 +251,10 @@ def collect(workspace_root: str, tracking_uri: str, parent_run_id: str | None = 
         data.evaluation["BM25 (no student)"] = {m: trained.metrics[f"bm25_{key}"] for m, key in keys.items()
                                                 if f"bm25_{key}" in trained.metrics}
     first = data.measures[0]
-    for system, folder in (("student, trained", workspace), ("student, untrained", None)):
-        if folder is None:
-            untrained_root = workspace.path(UNTRAINED)
-            if not workspace.exists(UNTRAINED):
-                continue
-            folder = Workspace(untrained_root)
+    folders = {"student, trained": workspace}
+    if workspace.exists(UNTRAINED):
+        folders["student, untrained"] = Workspace(workspace.path(UNTRAINED))
+    for system, folder in folders.items():
         values = _per_query(folder, first)
         if values:
             data.per_query[system] = values
