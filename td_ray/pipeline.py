@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import yaml
 from td_ray import distill, evaluate, index, score, tracking, translate
 from td_ray.config import ConfigError, PipelineConfig, parse_config
 from td_ray.result import StageResult
-from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text
+from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text, untrained_label
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ STAGES: dict[str, Callable[[PipelineConfig], StageResult]] = {
     "evaluate": evaluate.run,
 }
 DEMO_WORKSPACE = "./td-ray-workspace"
-UNTRAINED_EVALUATE = f"evaluate:{UNTRAINED}"
+UNTRAINED_EVALUATE = untrained_label("evaluate")
 
 
 def demo_config(workspace: str | None = None) -> PipelineConfig:
@@ -74,7 +75,8 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
             if result.stage in ("evaluate", UNTRAINED_EVALUATE):
                 prefix = "" if result.stage == "evaluate" else f"{UNTRAINED}_"
                 mlflow.log_metrics({prefix + tracking.metric_key(name): value for name, value in result.metrics.items()})
-        mlflow.log_metrics({f"{result.stage.replace(':', '_')}_seconds": result.seconds for result in results}
+        mlflow.log_metrics({f"{re.sub(r'[^A-Za-z0-9]+', '_', result.stage).strip('_')}_seconds": result.seconds
+                            for result in results}
                            | {"seconds": time.perf_counter() - started})
         _write_report(config, parent_run_id)
     return results
@@ -106,8 +108,8 @@ def untrained_config(config: PipelineConfig) -> PipelineConfig:
 
 
 def _run_untrained(config: PipelineConfig) -> list[StageResult]:
-    """Index and evaluate the student as distill starts it; results are labelled `index:untrained` and
-    `evaluate:untrained`, and so are their MLflow runs."""
+    """Index and evaluate the student as distill starts it; results and MLflow runs are named
+    `index (untrained)` and `evaluate (untrained)`."""
     from mlflow import MlflowClient
 
     from td_ray.assets.build import cached_build
@@ -124,9 +126,9 @@ def _run_untrained(config: PipelineConfig) -> list[StageResult]:
     results = []
     client = MlflowClient(tracking.tracking_uri(config))
     for stage in ("index", "evaluate"):
-        result = replace(STAGES[stage](untrained), stage=f"{stage}:{UNTRAINED}")
+        result = replace(STAGES[stage](untrained), stage=untrained_label(stage))
         if result.run_id is not None:
-            client.set_tag(result.run_id, "mlflow.runName", f"{stage} ({UNTRAINED})")
+            client.set_tag(result.run_id, "mlflow.runName", result.stage)
         results.append(result)
     return results
 
@@ -134,12 +136,12 @@ def _run_untrained(config: PipelineConfig) -> list[StageResult]:
 def format_summary(results: list[StageResult], config: PipelineConfig) -> str:
     """A table of rows, throughput and headline metrics per stage, the evaluation beside its references, then where
     the outputs are."""
-    lines = [f"{'stage':<18} {'rows':>8} {'seconds':>8} {'rows/s':>9}  metrics"]
+    lines = [f"{'stage':<20} {'rows':>8} {'seconds':>8} {'rows/s':>9}  metrics"]
     for result in results:
         shown = {} if result.stage.startswith("evaluate") else {
             name: value for name, value in result.metrics.items() if name in ("final_loss", "steps", "model_version", "dim")}
         metrics = "  ".join(f"{name}={value:.4g}" for name, value in shown.items())
-        lines.append(f"{result.stage:<18} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f}  {metrics}")
+        lines.append(f"{result.stage:<20} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f}  {metrics}")
     by_stage = {result.stage: result for result in results}
     if "evaluate" in by_stage or UNTRAINED_EVALUATE in by_stage:
         measures = config.evaluate.measures

@@ -292,6 +292,11 @@ UNTRAINED = "untrained"
 `compare_untrained`), itself a workspace."""
 
 
+def untrained_label(stage: str) -> str:
+    """The name of the untrained student's `stage` (index or evaluate) in the summary, MLflow and the report."""
+    return f"{stage} ({UNTRAINED})"
+
+
 def translated(kind: str, lang: str) -> str:
     """The translate stage's table of `kind` (passages or queries) in `lang`; English is the ingested input."""
     if lang == "en":

@@ -152,7 +152,7 @@ def test_summary_names_every_stage_its_metrics_and_outputs(demo_job):
     lines = logs.splitlines()
     for stage in STAGES:
         assert any(line.startswith(stage) for line in lines), logs[-5000:]
-    assert any(line.startswith("index:untrained") for line in lines)
+    assert any(line.startswith("index (untrained)") for line in lines)
     header = next(line for line in lines if line.startswith("evaluation (16 topics)"))
     assert header.split()[-3:] == ["nDCG@20", "R@100", "RR@10"]
     for system in ("student, trained", "student, untrained", "BM25 of the topics"):
@@ -226,7 +226,7 @@ def test_the_rerun_rebuilds_the_lost_index_into_the_same_run_and_skips_the_rest(
 def test_the_trained_student_beats_the_untrained_one_by_a_clear_margin(pipeline_run):
     """The demo's point: the same index and evaluate code over the student before and after distill."""
     _, results = pipeline_run
-    trained, untrained = results["evaluate"].metrics, results["evaluate:untrained"].metrics
+    trained, untrained = results["evaluate"].metrics, results["evaluate (untrained)"].metrics
     assert trained["nDCG@20"] >= untrained["nDCG@20"] + 0.25 and trained["nDCG@20"] >= 2 * untrained["nDCG@20"]
     assert trained["R@100"] > untrained["R@100"] + 0.2
     assert trained["bm25_nDCG@20"] < 0.05  # English topics share no term with syn documents: the gap crossed

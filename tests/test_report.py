@@ -73,7 +73,7 @@ def test_the_report_loads_with_every_image_and_mlflows_numbers(pipeline_run, bro
         "Array.from(r.cells).map(c => c.textContent));")
     assert [row[0] for row in table] == ["student, trained", "student, untrained", "BM25 (no student)"]
     assert float(table[0][1]) == pytest.approx(results["evaluate"].metrics["nDCG@20"], abs=5e-5)
-    assert float(table[1][1]) == pytest.approx(results["evaluate:untrained"].metrics["nDCG@20"], abs=5e-5)
+    assert float(table[1][1]) == pytest.approx(results["evaluate (untrained)"].metrics["nDCG@20"], abs=5e-5)
     text = browser.find_element("tag name", "body").text
     assert "models:/td-ray-student/" in text and "config hash" in text and "passages → qaa" in text
     # the whole report is an artifact of the pipeline's MLflow run

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from td_ray.workspace import PER_QUERY, SCORES, UNTRAINED, Workspace
+from td_ray.workspace import PER_QUERY, SCORES, UNTRAINED, Workspace, untrained_label
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +106,19 @@ def _startup(client, run, stage: str) -> float | None:
     return run.data.metrics.get("startup_seconds")
 
 
+def _newest_finished(runs: list, stage: str, folder: str, metric: str | None = None):
+    """The newest finished run of `stage` in workspace `folder` (that logged `metric`, when given), or None."""
+    return next((run for run in runs if run.data.tags.get("td_ray.stage") == stage and run.info.status == "FINISHED"
+                 and (metric is None or metric in run.data.metrics)
+                 and _same_path(run.data.tags.get("td_ray.workspace"), folder)), None)
+
+
 def _stage_rows(client, runs: list, workspace: str) -> list[StageRow]:
     rows = []
     untrained = f"{workspace.rstrip('/')}/{UNTRAINED}"
     for stage in STAGE_ORDER:
-        for folder, label in ((workspace, stage), (untrained, f"{stage} ({UNTRAINED})")):
-            run = next((run for run in runs if run.data.tags.get("td_ray.stage") == stage
-                        and run.info.status == "FINISHED"
-                        and _same_path(run.data.tags.get("td_ray.workspace"), folder)), None)
+        for folder, label in ((workspace, stage), (untrained, untrained_label(stage))):
+            run = _newest_finished(runs, stage, folder)
             if run is None:
                 continue
             outputs = {name.removeprefix("td_ray.output."): value for name, value in run.data.tags.items()
@@ -233,16 +238,14 @@ def collect(workspace_root: str, tracking_uri: str, parent_run_id: str | None = 
     data.stages = _stage_rows(client, runs, workspace_root)
     data.qa_flags, data.mt_models = _qa_flags(workspace)
     data.scores = _scores(workspace)
-    training_run = next((run for run in runs if run.data.tags.get("td_ray.stage") == "distill"
-                         and run.info.status == "FINISHED" and "loss" in run.data.metrics
-                         and _same_path(run.data.tags.get("td_ray.workspace"), workspace_root)), None)
+    training_run = _newest_finished(runs, "distill", workspace_root, metric="loss")
     if training_run is not None:  # the newest run that trained: a re-run that found nothing to do has no history
         for name in ("loss", "lr"):
             history = sorted(client.get_metric_history(training_run.info.run_id, name), key=lambda metric: metric.step)
             data.training[name] = [(metric.step, metric.value) for metric in history]
     data.measures = ((data.config or {}).get("evaluate") or {}).get("measures") or ["nDCG@20", "R@100", "RR@10"]
     keys = {measure: measure.replace("@", "_") for measure in data.measures}
-    for label, system in (("evaluate", "student, trained"), (f"evaluate ({UNTRAINED})", "student, untrained")):
+    for label, system in (("evaluate", "student, trained"), (untrained_label("evaluate"), "student, untrained")):
         row = data.stage(label)
         if row is not None:
             data.evaluation[system] = {m: row.metrics[key] for m, key in keys.items() if key in row.metrics}

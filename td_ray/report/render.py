@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from td_ray.report.collect import ReportData, StageRow
+from td_ray.workspace import untrained_label
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -125,7 +126,7 @@ def _evaluation_section(data: ReportData, directory: Path) -> str:
 
     if not data.evaluation:
         return _missing("No evaluation (the evaluate stage has not run here).")
-    runs = {"student, trained": data.stage("evaluate"), "student, untrained": data.stage("evaluate (untrained)"),
+    runs = {"student, trained": data.stage("evaluate"), "student, untrained": data.stage(untrained_label("evaluate")),
             "BM25 (no student)": data.stage("evaluate")}
     head = "<tr><th>system</th>" + "".join(f"<th>{_escape(m)}</th>" for m in data.measures) + "</tr>"
     body = []
