@@ -5,8 +5,8 @@ driver started the Ray node (a local cluster), the node's raylet and workers. Th
 sample also reads what a process's reaped children used (the kernel adds a child's CPU time to its parent's when the
 parent waits for it), so a worker that exits during the stage counts in full, even one that lived between two
 samples; a child whose parent did not collect it (its parent ignored SIGCHLD) counts up to its last sample. On a
-remote cluster only the driver's part is counted. GPU-seconds are the GPUs Ray had reserved for the stage's tasks and actors, sampled
-likewise, times the seconds: reservation, not utilisation.
+remote cluster only the driver's part is counted. GPU-seconds are the GPUs Ray had reserved for the stage's tasks
+and actors, sampled likewise, times the seconds: reservation, not utilisation.
 """
 from __future__ import annotations
 
