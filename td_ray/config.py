@@ -288,7 +288,10 @@ class TranslateConfig(ActorPoolConfig):
     )
     decoding: DecodingConfig = Field(DecodingConfig(), description="CTranslate2 decoding settings.")
     quality: QualityConfig = Field(QualityConfig(), description="Checks on every output row, and retries.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CTranslate2 device; auto picks cuda when present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="CTranslate2 device; auto picks cuda when CTranslate2 sees a GPU and the actor reserved "
+        "one (num_gpus_per_actor above 0).",
+    )
     compute_type: Literal["auto", "default", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
                           "float16", "bfloat16", "float32"] = Field(
         "default", description="CTranslate2 precision: default keeps the model's own (converted to what the device "
@@ -537,7 +540,14 @@ class IndexConfig(ActorPoolConfig):
     colbert: ColBERTIndexConfig = Field(ColBERTIndexConfig(), description="ColBERT students: the compressed token "
                                         "index.")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Train and add on GPUs when FAISS sees one (the gpu extra); the index is written for CPUs.",
+        "auto", description="Train and add on GPUs when FAISS sees one (the gpu extra) and the stage has GPUs "
+        "(num_gpus_per_actor above 0: the train task, and the shard tasks of an index FAISS can clone to a GPU, then "
+        "reserve one GPU each); the index is written for CPUs.",
+    )
+    task_cpus: float = Field(
+        1, gt=0, description="CPUs reserved by each of the index stage's Ray tasks that train the index (or the "
+        "ColBERT codec), fill a shard and merge the shards; FAISS and torch there use that many threads (whole CPUs, "
+        "at least 1). At most a node's CPUs. The default, 1, never starves Ray Data on a 2-CPU node.",
     )
     keep_vectors: bool = Field(
         False, description="Keep the table of passage vectors after the index is built (it is as large as a Flat "
@@ -571,6 +581,14 @@ class EvaluateConfig(_Strict):
         "passage_depth). Default: PLAID's for passage_depth (256, 1024, else max(4 x passage_depth, 4096)).",
     )
     batch_size: int = Field(64, ge=1, description="Topics encoded and searched together.")
+    search_tasks: int = Field(
+        1, ge=1, description="ColBERT: Ray tasks the topics are spread over (MS MARCO dev's 6,980), each loading the "
+        "student and mapping the index once; 1 searches in the stage's own process.",
+    )
+    search_cpus: float = Field(
+        1, gt=0, description="ColBERT: CPUs each search task reserves; torch searches with that many threads.",
+    )
+    search_gpus: float = Field(0, ge=0, description="ColBERT: GPUs each search task reserves (0 on CPU nodes).")
     measures: list[str] = Field(
         ["nDCG@20", "R@100", "RR@10"], min_length=1, description="ir_measures names (RR@10 is MRR@10)."
     )

@@ -18,7 +18,15 @@ from td_ray.config import ConfigError, parse_config
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages, window_starts
 from td_ray.retrieval.bm25 import TooManyDocumentsError, bm25_rankings
-from td_ray.retrieval.faiss_index import IndexSettingsError, Searcher, check_training_points, plan_index
+from td_ray.retrieval import faiss_index
+from td_ray.retrieval.faiss_index import (
+    IndexSettingsError,
+    Searcher,
+    check_training_points,
+    empty_index,
+    gpu_plan,
+    plan_index,
+)
 from td_ray.retrieval.layout import TRAINED, build_path, read_index_meta
 from td_ray.retrieval.maxp import maxp
 from td_ray.workspace import RUN, Workspace
@@ -83,6 +91,80 @@ def test_impossible_index_settings_fail_at_validate_naming_the_fix(make_workspac
     plan = plan_index("IVF64,Flat", 64)
     with pytest.raises(IndexSettingsError, match=r"IVF64 needs 39 x 64 = 2496 .* 240 available.*at most IVF6"):
         check_training_points(plan, 240, 10_000, "the 240 passages")
+
+
+@pytest.mark.parametrize(("factory", "plan"), [
+    ("IVF64,Flat", "clone"), ("IVF64,SQ8", "clone"), ("IVF64,PQ16", "clone"), ("OPQ16,IVF64,PQ16", "clone"),
+    ("IVF64_HNSW32,Flat", "clustering_only"), ("OPQ16,IVF64_HNSW32,PQ16", "clustering_only"),
+    ("IVF64,PQ16x4", "clustering_only"), ("HNSW32", "cpu"), ("Flat", "cpu"),
+])
+def test_gpu_plan_clones_only_what_faiss_can_put_on_a_gpu(factory, plan):
+    """FAISS's GPU cloner takes an IVF index with a flat coarse quantizer and flat, SQ or 8-bit PQ codes; it refuses
+    an HNSW coarse quantizer (only the k-means goes to the GPU then). HNSW has no GPU form and Flat needs no
+    training."""
+    assert gpu_plan(empty_index(plan_index(factory, 64))) == plan
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch) -> list[str]:
+    """A FAISS that sees one GPU whose clones are the CPU indexes themselves; returns the types cloned to it."""
+    cloned: list[str] = []
+
+    def clone(index):
+        cloned.append(type(faiss.downcast_index(index)).__name__)
+        return index
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", clone)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index, raising=False)
+    return cloned
+
+
+def test_an_ivf_hnsw_index_trains_its_kmeans_on_the_gpu_and_stays_on_the_cpu(fake_gpu, tmp_path):
+    """IVF64_HNSW32 on a (faked) GPU: only a flat L2 k-means assigner is cloned, as FAISS's CPU k-means for an HNSW
+    quantizer assigns, so the centroids are the CPU's; the index is never cloned, not to train nor to add. An IVF
+    index with a flat quantizer is cloned whole for both."""
+    vectors = np.random.default_rng(0).standard_normal((64 * 40, 64)).astype(np.float32)
+    plan = plan_index("IVF64_HNSW32,Flat", 64)
+    on_gpu = faiss_index.train(plan, vectors, "auto")
+    assert fake_gpu == ["IndexFlatL2"]
+    assert faiss.try_extract_index_ivf(on_gpu).clustering_index is None  # no pointer to the freed GPU assigner
+    centroids = [faiss.try_extract_index_ivf(index).quantizer.reconstruct_n(0, 64)
+                 for index in (on_gpu, faiss_index.train(plan, vectors, "cpu"))]
+    np.testing.assert_allclose(*centroids, atol=1e-5)
+    faiss_index.write_atomic(on_gpu, tmp_path / "trained.faiss")
+    batches = [(vectors[:100], np.arange(100))]
+    assert faiss_index.add_shard(tmp_path / "trained.faiss", batches, tmp_path / "shard.faiss", "auto").rows == 100
+    assert fake_gpu == ["IndexFlatL2"] and faiss.read_index(str(tmp_path / "shard.faiss")).ntotal == 100
+
+    flat_plan = plan_index("IVF64,Flat", 64)
+    faiss_index.write_atomic(faiss_index.train(flat_plan, vectors, "auto"), tmp_path / "flat.faiss")
+    faiss_index.add_shard(tmp_path / "flat.faiss", batches, tmp_path / "flat-shard.faiss", "auto")
+    assert fake_gpu == ["IndexFlatL2", "IndexIVFFlat", "IndexIVFFlat"]
+
+
+def test_the_searcher_reads_each_file_once_and_answers_as_exact_search(tmp_path, monkeypatch):
+    """Three Flat shards: the searcher opens (memory-maps) each when it is made; searches read no file again, and
+    answer as one exact index over every vector."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    paths = []
+    for shard, rows in enumerate(np.array_split(np.arange(300), 3)):
+        index = empty_index(plan_index("Flat", 16))
+        index.add_with_ids(vectors[rows], rows)
+        paths.append(tmp_path / f"shard-{shard}.faiss")
+        faiss_index.write_atomic(index, paths[-1])
+    searcher = Searcher(paths, None)
+    assert searcher.ntotal == 300 and searcher.dim == 16
+    reads = []
+    monkeypatch.setattr(faiss, "read_index", lambda *args: reads.append(args))
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vectors)
+    for queries in (rng.standard_normal((5, 16)), rng.standard_normal((7, 16))):
+        expected_scores, expected_ids = exact.search(queries.astype(np.float32), 10)
+        scores, ids = searcher.search(queries, 10)
+        assert np.array_equal(ids, expected_ids) and np.allclose(scores, expected_scores, atol=1e-5)
+    assert reads == []
 
 
 # ------------------------------------------------------------------------------------------------ stages

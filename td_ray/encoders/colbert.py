@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from td_ray import devices
 from td_ray.encoders.dense import load_encoder
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ def score(model: nn.Module, tokenizer: ColBERTTokenizer, queries: list[str], pas
 
 
 class ColBERTStudentEncoder:
-    """Inference wrapper for the index and evaluate stages: texts in, float32 token vectors out."""
+    """Inference wrapper for the index and evaluate stages: texts in, float32 token vectors out. Runs on the GPU its
+    Ray worker reserved (`device` auto or None), under bf16 autocast there, else in fp32 on the reserved CPUs."""
 
     def __init__(self, model: str | Path, max_length: int | None = None, device: str | None = None,
                  batch_size: int = 64):
@@ -293,7 +295,8 @@ class ColBERTStudentEncoder:
         if spec is None:
             raise ValueError(f"{model} holds no {COLBERT_SPEC_FILE}: it is not a td-ray ColBERT student; "
                              "index it as a dense student")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = devices.resolve_device(device)
+        devices.use_reserved_threads()
         self.model, self.tokenizer = load_colbert(model, spec)
         self.model = self.model.to(self.device).eval()
         self.max_length, self.batch_size = max_length or spec.doc_maxlen, batch_size
@@ -305,7 +308,7 @@ class ColBERTStudentEncoder:
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """[len(texts), query_maxlen, dim]: every query position scores, so none is dropped."""
         batches = []
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.autocast(self.device):
             for start in range(0, len(texts), self.batch_size):
                 inputs = _to_device(self.tokenizer.queries(texts[start:start + self.batch_size]), self.device)
                 batches.append(self.model.encode(**inputs).float().cpu().numpy())
@@ -317,7 +320,7 @@ class ColBERTStudentEncoder:
         """One [Li, dim] array per text, holding only the tokens MaxSim uses (no padding, nor punctuation
         when the spec masks it), like PLAID-X's ``doc(keep_dims=False)``."""
         documents = []
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.autocast(self.device):
             for start in range(0, len(texts), self.batch_size):
                 inputs = _to_device(self.tokenizer.documents(texts[start:start + self.batch_size], self.max_length),
                                     self.device)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from td_ray import devices
 from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -83,12 +84,15 @@ class DualEncoder(nn.Module):
 
 
 class StudentEncoder:
-    """Inference wrapper: texts in, float32 vectors out. Used by the index and evaluate stages and the registry."""
+    """Inference wrapper: texts in, float32 vectors out. Used by the index and evaluate stages and the registry.
+    Runs on the GPU its Ray worker reserved (`device` auto or None), under bf16 autocast there, else in fp32 on as
+    many threads as the worker reserved CPUs."""
 
     def __init__(self, model: str, max_length: int = 180, device: str | None = None, batch_size: int = 64):
         from transformers import AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = devices.resolve_device(device)
+        devices.use_reserved_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = DualEncoder.from_pretrained(model).to(self.device).eval()
         self.max_length, self.batch_size = max_length, batch_size
@@ -99,7 +103,7 @@ class StudentEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         vectors = []
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.autocast(self.device):
             for start in range(0, len(texts), self.batch_size):
                 encoded = self.tokenizer(texts[start:start + self.batch_size], truncation=True,
                                          max_length=self.max_length, padding=True, return_tensors="pt").to(self.device)

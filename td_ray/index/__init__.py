@@ -155,7 +155,7 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     passages = numbering.next_id
     faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
     files, digests, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
-                                                  options.device)
+                                                  options.device, options.task_cpus, _task_gpus(options))
     if not options.keep_vectors:
         (build / EMBEDDINGS_TABLE).unlink()
     size = sum((build / name).stat().st_size for name in files + (["index.ivfdata"] if plan.merges_on_disk else []))
@@ -171,17 +171,27 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(digests)}
 
 
+def _task_gpus(options: IndexConfig) -> int:
+    """GPUs an index task that can use one reserves: one when the stage has GPUs (its actors take some) and its
+    device allows them, else none; FAISS and torch in a task that reserved no GPU stay on the CPUs."""
+    return 1 if options.num_gpus_per_actor and options.device != "cpu" else 0
+
+
 def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
-                     device: str = "auto") -> tuple[list[str], list[Digest], int]:
-    """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks); returns its files, each
-    shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one of the
-    `vectors` once."""
+                     device: str = "auto", task_cpus: float = 1, gpus: int = 0) -> tuple[list[str], list[Digest], int]:
+    """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks reserving `task_cpus`, and
+    `gpus` where `faiss_index.gpu_plan` puts work on a GPU: training, and adding to an index it clones); returns its
+    files, each shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one
+    of the `vectors` once."""
     import ray
 
     table, trained = build / EMBEDDINGS_TABLE, build / TRAINED
-    trained_on = in_task(train_task, str(table), plan, train_sample, vectors, str(trained), device, num_cpus=1)
+    gpu_plan = faiss_index.gpu_plan(faiss_index.empty_index(plan))
+    trained_on = in_task(train_task, str(table), plan, train_sample, vectors, str(trained), device,
+                         num_cpus=task_cpus, num_gpus=gpus if plan.needs_training and gpu_plan != "cpu" else 0)
     shard_paths = [build / f"shard-{shard:03d}.faiss" for shard in range(shards)]
-    build_shard_file = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(shard_task)
+    build_shard_file = ray.remote(num_cpus=task_cpus, num_gpus=gpus if gpu_plan == "clone" else 0,
+                                  max_retries=SHARD_TASK_RETRIES)(shard_task)
     digests = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
                          for shard, path in enumerate(shard_paths)])
     total = functools.reduce(Digest.merge, digests, Digest())
@@ -191,7 +201,7 @@ def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, sha
     if not plan.merges_on_disk:
         return [path.name for path in shard_paths], digests, trained_on
     in_task(merge_task, str(trained), [str(path) for path in shard_paths], str(build / "index.faiss"),
-            str(build / "index.ivfdata"), num_cpus=1)
+            str(build / "index.ivfdata"), num_cpus=task_cpus)
     for path in shard_paths:
         path.unlink()
     return ["index.faiss"], digests, trained_on
@@ -244,8 +254,8 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
     build.mkdir(parents=True)
     ensure_ray(config.ray)
     started = time.perf_counter()
-    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=1,
-                      num_gpus=1 if options.num_gpus_per_actor and options.device != "cpu" else 0)
+    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=options.task_cpus,
+                      num_gpus=_task_gpus(options))
     logger.info("index: codec trained in %.1f s on %d token vectors of %d documents: %d centroids (about %d tokens "
                 "in the collection), %d bits, %d B a token", time.perf_counter() - started, trained["sample_tokens"],
                 trained["sample_docs"], trained["centroids"], trained["estimated_tokens"], options.colbert.nbits,
@@ -255,7 +265,7 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
                       CODES_TABLE, schemas.TOKEN_CODES, numbering)
     passages, tokens = numbering.next_id, numbering.next_token
     layout = plaid.Layout(passages, tokens, trained["code_bytes"], trained["id_dtype"], trained["centroids"])
-    digests, entries = build_token_index(build, layout, options.num_shards)
+    digests, entries = build_token_index(build, layout, options.num_shards, options.task_cpus)
     if not options.keep_vectors:
         (build / CODES_TABLE).unlink()
     size = sum((build / name).stat().st_size for name in plaid.FILES)
@@ -275,19 +285,21 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
     return meta, metrics | {f"shard_{i}_size": float(d.rows) for i, d in enumerate(digests)}
 
 
-def build_token_index(build: Path, layout: plaid.Layout, shards: int) -> tuple[list[Digest], int]:
+def build_token_index(build: Path, layout: plaid.Layout, shards: int,
+                      task_cpus: float = 1) -> tuple[list[Digest], int]:
     """From the codes table in `build`: allocate the token arrays of `layout`, fill each shard's passages in its own
     Ray task (retried when its worker dies), check that every passage was written once, and merge the inverted
-    lists on disk in a task. Returns each shard's digest of its passages and the lists' entries."""
+    lists on disk in a task, every task reserving `task_cpus`. Returns each shard's digest of its passages and the
+    lists' entries."""
     import ray
 
     passages = layout.passages
     layout.allocate(build)
-    fill = ray.remote(num_cpus=0.5, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
+    fill = ray.remote(num_cpus=task_cpus, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
     digests = ray.get([fill.remote(str(build / CODES_TABLE), str(build), shard, first, last, layout)
                        for shard, (first, last) in enumerate(plaid.shard_ranges(passages, shards))])
     total = functools.reduce(Digest.merge, digests, Digest())
     if total != Digest.of_range(passages):
         raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {passages}, or some twice; "
                                "nothing was committed: run the stage again")
-    return digests, in_task(merge_lists_task, str(build), shards, layout, num_cpus=1)
+    return digests, in_task(merge_lists_task, str(build), list(range(shards)), layout, num_cpus=task_cpus)

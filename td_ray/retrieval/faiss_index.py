@@ -1,7 +1,7 @@
 """FAISS indexes built as faiss' own recipe for indexes that do not fit in RAM does it (contrib/ondisk.py,
 benchs/distributed_ondisk): train once on a sample, add each shard to a copy of the trained index anywhere, then
 merge the IVF shards' inverted lists into one on-disk file that search memory-maps. Flat and HNSW indexes, which
-cannot be merged that way, stay as shards that search reads one after the other, merging their top k.
+cannot be merged that way, stay as shards that search maps once each and reads in turn, merging their top k.
 
 Every index is chosen by a FAISS factory string and compares by inner product (a cosine student's vectors are
 unit length, so inner product is cosine). Vectors are keyed by their faiss id, the row of the passage table.
@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import faiss
 import numpy as np
 
+from td_ray import devices
 from td_ray.errors import TdRayError
 from td_ray.keys import Digest
 
@@ -118,25 +120,72 @@ def empty_index(plan: IndexPlan) -> faiss.Index:
 
 
 def on_gpu(device: str) -> bool:
-    """Whether to train and add on GPUs: `cuda`, or `auto` when this FAISS build sees one (the gpu extra)."""
+    """Whether to train and add on GPUs: `cuda`, or `auto` when this FAISS build sees a GPU (the gpu extra) that this
+    process may use: any outside Ray; in a Ray task only one it reserved (Ray then makes exactly those visible, so
+    cloning onto every visible GPU takes only the reserved ones)."""
+    if device == "cpu":
+        return False
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if device == "cuda" and not gpus:
-        raise IndexSettingsError("index.device is cuda but this FAISS build sees no GPU; install the gpu extra "
-                                 "(faiss-gpu-cu12) on a GPU node, or set index.device: auto")
-    return device != "cpu" and gpus > 0
+    allowed = devices.gpus_allowed()
+    if device == "cuda" and not (gpus and allowed):
+        reason = ("this FAISS build sees no GPU; install the gpu extra (faiss-gpu-cu12) on a GPU node" if allowed
+                  else "this Ray task reserved no GPU; give the stage GPUs (index.num_gpus_per_actor)")
+        raise IndexSettingsError(f"index.device is cuda but {reason}, or set index.device: auto")
+    return gpus > 0 and allowed
+
+
+GpuPlan = Literal["clone", "clustering_only", "cpu"]
+
+
+def gpu_plan(index: faiss.Index) -> GpuPlan:
+    """What of `index` can run on a GPU. ``clone``: all of it, as FAISS's GPU cloner copies an IVF index whose coarse
+    quantizer is flat and whose codes are flat, SQ or 8-bit PQ. ``clustering_only``: any other IVF index (an HNSW
+    coarse quantizer, which the cloner refuses; 4-bit or fast-scan PQ): only the coarse k-means runs on the GPU,
+    the index stays on the CPU, and vectors are added there. ``cpu``: no IVF (Flat needs no training, HNSW has no
+    GPU form)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return "cpu"
+    ivf = faiss.downcast_index(ivf)
+    flat_quantizer = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
+    codes = type(ivf) in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer) or (
+        type(ivf) is faiss.IndexIVFPQ and ivf.pq.nbits == 8)
+    return "clone" if flat_quantizer and codes else "clustering_only"
+
+
+def _kmeans_assigner(ivf: faiss.IndexIVF) -> faiss.Index:
+    """The flat index FAISS's own CPU k-means assigns with when it trains `ivf`'s coarse quantizer: an L2 one for
+    quantizers that train alone (HNSW), else one of the index's metric; on the GPU it gives the CPU's centroids."""
+    trains_alone = ivf.quantizer_trains_alone
+    if (ord(trains_alone) if isinstance(trains_alone, str) else trains_alone) == 2:
+        return faiss.IndexFlatL2(ivf.d)
+    return faiss.IndexFlat(ivf.d, ivf.metric_type)
 
 
 def train(plan: IndexPlan, vectors: np.ndarray, device: str = "auto") -> faiss.Index:
-    """The plan's empty index, trained on `vectors` (on the GPUs when `device` allows), back on the CPU."""
+    """The plan's empty index, trained on `vectors`, back on the CPU; on the GPUs when `device` allows, as much of it
+    as `gpu_plan` says."""
     index = empty_index(plan)
-    if plan.needs_training:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if on_gpu(device):
-            trained = faiss.index_cpu_to_all_gpus(index)
-            trained.train(vectors)
-            index = faiss.index_gpu_to_cpu(trained)
-        else:
+    if not plan.needs_training:
+        return index
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    how = gpu_plan(index)
+    if how != "cpu" and not on_gpu(device):
+        how = "cpu"
+    if how == "clone":
+        trained = faiss.index_cpu_to_all_gpus(index)
+        trained.train(vectors)
+        return faiss.index_gpu_to_cpu(trained)
+    if how == "clustering_only":
+        ivf = faiss.downcast_index(faiss.try_extract_index_ivf(index))
+        assigner = faiss.index_cpu_to_all_gpus(_kmeans_assigner(ivf))
+        ivf.clustering_index = assigner
+        try:
             index.train(vectors)
+        finally:
+            ivf.clustering_index = None  # FAISS does not own it: no pointer to a freed GPU index is left behind
+        return index
+    index.train(vectors)
     return index
 
 
@@ -149,11 +198,12 @@ def write_atomic(index: faiss.Index, path: Path) -> None:
 
 def add_shard(trained: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], out: Path,
               device: str = "auto") -> Digest:
-    """Add (vectors, ids) batches to a copy of the trained index and write it to `out`; returns the digest of the
-    ids it added (each id its own hash), so the shards together can be checked against 0 .. passages - 1."""
+    """Add (vectors, ids) batches to a copy of the trained index (on the GPUs when `device` allows and `gpu_plan`
+    says ``clone``, else on the CPU's threads) and write it to `out`; returns the digest of the ids it added (each id
+    its own hash), so the shards together can be checked against 0 .. passages - 1."""
     index = faiss.read_index(str(trained))
     summary = Digest()
-    target = faiss.index_cpu_to_all_gpus(index) if on_gpu(device) and faiss.try_extract_index_ivf(index) else index
+    target = faiss.index_cpu_to_all_gpus(index) if gpu_plan(index) == "clone" and on_gpu(device) else index
     for vectors, ids in batches:
         target.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
         summary.add(np.asarray(ids, dtype=np.uint64))
@@ -178,16 +228,14 @@ def merge_on_disk(trained: Path, shards: list[Path], index_path: Path, data_path
 
 class Searcher:
     """Search over a built index: the merged IVF index (its inverted lists memory-mapped by FAISS), or the Flat/HNSW
-    shards, each memory-mapped in turn and its top k merged. `params` is a FAISS ParameterSpace string
-    (``nprobe=64``, ``efSearch=128``)."""
+    shards (memory-mapped), each searched in turn and their top k merged. Every file is opened once, here, and every
+    search reuses it. `params` is a FAISS ParameterSpace string (``nprobe=64``, ``efSearch=128``)."""
 
     def __init__(self, paths: list[Path], params: str | None):
         self.paths, self.params = paths, params
-        self.ntotal = 0
-        for path in paths:
-            index = self._open(path)
-            self.ntotal += index.ntotal
-            self.dim = index.d
+        self.indexes = [self._open(path) for path in paths]
+        self.ntotal = sum(index.ntotal for index in self.indexes)
+        self.dim = self.indexes[0].d
 
     def _open(self, path: Path) -> faiss.Index:
         # IO_FLAG_MMAP maps a Flat/HNSW shard's vectors; an on-disk IVF index maps its lists itself (and FAISS
@@ -203,12 +251,10 @@ class Searcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for path in self.paths:
-            index = self._open(path)
+        for index in self.indexes:
             found_scores, found_ids = index.search(queries, min(k, max(index.ntotal, 1)))
             found_scores[found_ids < 0] = -np.inf
             scores, ids = _merge_top(scores, ids, found_scores, found_ids, k)
-            del index
         return scores, ids
 
 

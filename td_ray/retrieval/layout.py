@@ -26,7 +26,8 @@ TRAINED = "trained.faiss"
 EMBEDDINGS_TABLE = "embeddings.parquet"
 CODES_TABLE = "codes.parquet"
 REGISTERED = "index/models"
-POOL_SETTINGS = {"batch_size", "num_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "device"}
+POOL_SETTINGS = {"batch_size", "num_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "device",
+                 "task_cpus"}
 """Index settings that change how fast a build is made, never what it holds."""
 
 

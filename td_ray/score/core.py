@@ -9,6 +9,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from td_ray import devices
 from td_ray.errors import ModelError
 from td_ray.keys import HashSet, key_hashes
 from td_ray.workspace import CANDIDATES, Workspace
@@ -31,19 +33,20 @@ def check_teacher(model: str, revision: str | None = None, trust_remote_code: bo
 
 
 class CrossEncoderTeacher:
-    """An AutoModelForSequenceClassification with one output logit per pair, in eval mode."""
+    """An AutoModelForSequenceClassification with one output logit per pair, in eval mode: on the GPU its Ray worker
+    reserved (`device` auto or None) under bf16 autocast, else in fp32 on the reserved CPUs."""
 
     def __init__(self, model: str, max_length: int, revision: str | None = None, trust_remote_code: bool = False,
                  device: str | None = None):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         check_teacher(model, revision, trust_remote_code)
+        self.device = devices.resolve_device(device)
+        devices.use_reserved_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model, revision=revision, trust_remote_code=trust_remote_code
         )
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.max_length = max_length
 
@@ -53,7 +56,7 @@ class CrossEncoderTeacher:
 
         encoded = self.tokenizer(queries, passages, truncation="longest_first", max_length=self.max_length,
                                  padding=True, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.autocast(self.device):
             logits = self.model(**encoded).logits[:, 0]
         return logits.float().cpu().numpy()
 

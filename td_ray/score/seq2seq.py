@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from td_ray import devices
 from td_ray.config import split_template
 from td_ray.errors import ModelError
 
@@ -100,7 +101,8 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list
 
 
 class Seq2SeqTeacher:
-    """An AutoModelForSeq2SeqLM scoring pairs by log P(true word) at the first decoder step, in eval mode."""
+    """An AutoModelForSeq2SeqLM scoring pairs by log P(true word) at the first decoder step, in eval mode: on the GPU
+    its Ray worker reserved (`device: auto`) in bf16 (`dtype: auto`), else in fp32 on the reserved CPUs."""
 
     def __init__(self, model: str, *, max_length: int, revision: str | None = None, trust_remote_code: bool = False,
                  true_word: str = "true", false_word: str = "false", template: str = MONOT5_TEMPLATE,
@@ -118,9 +120,12 @@ class Seq2SeqTeacher:
         if max_length <= len(self.prefix) + len(self.suffix):
             raise ValueError(f"teacher max_length {max_length} leaves no room for text")
         self.max_length = max_length
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = devices.resolve_device(device)
+        devices.use_reserved_threads()
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        # read straight in `dtype`, so host RAM holds the weights once at their final size (device_map, which would
+        # load them onto the GPU directly, needs accelerate, which td-ray does not install)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
         )

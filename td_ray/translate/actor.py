@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from td_ray import devices
 from td_ray.config import QualityConfig, TranslateConfig
 from td_ray.textjoin import TextLookup
 from td_ray.translate.core import SentencePieceCodec, translate_texts
@@ -25,15 +26,23 @@ logger = logging.getLogger(__name__)
 INPUT_COLUMNS = ("id", "text", "source_hash")
 
 
+def translator_device(device: str) -> str:
+    """CTranslate2's device for the configured one: ``auto`` is cuda only where CTranslate2 sees a GPU and this
+    process may use it (a Ray actor that reserved none still sees its node's GPUs)."""
+    import ctranslate2
+
+    if device != "auto":
+        return device
+    return "cuda" if devices.gpus_allowed() and ctranslate2.get_cuda_device_count() > 0 else "cpu"
+
+
 def open_translator(model_dir: str, settings: TranslateConfig):
     """A ctranslate2.Translator on the configured device, precision and threads."""
     import ctranslate2
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    return ctranslate2.Translator(model_dir, device=device, compute_type=settings.compute_type,
-                                  intra_threads=settings.intra_threads, inter_threads=settings.inter_threads)
+    return ctranslate2.Translator(model_dir, device=translator_device(settings.device),
+                                  compute_type=settings.compute_type, intra_threads=settings.intra_threads,
+                                  inter_threads=settings.inter_threads)
 
 
 class CT2TranslatorActor:
