@@ -180,7 +180,7 @@ def test_paper_config_follows_the_recipe(path: Path, tmp_path: Path):
     words = " ".join(line.lstrip("#").strip() for line in header.splitlines())
     assert f"{SUBMIT}configs/paper/{path.name} --workspace " in words
     assert "What differs from the paper:" in header and "180/90" in header and "MaxP" in header
-    assert "exact token-level FAISS index" in header and "PLAID" in header
+    assert "Compressed token index (index.colbert, PLAID-style)" in header and "codec task holds about" in header
     assert ("ECIR 2024" if path.name.startswith(("td-", "tt-")) else "SIGIR 2024") in header
 
 

@@ -20,14 +20,18 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from td_ray import schemas, tracking
 from td_ray.config import EvaluateConfig, PipelineConfig
+from td_ray.devices import use_reserved_threads
 from td_ray.encoders import student_kind
 from td_ray.encoders.colbert import ColBERTStudentEncoder
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.errors import StaleIndexError
 from td_ray.evaluate.core import document_run, evaluate_run, parse_measures, write_trec_run
 from td_ray.fingerprint import digest, path_fingerprint
+from td_ray.ray_session import ensure_ray
 from td_ray.result import StageResult
 from td_ray.retrieval.bm25 import bm25_rankings
 from td_ray.retrieval.faiss_index import Searcher
@@ -72,24 +76,51 @@ def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: E
     return document_run(qids, runs)
 
 
-def _rank_colbert(workspace: Workspace, meta: dict, model: str, topics, options: EvaluateConfig):
-    """The ColBERT run: queries as the student encodes them (padded or cut to its query_maxlen; evaluate.query_maxlen
-    does not apply), searched in the compressed token index, passages aggregated to documents by MaxP."""
+def search_colbert_topics(workspace_uri: str, meta: dict, model: str, texts: list[str],
+                          options: EvaluateConfig) -> list[list[tuple[str, float]]]:
+    """One share of the topics, as the student encodes them (padded or cut to its query_maxlen; evaluate.query_maxlen
+    does not apply), searched in the compressed token index on the device and threads this process holds, passages
+    aggregated to documents by MaxP. Run in the stage's process or as a Ray task: either maps the index once."""
+    threads = use_reserved_threads()
+    workspace = Workspace(workspace_uri)
     settings = SearchSettings.for_depth(options.passage_depth, options.ncells, options.centroid_score_threshold,
                                         options.ndocs)
-    searcher = TokenIndex(build_path(workspace, meta), meta, settings)
-    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
     encoder = ColBERTStudentEncoder(model, batch_size=options.batch_size)
-    texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
+    searcher = TokenIndex(build_path(workspace, meta), meta, settings, device=encoder.device)
+    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
     runs = []
     for start in range(0, len(texts), options.batch_size):
         queries = encoder.encode_queries(texts[start:start + options.batch_size])
         runs += rank_documents(searcher, passages, queries, options.depth, options.passage_depth)
         mark_first_row()
     logger.info("evaluate: ColBERT search of %d topics over %d passages of %d documents (%d tokens, %d-bit, ncells "
-                "%d, threshold %s, ndocs %d)", len(qids), meta["passages"], meta["docs"], meta["tokens"], meta["nbits"],
-                settings.ncells, settings.centroid_score_threshold, settings.ndocs)
-    return document_run(qids, runs)
+                "%d, threshold %s, ndocs %d) on %s with %d threads", len(texts), meta["passages"], meta["docs"],
+                meta["tokens"], meta["nbits"], settings.ncells, settings.centroid_score_threshold, settings.ndocs,
+                encoder.device, threads)
+    return runs
+
+
+def _rank_colbert(config: PipelineConfig, workspace: Workspace, meta: dict, model: str, topics):
+    """The ColBERT run, its topics searched in `evaluate.search_tasks` Ray tasks (or here, for one)."""
+    options = config.evaluate
+    texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
+    tasks = min(options.search_tasks, max(1, len(texts)))
+    if tasks == 1:
+        return document_run(qids, search_colbert_topics(workspace.uri, meta, model, texts, options))
+    import ray
+
+    ensure_ray(config.ray)
+    search = ray.remote(num_cpus=options.search_cpus, num_gpus=options.search_gpus)(search_colbert_topics)
+    bounds = np.linspace(0, len(texts), tasks + 1).astype(int)
+    pending = {search.remote(workspace.uri, meta, model, texts[a:b], options): share
+               for share, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}
+    shares: dict[int, list] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        shares[pending.pop(done[0])] = ray.get(done[0])
+        mark_first_row()
+        logger.info("evaluate: %d of %d search tasks done", len(shares), tasks)
+    return document_run(qids, [run for share in range(tasks) for run in shares[share]])
 
 
 def _bm25_metrics(workspace: Workspace, topics, qrels, options: EvaluateConfig) -> dict[str, float]:
@@ -138,8 +169,10 @@ def run(config: PipelineConfig) -> StageResult:
             tracking.log_result(result)
             return result
         topics = workspace.read_table(EVAL_TOPICS)
-        rank = _rank_colbert if meta["kind"] == "colbert" else _rank_dense
-        ranked = rank(workspace, meta, model, topics, options)
+        if meta["kind"] == "colbert":
+            ranked = _rank_colbert(config, workspace, meta, model, topics)
+        else:
+            ranked = _rank_dense(workspace, meta, model, topics, options)
         write_trec_run(ranked, trec_path, options.run_tag)
         qrels = workspace.read_table(EVAL_QRELS)
         metrics, per_query = evaluate_run(ranked, qrels, options.measures)

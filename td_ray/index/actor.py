@@ -8,10 +8,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from td_ray import devices
 from td_ray.config import IndexConfig
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages
-from td_ray.index.core import in_sample, plan_centroids, sample_fraction, sample_vectors, shard_batches
+from td_ray.index.core import (
+    TokenReservoir,
+    in_sample,
+    plan_centroids,
+    sample_fraction,
+    sample_vectors,
+    shard_batches,
+)
 from td_ray.keys import Digest
 from td_ray.retrieval import faiss_index, plaid
 from td_ray.workspace import EVAL_DOCS, Workspace
@@ -66,7 +74,8 @@ class ColBERTEncoderActor:
         counts = np.array([len(parts) for parts in per_doc], dtype=np.int64)
         encoded = self.encoder.encode_documents([part for parts in per_doc for part in parts])
         tokens = np.array([len(vectors) for vectors in encoded], dtype=np.int32)
-        ids, residuals = self.codec.encode(np.concatenate(encoded) if encoded else np.zeros((0, self.codec.dim)))
+        vectors = np.concatenate(encoded) if encoded else np.zeros((0, self.codec.dim), np.float32)
+        ids, residuals = self.codec.encode(vectors, self.encoder.device)
         return pa.table({
             "docid": pa.array(np.repeat(np.asarray(batch["id"], dtype=object), counts), pa.string()),
             "passage": pa.array(np.concatenate([np.arange(n) for n in counts]) if len(counts) else [], pa.int32()),
@@ -77,17 +86,21 @@ class ColBERTEncoderActor:
 
 
 def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexConfig) -> dict:
-    """Ray task: encode documents drawn evenly from the collection (PLAID's sample size), train the codec on
-    about `train_sample` of their token vectors, save it in the build; returns what it was trained on."""
+    """Ray task: encode documents drawn evenly from the collection (PLAID's sample size), keep a uniform sample of
+    at most `train_sample` of their token vectors in one buffer, train the codec on it on the device and threads the
+    task reserved, and save it in the build; returns what it was trained on."""
+    from td_ray.devices import resolve_device, use_reserved_threads
     from td_ray.encoders.colbert import ColBERTStudentEncoder
 
+    threads = use_reserved_threads()
+    device = resolve_device(options.device)
     workspace = Workspace(workspace_uri)
     docs = workspace.row_count(EVAL_DOCS)
     chosen = sample_fraction(docs)
-    encoder = ColBERTStudentEncoder(model, max_length=options.max_length, batch_size=options.batch_size)
+    encoder = ColBERTStudentEncoder(model, max_length=options.max_length, batch_size=options.batch_size,
+                                    device=device)
     split = (options.passages.length, options.passages.stride) if options.passages else None
-    rng = np.random.default_rng(0)
-    parts, seen_docs, seen_tokens, keep = [], 0, 0, None
+    reservoir, seen_docs = TokenReservoir(options.train_sample), 0
     for batch in workspace.iter_batches(EVAL_DOCS, columns=["id", "text"], batch_size=options.batch_size * 4):
         rows = np.flatnonzero(in_sample(batch.column("id"), chosen))
         if not len(rows):
@@ -95,20 +108,18 @@ def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexC
         texts = _texts({"text": batch.column("text").take(pa.array(rows)).to_numpy(zero_copy_only=False)})
         encoded = encoder.encode_documents([part for parts in _passages(encoder.tokenizer.hf, texts, split)
                                             for part in parts])
-        vectors = np.concatenate(encoded)
-        seen_docs, seen_tokens = seen_docs + len(rows), seen_tokens + len(vectors)
-        if keep is None:  # tokens kept per token seen, from the first batch's tokens per document
-            keep = min(1.0, options.train_sample / max(1.0, len(vectors) / len(rows) * chosen * docs))
-        parts.append(vectors[rng.random(len(vectors)) < keep])
-    sample = np.concatenate(parts)[:options.train_sample] if parts else np.zeros((0, 1), np.float32)
-    estimated = int(seen_tokens / max(seen_docs, 1) * docs)
+        reservoir.add(np.concatenate(encoded))
+        seen_docs += len(rows)
+    sample = reservoir.sample
+    estimated = int(reservoir.seen / max(seen_docs, 1) * docs)
     centroids = plan_centroids(options.colbert.centroids, estimated, len(sample))
     codec = plaid.ResidualCodec.train(sample, centroids, options.colbert.nbits, options.colbert.kmeans_niter,
-                                      gpu=faiss_index.on_gpu(options.device))
+                                      device=device, in_place=True)
     codec.save(Path(build))
     return {"sample_docs": seen_docs, "sample_tokens": len(sample), "estimated_tokens": estimated,
             "centroids": centroids, "dim": codec.dim, "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
-            "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token}
+            "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token, "device": device,
+            "threads": threads}
 
 
 def token_shard_task(table: str, build: str, shard: int, first: int, last: int, layout: plaid.Layout) -> Digest:
@@ -116,13 +127,14 @@ def token_shard_task(table: str, build: str, shard: int, first: int, last: int, 
     return plaid.write_shard(Path(table), Path(build), shard, first, last, layout)
 
 
-def merge_lists_task(build: str, shards: int, layout: plaid.Layout) -> int:
-    """Ray task: lay the shards' inverted lists out as one on disk."""
-    return plaid.merge_lists(Path(build), shards, layout)
+def merge_lists_task(build: str, shards: list[int], layout: plaid.Layout, previous: plaid.Layout | None = None) -> int:
+    """Ray task: lay the shards' inverted lists (after the `previous` passages' built ones) out as one on disk."""
+    return plaid.merge_lists(Path(build), shards, layout, previous)
 
 
 def train_task(table: str, plan: faiss_index.IndexPlan, sample: int, rows: int, out: str, device: str) -> int:
     """Ray task: train the plan's index on about `sample` vectors drawn evenly from the table, save it empty."""
+    devices.use_reserved_threads()
     vectors = sample_vectors(table, rows, sample, plan.dim)
     faiss_index.write_atomic(faiss_index.train(plan, vectors, device), Path(out))
     return len(vectors)
@@ -130,9 +142,11 @@ def train_task(table: str, plan: faiss_index.IndexPlan, sample: int, rows: int, 
 
 def shard_task(table: str, shard: int, trained: str, out: str, device: str) -> Digest:
     """Ray task: add the shard's own row groups of the vector table to a copy of the trained index, write it."""
+    devices.use_reserved_threads()
     return faiss_index.add_shard(Path(trained), shard_batches(table, shard), Path(out), device)
 
 
 def merge_task(trained: str, shards: list[str], index: str, data: str) -> int:
     """Ray task: merge IVF shards into one index whose inverted lists are one on-disk file."""
+    devices.use_reserved_threads()
     return faiss_index.merge_on_disk(Path(trained), [Path(path) for path in shards], Path(index), Path(data))

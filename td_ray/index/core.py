@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from td_ray import schemas
@@ -16,13 +17,13 @@ from td_ray.retrieval.plaid import default_centroids
 
 
 class PassageNumbering:
-    """Numbers streamed batches of passage rows with their faiss ids (consecutive, in arrival order) and cuts each
-    batch into `shards` contiguous slices, slice i going to shard i: every shard gets its share of every batch,
-    and each slice is written as a row group of its own, so a shard task reads only its row groups."""
+    """Numbers streamed batches of passage rows with their faiss ids (consecutive from `first`, in arrival order)
+    and cuts each batch into `shards` contiguous slices, slice i going to shard i: every shard gets its share of
+    every batch, and each slice is written as a row group of its own, so a shard task reads only its row groups."""
 
-    def __init__(self, shards: int):
+    def __init__(self, shards: int, first: int = 0):
         self.shards = shards
-        self.next_id = 0
+        self.next_id = first
 
     def __call__(self, batch: pa.Table) -> list[pa.Table]:
         ids = np.arange(self.next_id, self.next_id + batch.num_rows, dtype=np.int64)
@@ -38,11 +39,11 @@ class PassageNumbering:
 
 class TokenNumbering:
     """Numbers streamed batches of compressed passage rows (ColBERT) with their passage numbers (faiss_id, in
-    arrival order) and their first token rows: each passage's tokens take the next rows, so they are contiguous and
-    ascend with its number. Each batch is one row group."""
+    arrival order, from `first`) and their first token rows (from `first_token`): each passage's tokens take the
+    next rows, so they are contiguous and ascend with its number. Each batch is one row group."""
 
-    def __init__(self):
-        self.next_id = self.next_token = 0
+    def __init__(self, first: int = 0, first_token: int = 0):
+        self.next_id, self.next_token = first, first_token
 
     def __call__(self, batch: pa.Table) -> list[pa.Table]:
         tokens = batch["tokens"].to_numpy().astype(np.int64)
@@ -81,6 +82,67 @@ def sample_vectors(table: str, rows: int, sample: int, dim: int, seed: int = 0) 
         if len(chosen):
             parts.append(_vectors(batch.take(pa.array(chosen)), dim))
     return np.concatenate(parts)[:sample] if parts else np.zeros((0, dim), np.float32)
+
+
+DOCUMENT_FINGERPRINTS = pa.schema([("id", pa.string()), ("fingerprint", pa.uint64())])
+
+
+def document_fingerprints(batches: Iterator[pa.RecordBatch]) -> pa.Table:
+    """(id, fingerprint of its text) of every document: what a build was made from, to find what changed.
+    Sixteen bytes and the id a document, never its text."""
+    parts = [pa.table({"id": batch.column("id").cast(pa.string()),
+                       "fingerprint": pa.array(string_hashes(batch.column("text").fill_null("")), pa.uint64())},
+                      schema=DOCUMENT_FINGERPRINTS) for batch in batches]
+    return pa.concat_tables(parts) if parts else DOCUMENT_FINGERPRINTS.empty_table()
+
+
+def document_changes(built: pa.Table, current: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """From the fingerprints a build was made from and the current ones: the ids to encode (new or changed) and
+    the ids whose indexed passages must leave the results (changed or removed), each sorted.
+
+    >>> built = pa.table({"id": ["a", "b", "c"], "fingerprint": pa.array([1, 2, 3], pa.uint64())})
+    >>> now = pa.table({"id": ["a", "c", "d"], "fingerprint": pa.array([1, 9, 4], pa.uint64())})
+    >>> [ids.to_pylist() for ids in document_changes(built, now)]
+    [['c', 'd'], ['b', 'c']]
+    """
+    joined = current.join(built.rename_columns(["id", "built"]), "id", join_type="left outer")
+    encode = joined.filter(pc.or_kleene(pc.is_null(joined["built"]),
+                                        pc.not_equal(joined["fingerprint"], joined["built"])))["id"]
+    removed = built.join(current.select(["id"]), "id", join_type="left anti")["id"]
+    changed = encode.filter(pc.is_in(encode, built["id"]))
+    stale = pa.concat_arrays([removed.combine_chunks(), changed.combine_chunks()])
+    return pc.sort_indices(encode) and encode.take(pc.sort_indices(encode)).combine_chunks(), stale.take(
+        pc.sort_indices(stale))
+
+
+class TokenReservoir:
+    """A uniform sample of at most `capacity` token vectors from a stream of any length, held in one buffer
+    allocated once (reservoir sampling, Vitter's algorithm R, a batch at a time, seeded): every token seen has the
+    same chance to be kept, wherever in the collection it comes."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity, self.seen = capacity, 0
+        self.rng = np.random.default_rng(seed)
+        self.buffer: np.ndarray | None = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.empty((self.capacity, vectors.shape[1]), dtype=np.float32)
+        free = max(0, min(self.capacity - self.seen, len(vectors)))
+        self.buffer[self.seen:self.seen + free] = vectors[:free]
+        rest = vectors[free:]
+        if len(rest):  # token t (0-based, over the stream) replaces a random slot with probability capacity / (t + 1)
+            slots = self.rng.integers(0, self.seen + free + np.arange(1, len(rest) + 1))
+            hit = slots < self.capacity
+            self.buffer[slots[hit]] = rest[hit]
+        self.seen += len(vectors)
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The kept vectors [min(seen, capacity), dim] (a view of the buffer)."""
+        if self.buffer is None:
+            return np.zeros((0, 1), np.float32)
+        return self.buffer[:min(self.seen, self.capacity)]
 
 
 def sample_fraction(docs: int) -> float:
