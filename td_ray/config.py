@@ -549,6 +549,11 @@ class IndexConfig(ActorPoolConfig):
         "ColBERT codec), fill a shard and merge the shards; FAISS and torch there use that many threads (whole CPUs, "
         "at least 1). At most a node's CPUs. The default, 1, never starves Ray Data on a 2-CPU node.",
     )
+    incremental: bool = Field(
+        True, description="When only the documents changed since the index was built (same student and settings), "
+        "encode just the new and changed ones and append them to the built index, with its trained codec or "
+        "quantiser; changed and removed documents' old passages leave the results. False rebuilds from scratch.",
+    )
     keep_vectors: bool = Field(
         False, description="Keep the table of passage vectors after the index is built (it is as large as a Flat "
         "index: 60 GB for NeuCLIR Chinese at 1,024 dimensions).",

@@ -80,10 +80,10 @@ class Digest:
         self.add(key_hashes(batch, columns))
 
     @classmethod
-    def of_range(cls, count: int, chunk: int = 1 << 20) -> Digest:
-        """The digest of the integer keys 0 .. count - 1, each once (their own values as hashes), in chunks."""
+    def of_range(cls, count: int, chunk: int = 1 << 20, first: int = 0) -> Digest:
+        """The digest of the integer keys first .. count - 1, each once (their own values as hashes), in chunks."""
         digest = cls()
-        for start in range(0, count, chunk):
+        for start in range(first, count, chunk):
             digest.add(np.arange(start, min(count, start + chunk), dtype=np.uint64))
         return digest
 

@@ -76,3 +76,18 @@ def pipeline_run(tmp_path_factory, assets_root, ray_cluster):
     config = with_updates(demo_config(str(workspace)), demo_assets=False)
     results = run_pipeline(config)
     return config, {result.stage: result for result in results}
+
+
+@pytest.fixture(scope="session")
+def colbert_student(assets_root, tmp_path_factory) -> Path:
+    """A lexical ColBERT student (`build_lexical_student`, projected to 32 dimensions): the untrained tiny student's
+    scores nearly tie (its top 10 spread over 2 % of the score), so any quantisation reshuffles them; this one
+    ranks by content, as a trained student does."""
+    from td_ray.assets.tiny_models import build_lexical_student
+    from td_ray.encoders.colbert import ColBERTSpec, load_colbert
+
+    root = tmp_path_factory.mktemp("lexical")
+    words = build_lexical_student(assets_root / "tiny-models" / "student", root / "bert")
+    model, colbert_tokenizer = load_colbert(words, ColBERTSpec(dim=32, query_maxlen=8, doc_maxlen=64))
+    model.save_pretrained(root / "student", colbert_tokenizer)
+    return root / "student"

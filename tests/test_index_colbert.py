@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import with_updates
-from td_ray.encoders.colbert import ColBERTSpec, ColBERTStudentEncoder, load_colbert, maxsim
+from td_ray.encoders.colbert import ColBERTStudentEncoder, maxsim
 from td_ray.errors import StaleIndexError
 from td_ray.index.core import plan_centroids
 from td_ray.retrieval import plaid
 from td_ray.retrieval.faiss_index import IndexSettingsError
+from td_ray.retrieval.layout import add_deleted
 from td_ray.retrieval.maxp import maxp
 from td_ray.retrieval.maxsim import exhaustive_search, maxsim_scores
 from td_ray.workspace import EVAL_DOCS, EVAL_TOPICS, RUN, Workspace
@@ -252,20 +253,6 @@ def test_maxsim_scores_agree_with_the_students_maxsim(clustered):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def colbert_student(assets_root, tmp_path_factory) -> Path:
-    """A lexical ColBERT student (`build_lexical_student`, projected to 32 dimensions): the untrained tiny student's
-    scores nearly tie (its top 10 spread over 2 % of the score), so any quantisation reshuffles them; this one
-    ranks by content, as a trained student does."""
-    from td_ray.assets.tiny_models import build_lexical_student
-
-    root = tmp_path_factory.mktemp("lexical")
-    words = build_lexical_student(assets_root / "tiny-models" / "student", root / "bert")
-    model, colbert_tokenizer = load_colbert(words, ColBERTSpec(dim=32, query_maxlen=8, doc_maxlen=64))
-    model.save_pretrained(root / "student", colbert_tokenizer)
-    return root / "student"
-
-
 def test_demo_collection_at_2_bits_keeps_exact_maxsims_top_10_documents(make_workspace, colbert_student, tmp_path):
     """The demo's evaluation collection encoded by the lexical ColBERT student, compressed at 2 bits and searched
     with PLAID's defaults for 100 passages, against exact MaxSim over every passage's original vectors, both
@@ -414,7 +401,7 @@ def test_appended_passages_give_the_files_of_a_rebuild_and_deleted_ones_leave_th
 
     everything = plaid.SearchSettings(ncells=64, centroid_score_threshold=None, ndocs=10**6)
     _, ids_full = plaid.TokenIndex(tmp_path / "full", full, everything).search(queries, 10)
-    assert plaid.add_deleted(grown, ids_full[:, 0]) == len(set(ids_full[:, 0].tolist()))
+    assert add_deleted(grown, ids_full[:, 0]) == len(set(ids_full[:, 0].tolist()))
     _, ids_grown = plaid.TokenIndex(grown, full, everything).search(queries, 10)
     deleted = set(ids_full[:, 0].tolist())
     assert not set(ids_grown.ravel().tolist()) & deleted

@@ -35,7 +35,14 @@ from td_ray.ray_session import ensure_ray
 from td_ray.result import StageResult
 from td_ray.retrieval.bm25 import bm25_rankings
 from td_ray.retrieval.faiss_index import Searcher
-from td_ray.retrieval.layout import PASSAGE_MAP, build_path, check_current, read_index_meta, student_path
+from td_ray.retrieval.layout import (
+    DELETED,
+    build_path,
+    check_current,
+    passage_map_paths,
+    read_index_meta,
+    student_path,
+)
 from td_ray.retrieval.maxp import PassageMap, rank_documents
 from td_ray.retrieval.plaid import SearchSettings, TokenIndex
 from td_ray.sources import ingest
@@ -58,12 +65,14 @@ __all__ = ["evaluate_run", "run"]
 
 def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: EvaluateConfig):
     """The dense run: topics encoded and searched in batches, passages aggregated to documents by MaxP."""
+    deleted = build_path(workspace, meta, DELETED)
     searcher = Searcher([build_path(workspace, meta, name) for name in meta["files"]],
-                        options.search_params or meta.get("search_params"))
+                        options.search_params or meta.get("search_params"),
+                        np.load(deleted) if deleted.is_file() else None)
     if searcher.ntotal != meta["passages"]:
         raise StaleIndexError(f"the index in {build_path(workspace, meta)} holds {searcher.ntotal} vectors but "
                               f"{INDEX_META} says {meta['passages']}; re-run the index stage")
-    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
+    passages = PassageMap(passage_map_paths(workspace, meta))
     encoder = StudentEncoder(model, max_length=options.query_maxlen, batch_size=options.batch_size)
     texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
     runs = []
@@ -87,7 +96,7 @@ def search_colbert_topics(workspace_uri: str, meta: dict, model: str, texts: lis
                                         options.ndocs)
     encoder = ColBERTStudentEncoder(model, batch_size=options.batch_size)
     searcher = TokenIndex(build_path(workspace, meta), meta, settings, device=encoder.device)
-    passages = PassageMap(build_path(workspace, meta, PASSAGE_MAP))
+    passages = PassageMap(passage_map_paths(workspace, meta))
     runs = []
     for start in range(0, len(texts), options.batch_size):
         queries = encoder.encode_queries(texts[start:start + options.batch_size])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ from td_ray.encoders.colbert import ColBERTSpec
 from td_ray.errors import ExactlyOnceError
 from td_ray.index.actor import (
     INPUT_COLUMNS,
+    changes_task,
+    fingerprints_task,
     ColBERTEncoderActor,
     EncoderActor,
     merge_lists_task,
@@ -59,17 +62,21 @@ from td_ray.retrieval import faiss_index, plaid
 from td_ray.retrieval.layout import (
     BUILDS,
     CODES_TABLE,
+    DOCUMENTS,
     EMBEDDINGS_TABLE,
     PASSAGE_MAP,
     TRAINED,
+    add_deleted,
+    build_path,
     index_key,
     read_index_meta,
+    settings_key,
     student_path,
     write_index_meta,
 )
 from td_ray.retrieval.maxp import write_passage_map
 from td_ray.sources import ingest
-from td_ray.workspace import EVAL_DOCS, Workspace
+from td_ray.workspace import EVAL_DOCS, INDEX_META, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +112,19 @@ def run(config: PipelineConfig) -> StageResult:
                                  {"dim": float(meta["dim"]), "unchanged": 1.0}, run_id)
             tracking.log_result(result)
             return result
-        if student_kind(model) == "colbert":
+        settings = settings_key(model, options.model_dump(mode="json"))
+        appended = _append(config, workspace, model, key, settings, meta) if _appendable(
+            workspace, meta, settings, options) else None
+        if appended is not None:
+            meta, metrics = appended
+        elif student_kind(model) == "colbert":
             meta, metrics = _build_colbert(config, workspace, model, key)
         else:
             meta, metrics = _build_dense(config, workspace, model, key)
+        if appended is None:
+            in_task(fingerprints_task, workspace.uri, str(build_path(workspace, meta, DOCUMENTS)),
+                    num_cpus=options.task_cpus)
+        meta["settings_key"] = settings
         write_index_meta(workspace, meta)
         _remove_other_builds(workspace, meta.get("build"))
         result = StageResult("index", int(meta["docs"]), time.perf_counter() - started, _outputs(workspace, meta),
@@ -120,13 +136,120 @@ def run(config: PipelineConfig) -> StageResult:
 
 def _complete(workspace: Workspace, meta: dict) -> bool:
     build = Path(workspace.path(meta["build"])) if "build" in meta else None
-    return build is not None and all((build / name).is_file() for name in meta["files"] + [PASSAGE_MAP])
+    return build is not None and all((build / name).is_file()
+                                     for name in meta["files"] + meta.get("passage_maps", [PASSAGE_MAP]))
 
 
 def _outputs(workspace: Workspace, meta: dict) -> dict[str, str]:
     build = Path(workspace.path(meta["build"]))
     return {"index": str(build if meta["kind"] == "colbert" else build / meta["files"][0]),
             "passages": str(build / PASSAGE_MAP)}
+
+
+# ------------------------------------------------------------------------------------------------ append
+def _appendable(workspace: Workspace, meta: dict, settings: str, options: IndexConfig) -> bool:
+    """Whether the built index can take the changed documents: same student and settings, complete, with the
+    fingerprints of what it holds, and (ColBERT) its arrays at the sizes its metadata commits."""
+    if not (options.incremental and meta.get("settings_key") == settings and _complete(workspace, meta)
+            and build_path(workspace, meta, DOCUMENTS).is_file()):
+        return False
+    if meta["kind"] == "dense":
+        return build_path(workspace, meta, TRAINED).is_file()
+    if not {"code_bytes", "id_dtype", "ivf_entries"} <= set(meta):
+        return False
+    committed = plaid.Layout(meta["passages"], meta["tokens"], meta["code_bytes"], meta["id_dtype"],
+                             meta["centroids"])
+    if not plaid.lists_match(build_path(workspace, meta), committed, meta["ivf_entries"]):
+        logger.warning("index: the lists in %s are not those %s commits (an append that did not finish); "
+                       "rebuilding", build_path(workspace, meta), INDEX_META)
+        return False
+    committed.resize(build_path(workspace, meta))  # rows a stopped append grew are cut back
+    return True
+
+
+def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, settings: str,
+            meta: dict) -> tuple[dict, dict]:
+    """Encode only the new and changed documents and append them to the built index (with its codec or trained
+    quantiser); the passages of changed and removed documents are deleted from the results."""
+    options, started = config.index, time.perf_counter()
+    ensure_ray(config.ray)
+    number = len(meta.get("appended", [])) + 1
+    build = build_path(workspace, meta)
+    documents = f"{meta['build']}/append-{number:04d}-docs.parquet"
+    passage_maps = meta.get("passage_maps", [PASSAGE_MAP])
+    changes = in_task(changes_task, workspace.uri, str(build), documents,
+                      [str(build / name) for name in passage_maps], num_cpus=options.task_cpus)
+    passage_map = f"passages-{number:04d}.arrow"
+    first, tokens_before = int(meta["passages"]), int(meta["tokens"])
+    if meta["kind"] == "colbert":
+        meta, added = _append_colbert(workspace, build, options, model, meta, documents, passage_map, changes)
+    else:
+        meta, added = _append_dense(workspace, build, options, model, meta, documents, passage_map, changes)
+    if added:
+        meta["passage_maps"] = passage_maps + [passage_map]
+    Path(workspace.path(documents)).unlink()
+    deleted = (add_deleted(build, changes["stale_passages"]) if len(changes["stale_passages"])
+               else int(meta.get("deleted_passages", 0)))
+    os.replace(build / f"{DOCUMENTS}.next", build / DOCUMENTS)
+    seconds = time.perf_counter() - started
+    record = {"documents": changes["encode"], "passages": int(meta["passages"]) - first,
+              "tokens": int(meta["tokens"]) - tokens_before, "deleted_passages": len(changes["stale_passages"]),
+              "seconds": round(seconds, 2)}
+    meta |= {"key": key, "docs": workspace.row_count(EVAL_DOCS), "deleted_passages": deleted,
+             "appended": meta.get("appended", []) + [record]}
+    logger.info("index: appended %d new or changed documents (%d passages) to %s in %.1f s; %d passages of changed "
+                "or removed documents deleted", record["documents"], record["passages"], build, seconds,
+                record["deleted_passages"])
+    metrics = {"appended_documents": float(record["documents"]), "appended_passages": float(record["passages"]),
+               "deleted_passages": float(record["deleted_passages"]), "encoded_documents": float(record["documents"]),
+               "passages": float(meta["passages"]), "dim": float(meta["dim"])}
+    return meta, metrics
+
+
+def _append_colbert(workspace: Workspace, build: Path, options: IndexConfig, model: str, meta: dict, documents: str,
+                    passage_map: str, changes: dict) -> tuple[dict, bool]:
+    """Compress the documents to append with the built codec, grow the token arrays and merge the lists."""
+    previous = plaid.Layout(meta["passages"], meta["tokens"], meta["code_bytes"], meta["id_dtype"], meta["centroids"])
+    if not changes["encode"]:
+        return meta, False
+    numbering = TokenNumbering(previous.passages, previous.tokens)
+    table = f"append-{CODES_TABLE}"
+    _encode_documents(workspace, build, options, ColBERTEncoderActor, {"model": model, "build": str(build)}, table,
+                      schemas.TOKEN_CODES, numbering, documents, passage_map)
+    layout = plaid.Layout(numbering.next_id, numbering.next_token, previous.code_bytes, previous.id_dtype,
+                          previous.nlist)
+    _, entries = build_token_index(build, layout, options.num_shards, options.task_cpus, previous, table)
+    (build / table).unlink()
+    size = sum((build / name).stat().st_size for name in plaid.FILES)
+    return meta | {"passages": layout.passages, "tokens": layout.tokens, "ivf_entries": entries, "bytes": size}, True
+
+
+def _append_dense(workspace: Workspace, build: Path, options: IndexConfig, model: str, meta: dict, documents: str,
+                  passage_map: str, changes: dict) -> tuple[dict, bool]:
+    """Encode the documents to append and add them, in shard tasks, to copies of the build's trained index: new
+    shard files searched beside the built ones."""
+    import ray
+
+    if not changes["encode"]:
+        return meta, False
+    number = len(meta.get("appended", [])) + 1
+    numbering = PassageNumbering(options.num_shards, meta["passages"])
+    table = f"append-{number:04d}-{EMBEDDINGS_TABLE}"
+    _encode_documents(workspace, build, options, EncoderActor, {"model": model}, table, schemas.EMBEDDINGS,
+                      numbering, documents, passage_map)
+    paths = [build / f"append-{number:04d}-shard-{shard:03d}.faiss" for shard in range(options.num_shards)]
+    add = ray.remote(num_cpus=options.task_cpus, max_retries=SHARD_TASK_RETRIES)(shard_task)
+    digests = ray.get([add.remote(str(build / table), shard, str(build / TRAINED), str(path), options.device)
+                       for shard, path in enumerate(paths)])
+    total = functools.reduce(Digest.merge, digests, Digest())
+    if total != Digest.of_range(numbering.next_id, first=meta["passages"]):
+        raise ExactlyOnceError(f"index: the appended shards hold {total.rows} vectors for "
+                               f"{numbering.next_id - meta['passages']} passages, or some twice; nothing was "
+                               "committed: run the stage again")
+    (build / table).unlink()
+    files = meta["files"] + [path.name for path in paths]
+    size = sum((build / name).stat().st_size for name in files)
+    return meta | {"passages": numbering.next_id, "tokens": numbering.next_id, "files": files, "bytes": size}, True
 
 
 def _remove_other_builds(workspace: Workspace, keep: str | None) -> None:
@@ -166,6 +289,7 @@ def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: 
     logger.info("index: %d documents as %d passages, %s at dim %d, %.1f MB in %s (trained on %d vectors)", docs,
                 passages, plan.factory, plan.dim, size / 2**20, build, trained_on)
     metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
+               "encoded_documents": float(docs),
                "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
                "bytes_per_vector": size / max(passages, 1)}
     return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(digests)}
@@ -208,30 +332,32 @@ def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, sha
 
 
 def _encode_documents(workspace: Workspace, build: Path, options: IndexConfig, actor: type, actor_kwargs: dict,
-                      table: str, schema: pa.Schema, numbering) -> None:
-    """Stream every document through the encoder `actor` pool into the build's `table` (rows numbered and cut into
-    row groups by `numbering`, a PassageNumbering or TokenNumbering) and its passage map.
+                      table: str, schema: pa.Schema, numbering, documents: str = EVAL_DOCS,
+                      passage_map: str = PASSAGE_MAP) -> None:
+    """Stream every document of `documents` (a workspace table) through the encoder `actor` pool into the build's
+    `table` (rows numbered and cut into row groups by `numbering`, a PassageNumbering or TokenNumbering) and its
+    `passage_map`.
 
     Checked before anything is committed: every document gave exactly one first passage, and nothing else.
     """
     split = (options.passages.length, options.passages.stride) if options.passages else None
-    dataset = read_table_dataset(workspace, EVAL_DOCS, rows_per_block=options.batch_size).map_batches(
+    dataset = read_table_dataset(workspace, documents, rows_per_block=options.batch_size).map_batches(
         actor, batch_format="numpy",
         fn_constructor_kwargs={"max_length": options.max_length, "batch_size": options.batch_size, "passages": split,
                                **actor_kwargs},
         **actor_map_args(options),
     )
-    rows_path = build / f".{PASSAGE_MAP}.rows"
+    rows_path = build / f".{passage_map}.rows"
     with pa.OSFile(str(rows_path), "wb") as sink, \
             pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
             workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{table}", schema, ["docid"],
-                                          expected=workspace.key_batches(EVAL_DOCS, ["id"]),
+                                          expected=workspace.key_batches(documents, ["id"]),
                                           select=lambda rows: rows.filter(pc.equal(rows["passage"], 0))) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in numbering(batch):  # one row group each
                 writer.write(part)
                 passage_rows.write_table(part.select(["docid", "passage"]))
-    write_passage_map(_read_ipc(rows_path), build / PASSAGE_MAP)
+    write_passage_map(_read_ipc(rows_path), build / passage_map)
     rows_path.unlink()
 
 
@@ -274,6 +400,7 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
             "model": model, "key": key, "build": relative, "files": plaid.FILES, "nbits": options.colbert.nbits,
             "centroids": layout.nlist, "query_maxlen": spec.query_maxlen, "bytes": size,
             "bytes_per_token": trained["bytes_per_token"], "error_bound": trained["error_bound"],
+            "code_bytes": layout.code_bytes, "id_dtype": layout.id_dtype, "ivf_entries": entries,
             "passage_split": options.passages.model_dump() if options.passages else None}
     logger.info("index: %d documents as %d passages and %d tokens (%.1f a passage), %d centroids, %d-bit residuals: "
                 "%.1f MB in %s (%.1f B a token with the lists)", docs, passages, tokens, tokens / max(passages, 1),
@@ -281,25 +408,29 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
     metrics = {"dim": float(trained["dim"]), "shards": float(options.num_shards), "passages": float(passages),
                "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1), "centroids": float(layout.nlist),
                "index_bytes": float(size), "bytes_per_token": size / max(tokens, 1), "ivf_entries": float(entries),
-               "codec_error_bound": trained["error_bound"]}
+               "codec_error_bound": trained["error_bound"], "codec_sample_documents": float(trained["sample_docs"]),
+               "codec_seconds": trained["seconds"], "encoded_documents": float(docs)}
     return meta, metrics | {f"shard_{i}_size": float(d.rows) for i, d in enumerate(digests)}
 
 
-def build_token_index(build: Path, layout: plaid.Layout, shards: int,
-                      task_cpus: float = 1) -> tuple[list[Digest], int]:
-    """From the codes table in `build`: allocate the token arrays of `layout`, fill each shard's passages in its own
-    Ray task (retried when its worker dies), check that every passage was written once, and merge the inverted
-    lists on disk in a task, every task reserving `task_cpus`. Returns each shard's digest of its passages and the
-    lists' entries."""
+def build_token_index(build: Path, layout: plaid.Layout, shards: int, task_cpus: float = 1,
+                      previous: plaid.Layout | None = None, table: str = CODES_TABLE) -> tuple[list[Digest], int]:
+    """From the codes `table` in `build`: allocate the token arrays of `layout` (or grow those of the `previous`
+    layout's build), fill each shard's passages in its own Ray task (retried when its worker dies), check that every
+    passage was written once, and merge the inverted lists on disk in a task (after the previous passages' lists),
+    every task reserving `task_cpus`. Returns each shard's digest of its passages and the lists' entries."""
     import ray
 
-    passages = layout.passages
-    layout.allocate(build)
+    first = previous.passages if previous is not None else 0
+    if previous is None:
+        layout.allocate(build)
+    else:
+        layout.resize(build)
     fill = ray.remote(num_cpus=task_cpus, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
-    digests = ray.get([fill.remote(str(build / CODES_TABLE), str(build), shard, first, last, layout)
-                       for shard, (first, last) in enumerate(plaid.shard_ranges(passages, shards))])
+    digests = ray.get([fill.remote(str(build / table), str(build), shard, first + start, first + end, layout)
+                       for shard, (start, end) in enumerate(plaid.shard_ranges(layout.passages - first, shards))])
     total = functools.reduce(Digest.merge, digests, Digest())
-    if total != Digest.of_range(passages):
-        raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {passages}, or some twice; "
-                               "nothing was committed: run the stage again")
-    return digests, in_task(merge_lists_task, str(build), list(range(shards)), layout, num_cpus=task_cpus)
+    if total != Digest.of_range(layout.passages, first=first):
+        raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {layout.passages - first}, "
+                               "or some twice; nothing was committed: run the stage again")
+    return digests, in_task(merge_lists_task, str(build), list(range(shards)), layout, previous, num_cpus=task_cpus)

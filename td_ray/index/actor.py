@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import time
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from td_ray import devices
 from td_ray.config import IndexConfig
@@ -14,6 +19,8 @@ from td_ray.encoders.dense import StudentEncoder
 from td_ray.encoders.passages import split_passages
 from td_ray.index.core import (
     TokenReservoir,
+    document_changes,
+    document_fingerprints,
     in_sample,
     plan_centroids,
     sample_fraction,
@@ -22,6 +29,7 @@ from td_ray.index.core import (
 )
 from td_ray.keys import Digest
 from td_ray.retrieval import faiss_index, plaid
+from td_ray.retrieval.layout import DOCUMENTS
 from td_ray.workspace import EVAL_DOCS, Workspace
 
 #: Columns the actor reads from each batch.
@@ -92,6 +100,7 @@ def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexC
     from td_ray.devices import resolve_device, use_reserved_threads
     from td_ray.encoders.colbert import ColBERTStudentEncoder
 
+    started = time.perf_counter()
     threads = use_reserved_threads()
     device = resolve_device(options.device)
     workspace = Workspace(workspace_uri)
@@ -119,7 +128,40 @@ def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexC
     return {"sample_docs": seen_docs, "sample_tokens": len(sample), "estimated_tokens": estimated,
             "centroids": centroids, "dim": codec.dim, "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
             "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token, "device": device,
-            "threads": threads}
+            "threads": threads, "seconds": time.perf_counter() - started}
+
+
+def fingerprints_task(workspace_uri: str, out: str) -> int:
+    """Ray task: write (id, text fingerprint) of every evaluation document to `out`; returns the documents."""
+    table = document_fingerprints(Workspace(workspace_uri).iter_batches(EVAL_DOCS, ["id", "text"]))
+    temporary = Path(out).with_name(f".{Path(out).name}.tmp")
+    pq.write_table(table, temporary)
+    os.replace(temporary, out)
+    return table.num_rows
+
+
+def changes_task(workspace_uri: str, build: str, documents: str, passage_maps: list[str]) -> dict:
+    """Ray task: what changed in the evaluation documents since the build in `build`: the documents to encode
+    (new or changed) copied to the table `documents` (workspace-relative), the build's passages of changed or
+    removed documents, and the current fingerprints, saved beside the built ones to replace them once the append
+    is committed."""
+    from td_ray.retrieval.maxp import PassageMap
+
+    workspace = Workspace(workspace_uri)
+    current = document_fingerprints(workspace.iter_batches(EVAL_DOCS, ["id", "text"]))
+    encode, stale = document_changes(pq.read_table(Path(build) / DOCUMENTS), current)
+    with workspace.atomic_writer(documents, workspace.read_schema(EVAL_DOCS)) as writer:
+        for batch in workspace.iter_batches(EVAL_DOCS):
+            chosen = batch.filter(pc.is_in(batch.column("id").cast(pa.string()), encode))
+            if chosen.num_rows:
+                writer.write(pa.Table.from_batches([chosen]))
+    passages, first = [], 0
+    for batch in PassageMap([Path(path) for path in passage_maps]).batches:
+        passages.append(first + np.flatnonzero(pc.is_in(batch.column("docid"), stale).to_numpy(zero_copy_only=False)))
+        first += batch.num_rows
+    pq.write_table(current, Path(build) / f"{DOCUMENTS}.next")
+    return {"encode": len(encode), "stale_documents": len(stale),
+            "stale_passages": np.concatenate(passages) if passages else np.zeros(0, np.int64)}
 
 
 def token_shard_task(table: str, build: str, shard: int, first: int, last: int, layout: plaid.Layout) -> Digest:

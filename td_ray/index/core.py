@@ -111,8 +111,8 @@ def document_changes(built: pa.Table, current: pa.Table) -> tuple[pa.Array, pa.A
     removed = built.join(current.select(["id"]), "id", join_type="left anti")["id"]
     changed = encode.filter(pc.is_in(encode, built["id"]))
     stale = pa.concat_arrays([removed.combine_chunks(), changed.combine_chunks()])
-    return pc.sort_indices(encode) and encode.take(pc.sort_indices(encode)).combine_chunks(), stale.take(
-        pc.sort_indices(stale))
+    encode = encode.combine_chunks()
+    return encode.take(pc.sort_indices(encode)), stale.take(pc.sort_indices(stale))
 
 
 class TokenReservoir:

@@ -228,14 +228,20 @@ def merge_on_disk(trained: Path, shards: list[Path], index_path: Path, data_path
 
 class Searcher:
     """Search over a built index: the merged IVF index (its inverted lists memory-mapped by FAISS), or the Flat/HNSW
-    shards (memory-mapped), each searched in turn and their top k merged. Every file is opened once, here, and every
-    search reuses it. `params` is a FAISS ParameterSpace string (``nprobe=64``, ``efSearch=128``)."""
+    shards (memory-mapped), and the shards of later appends, each searched in turn and their top k merged. Every
+    file is opened once, here, and every search reuses it. `params` is a FAISS ParameterSpace string (``nprobe=64``,
+    ``efSearch=128``); the faiss ids in `excluded` (passages of changed or removed documents) are never returned."""
 
-    def __init__(self, paths: list[Path], params: str | None):
+    def __init__(self, paths: list[Path], params: str | None, excluded: np.ndarray | None = None):
         self.paths, self.params = paths, params
         self.indexes = [self._open(path) for path in paths]
         self.ntotal = sum(index.ntotal for index in self.indexes)
         self.dim = self.indexes[0].d
+        self.excluded = None
+        if excluded is not None and len(excluded):
+            self.excluded = np.ascontiguousarray(excluded, dtype=np.int64)
+            self.selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.excluded))  # kept: FAISS holds a pointer
+            self.search_parameters = [_parameters_with(index, self.selector) for index in self.indexes]
 
     def _open(self, path: Path) -> faiss.Index:
         # IO_FLAG_MMAP maps a Flat/HNSW shard's vectors; an on-disk IVF index maps its lists itself (and FAISS
@@ -251,11 +257,33 @@ class Searcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for index in self.indexes:
-            found_scores, found_ids = index.search(queries, min(k, max(index.ntotal, 1)))
+        for number, index in enumerate(self.indexes):
+            width = min(k, max(index.ntotal, 1))
+            if self.excluded is None:
+                found_scores, found_ids = index.search(queries, width)
+            else:
+                found_scores, found_ids = index.search(queries, width, params=self.search_parameters[number])
             found_scores[found_ids < 0] = -np.inf
             scores, ids = _merge_top(scores, ids, found_scores, found_ids, k)
         return scores, ids
+
+
+def _parameters_with(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters that keep `index`'s own nprobe or efSearch and filter by `selector`."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        inner = faiss.downcast_index(inner.index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        parameters = faiss.SearchParametersIVF()
+        parameters.nprobe = ivf.nprobe
+    elif isinstance(inner, faiss.IndexHNSW):
+        parameters = faiss.SearchParametersHNSW()
+        parameters.efSearch = inner.hnsw.efSearch
+    else:
+        parameters = faiss.SearchParameters()
+    parameters.sel = selector
+    return parameters
 
 
 def _merge_top(scores: np.ndarray, ids: np.ndarray, more_scores: np.ndarray, more_ids: np.ndarray,

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from td_ray.errors import ModelError, StaleIndexError
 from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.workspace import EVAL_DOCS, INDEX_META, STUDENT_DIR, Workspace, atomic_write_text
@@ -25,9 +27,13 @@ PASSAGE_MAP = "passages.arrow"
 TRAINED = "trained.faiss"
 EMBEDDINGS_TABLE = "embeddings.parquet"
 CODES_TABLE = "codes.parquet"
+DELETED = "deleted.npy"
+"""Passage numbers (ascending) of documents changed or removed since they were indexed: never returned."""
+DOCUMENTS = "documents.parquet"
+"""(id, fingerprint of the text) of every document the build holds: what an append compares the collection with."""
 REGISTERED = "index/models"
 POOL_SETTINGS = {"batch_size", "num_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "device",
-                 "task_cpus"}
+                 "task_cpus", "incremental"}
 """Index settings that change how fast a build is made, never what it holds."""
 
 
@@ -97,8 +103,19 @@ def _registered_student(uri: str, workspace: Workspace) -> str:
 def index_key(workspace: Workspace, model: str, index_settings: dict) -> str:
     """What a build is made from: the documents, the student's files and every index setting that changes what
     it holds (`index_settings`, the index section dumped as JSON; the pool's settings are left out)."""
+    return digest(workspace.table_identity(EVAL_DOCS), settings_key(model, index_settings))
+
+
+def settings_key(model: str, index_settings: dict) -> str:
+    """What a build's passages are encoded and compressed with: the student's files and the index settings that
+    change what it holds. Documents added to a build of the same settings key can be appended to it."""
     settings = {name: value for name, value in index_settings.items() if name not in POOL_SETTINGS}
-    return digest(workspace.table_identity(EVAL_DOCS), model, path_fingerprint(model), settings)
+    return digest(model, path_fingerprint(model), settings)
+
+
+def passage_map_paths(workspace: Workspace, meta: dict) -> list[Path]:
+    """The build's passage maps in faiss-id order: the first build's, then each append's."""
+    return [build_path(workspace, meta, name) for name in meta.get("passage_maps", [PASSAGE_MAP])]
 
 
 def check_current(workspace: Workspace, meta: dict, model: str, index_settings: dict) -> None:
@@ -107,3 +124,14 @@ def check_current(workspace: Workspace, meta: dict, model: str, index_settings: 
         raise StaleIndexError(f"the index in {workspace.path(meta.get('build', 'index'))} was built from other "
                               f"documents, another student or other index settings than this config's (student "
                               f"{model}); re-run the index stage")
+
+
+def add_deleted(directory: Path, passages: np.ndarray) -> int:
+    """Add passage numbers to the build's deleted set (written atomically); returns its size."""
+    path = directory / DELETED
+    known = np.load(path) if path.is_file() else np.zeros(0, np.int64)
+    merged = np.union1d(known, np.asarray(passages, dtype=np.int64))
+    temporary = directory / f".{DELETED}.{os.getpid()}.tmp.npy"
+    np.save(temporary, merged)
+    os.replace(temporary, path)
+    return len(merged)

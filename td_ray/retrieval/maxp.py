@@ -30,11 +30,14 @@ def write_passage_map(batches: Iterable[pa.RecordBatch | pa.Table], path: Path) 
 
 
 class PassageMap:
-    """faiss id -> (docid, passage), memory-mapped."""
+    """faiss id -> (docid, passage), memory-mapped; from one map, or several whose ids follow each other (a build
+    and its appends)."""
 
-    def __init__(self, path: Path):
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    def __init__(self, paths: Path | list[Path]):
+        self.batches = []
+        for path in [paths] if isinstance(paths, Path) else paths:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            self.batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
 
     def __len__(self) -> int:

@@ -48,6 +48,7 @@ import torch
 from td_ray.errors import StaleIndexError, TdRayError
 from td_ray.keys import Digest
 from td_ray.retrieval import token_math
+from td_ray.retrieval.layout import DELETED
 from td_ray.retrieval.maxsim import token_rows
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ IVF_OFFSETS = "ivf_offsets.npy"
 PASSAGE_CELLS = "passage_cells.npy"
 PASSAGE_CELL_OFFSETS = "passage_cell_offsets.npy"
 FILES = [CODEC, CODEC_RANGE, CENTROID_IDS, RESIDUALS, OFFSETS, IVF, IVF_OFFSETS, PASSAGE_CELLS, PASSAGE_CELL_OFFSETS]
-DELETED = "deleted.npy"
-"""Passage numbers (ascending) of documents changed or removed since they were indexed: never returned."""
 DECODE_CHUNK = 1024
 """Candidates decoded at a time: at 180 tokens of dim 128, 94 MB of float32, however large ndocs is."""
 LEVEL_ITERATIONS = 8
@@ -171,7 +170,8 @@ class ResidualCodec:
             part = (chunk - centre[(chunk @ centre.T).argmax(dim=1)]).cpu().numpy()
             residuals[begin:begin + len(part)] = part
             low, high = np.minimum(low, part.min(axis=0)), np.maximum(high, part.max(axis=0))
-        levels = None if nbits == 8 else token_math.fit_levels(residuals, 2**nbits, LEVEL_ITERATIONS, device).cpu().numpy()
+        levels = None if nbits == 8 else token_math.fit_levels(residuals, 2**nbits, LEVEL_ITERATIONS, device)
+        levels = None if levels is None else levels.cpu().numpy()
         return cls.from_parts(centre.cpu().numpy(), nbits, levels, low, high)
 
     def save(self, directory: Path) -> None:
@@ -352,15 +352,15 @@ def _joined(column: pa.Array, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(b"".join(column.to_pylist()), dtype=dtype)
 
 
-def add_deleted(directory: Path, passages: np.ndarray) -> int:
-    """Add passage numbers to the build's deleted set (written atomically); returns its size."""
-    path = directory / DELETED
-    known = np.load(path) if path.is_file() else np.zeros(0, np.int64)
-    merged = np.union1d(known, np.asarray(passages, dtype=np.int64))
-    temporary = _temporary(directory, DELETED)
-    np.save(temporary, merged)
-    os.replace(temporary, path)
-    return len(merged)
+def lists_match(directory: Path, layout: Layout, entries: int) -> bool:
+    """Whether the build's lists are those of `layout` with `entries` list entries (an append that stopped after
+    merging its lists leaves others), its token arrays at least that long."""
+    def rows(name: str) -> int:
+        return int(np.load(directory / name, mmap_mode="r").shape[0])
+
+    return (rows(IVF) == entries and rows(PASSAGE_CELL_OFFSETS) == layout.passages + 1
+            and int(np.load(directory / IVF_OFFSETS)[-1]) == entries and rows(CENTROID_IDS) >= layout.tokens
+            and rows(OFFSETS) >= layout.passages + 1)
 
 
 def write_shard(table: Path, directory: Path, shard: int, first: int, last: int, layout: Layout) -> Digest:

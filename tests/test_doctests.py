@@ -1,0 +1,15 @@
+"""The doctests of the pure helpers: their examples are part of the documentation, and must stay true."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["td_ray.retrieval.token_math", "td_ray.retrieval.plaid", "td_ray.index.core"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_examples_hold(name):
+    failures, tried = doctest.testmod(importlib.import_module(name))
+    assert tried > 0 and failures == 0
