@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+FAST_PLAID = "fast-plaid==1.7.0.2110"
+"""The peer of `bench/colbert_index.py`: it needs its own torch (2.11), so it lives in a venv of its own."""
+
+logger = logging.getLogger("bench.common")
 
 
 def psutil():
@@ -92,6 +98,32 @@ class ProcessTree(threading.Thread):
             if when <= t1:
                 return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
         return series[-1][1]
+
+
+def bench_cache() -> Path:
+    """Where benchmarks keep what outlives a run and must stay out of the repository (peers' venvs and indexes):
+    ``$TD_RAY_BENCH_CACHE``, else ``~/.cache/td-ray-bench``."""
+    return Path(os.environ.get("TD_RAY_BENCH_CACHE", Path.home() / ".cache" / "td-ray-bench"))
+
+
+def fast_plaid_python() -> Path:
+    """The python of a venv with fast-plaid, created under `bench_cache()` on first use (about 70 s and 4.8 GB:
+    PyPI's CUDA build of torch 2.11, which also runs on CPU) and reused while ``import fast_plaid`` works there."""
+    venv = bench_cache() / FAST_PLAID.replace("==", "-")
+    python = venv / "bin" / "python"
+    works = python.exists() and subprocess.run([python, "-c", "import fast_plaid"], capture_output=True,
+                                               check=False).returncode == 0
+    if works:
+        logger.info("fast-plaid: reusing %s", venv)
+        return python
+    logger.info("fast-plaid: creating %s and installing %s (about 70 s and 4.8 GB)", venv, FAST_PLAID)
+    started = time.perf_counter()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", FAST_PLAID],
+                   check=True)
+    logger.info("fast-plaid: installed in %.0f s", time.perf_counter() - started)
+    return python
 
 
 def contention() -> dict:

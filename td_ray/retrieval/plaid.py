@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -557,6 +558,8 @@ class TokenIndex:
         self.centroid_ids = _load(directory / CENTROID_IDS, budget)
         self.residuals = np.load(directory / RESIDUALS, mmap_mode="r")
         self.ntotal = len(self.offsets) - 1
+        self.work: Counter = Counter()
+        """What searches read so far: queries, candidates, centroid cells scored and tokens decoded."""
         self.deleted = np.zeros(self.ntotal, dtype=bool)
         if (directory / DELETED).is_file():
             self.deleted[np.load(directory / DELETED)] = True
@@ -597,6 +600,7 @@ class TokenIndex:
         starts = np.asarray(self.cell_offsets[passages], dtype=np.int64)
         counts = np.asarray(self.cell_offsets[passages + 1], dtype=np.int64) - starts
         cells = torch.from_numpy(np.asarray(self.cells[token_rows(starts, counts)], dtype=np.int64)).to(self.device)
+        self.work["cells"] += len(cells)
         lengths = torch.from_numpy(counts).to(self.device)
         if kept is None:
             return token_math.segment_max(table.index_select(0, cells), lengths).sum(dim=1)
@@ -609,6 +613,7 @@ class TokenIndex:
         parts = []
         for begin in range(0, len(passages), DECODE_CHUNK):
             vectors, counts = self.decode_passages(passages[begin:begin + DECODE_CHUNK])
+            self.work["decoded_tokens"] += int(counts.sum())
             lengths = torch.from_numpy(counts).to(self.device)
             parts.append(token_math.segment_max(vectors @ query.T, lengths).sum(dim=1))
         return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
@@ -623,6 +628,7 @@ class TokenIndex:
     def search_one(self, query: torch.Tensor, centroid_scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top `k` passages of one query [Lq, dim], given its centroid scores [Lq, nlist]: scores, numbers."""
         candidates = self.candidates(centroid_scores)
+        self.work.update(queries=1, candidates=len(candidates))
         table = centroid_scores.T.contiguous()  # centroid-major: one centroid's scores for every query token
         threshold = self.settings.centroid_score_threshold
         if len(candidates) > max(self.settings.ndocs, k):
