@@ -413,3 +413,22 @@ def test_appended_passages_give_the_files_of_a_rebuild_and_deleted_ones_leave_th
     assert np.load(grown / plaid.OFFSETS).tolist() == np.load(tmp_path / "full" / plaid.OFFSETS)[:first + 1].tolist()[
         :-1] + [offsets[first]]
     assert np.array_equal(np.load(grown / plaid.CENTROID_IDS), codec.encode(tokens[:offsets[first]])[0])
+
+
+def test_the_paper_configs_state_the_projection_the_benchmark_made():
+    """Each paper config's header gives its index's build hours and search ms on 8 H100s as
+    bench/results/colbert_index.json projects them for its collection (marked as projected there)."""
+    import json
+    import re
+
+    root = Path(__file__).parents[1]
+    projection = json.loads((root / "bench" / "results" / "colbert_index.json").read_text())["paper_projection"]
+    for path in sorted((root / "configs" / "paper").glob("*.yaml")):
+        collection = "mtd" if path.name.startswith("mtd") else path.stem.rsplit("-", 1)[-1]
+        figures = projection["collections"][collection]
+        words = " ".join(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+        stated = re.search(r"no GPU ran it\): the index builds in about ([\d.]+) h .* answers a query in about "
+                           r"([\d.]+) ms", words)
+        assert stated, f"{path.name}: the header does not state the projection"
+        assert float(stated.group(1)) == figures["projected_build_hours_8_h100"]["total"], path.name
+        assert float(stated.group(2)) == figures["projected_search_ms_a_query"], path.name
