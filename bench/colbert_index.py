@@ -85,17 +85,16 @@ def chunks_for(tokens: int) -> int:
     return max(1, -(-tokens // (75 * CHUNK_PASSAGES)))
 
 
-def write_codes(build: Path, codec, seed: int, chunks: int, centres: np.ndarray) -> tuple[int, int]:
-    """Compress every chunk into the stage's codes table (one row group a chunk, numbered as the stage numbers
-    its batches); returns (passages, tokens)."""
+def write_codes(table: Path, codec, chunks, numbering=None):
+    """Compress each (counts, tokens) of `chunks` into the stage's codes table at `table` (one row group a chunk,
+    numbered as the stage numbers its batches, from `numbering`'s next passage and token); returns the numbering."""
     from td_ray import schemas
     from td_ray.index.core import TokenNumbering
     from td_ray.retrieval import plaid
 
-    numbering = TokenNumbering()
-    with pq.ParquetWriter(build / "codes.parquet", schemas.TOKEN_CODES) as writer:
-        for chunk in range(chunks):
-            counts, tokens = passage_chunk(seed, chunk, CHUNK_PASSAGES, centres)
+    numbering = numbering or TokenNumbering()
+    with pq.ParquetWriter(table, schemas.TOKEN_CODES) as writer:
+        for counts, tokens in chunks:
             ids, residuals = codec.encode(tokens)
             batch = pa.table({"docid": pa.array((numbering.next_id + np.arange(len(counts))).astype(str)),
                               "passage": pa.array(np.zeros(len(counts), np.int32)),
@@ -103,7 +102,14 @@ def write_codes(build: Path, codec, seed: int, chunks: int, centres: np.ndarray)
                               "residuals": plaid.per_passage_bytes(residuals, counts)})
             for part in numbering(batch):
                 writer.write_table(part)
-    return numbering.next_id, numbering.next_token
+    return numbering
+
+
+def read_chunks(paths: list[Path]):
+    """(counts, tokens) of each saved chunk, one at a time."""
+    for path in paths:
+        with np.load(path) as chunk:
+            yield chunk["counts"], chunk["tokens"]
 
 
 def prepare_synthetic(build: Path, seed: int, chunks: int, centres: np.ndarray, nbits: int, train_sample: int,
@@ -124,7 +130,9 @@ def prepare_synthetic(build: Path, seed: int, chunks: int, centres: np.ndarray, 
     codec = plaid.ResidualCodec.train(sample, centroids, nbits)
     codec.save(build)
     trained = time.perf_counter() - started
-    passages, tokens = write_codes(build, codec, seed, chunks, centres)
+    numbering = write_codes(build / "codes.parquet", codec,
+                            (passage_chunk(seed, chunk, CHUNK_PASSAGES, centres) for chunk in range(chunks)))
+    passages, tokens = numbering.next_id, numbering.next_token
     return {"passages": passages, "tokens": tokens, "centroids": codec.nlist, "nbits": nbits,
             "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
             "train_seconds": round(trained, 2), "compress_seconds": round(time.perf_counter() - started - trained, 2),
@@ -272,9 +280,8 @@ def td_ray_build(build: Path, tokens_dir: Path, centroids: int, nbits: int, trai
     the codes table, Ray shard tasks fill the arrays and a task merges the lists. Returns figures and metadata."""
     import torch
 
-    from td_ray import schemas
     from td_ray.index import build_token_index
-    from td_ray.index.core import TokenNumbering, TokenReservoir, sample_fraction
+    from td_ray.index.core import TokenReservoir, sample_fraction
     from td_ray.retrieval import plaid
 
     torch.set_num_threads(threads)
@@ -283,27 +290,14 @@ def td_ray_build(build: Path, tokens_dir: Path, centroids: int, nbits: int, trai
     paths = sorted(tokens_dir.glob("chunk-*.npz"))
     started = time.perf_counter()
     reservoir, rng = TokenReservoir(train_sample), np.random.default_rng(0)
-    for path in paths:
-        with np.load(path) as chunk:
-            counts, tokens = chunk["counts"], chunk["tokens"]
+    for counts, tokens in read_chunks(paths):
         chosen = rng.random(len(counts)) < sample_fraction(len(counts) * len(paths))
         starts = np.concatenate([[0], np.cumsum(counts)])
         reservoir.add(np.concatenate([tokens[starts[p]:starts[p + 1]] for p in np.flatnonzero(chosen)]))
     codec = plaid.ResidualCodec.train(reservoir.sample, centroids, nbits, in_place=True)
     codec.save(build)
     trained = time.perf_counter() - started
-    numbering = TokenNumbering()
-    with pq.ParquetWriter(build / "codes.parquet", schemas.TOKEN_CODES) as writer:
-        for path in paths:
-            with np.load(path) as chunk:
-                counts, tokens = chunk["counts"], chunk["tokens"]
-            ids, residuals = codec.encode(tokens)
-            batch = pa.table({"docid": pa.array((numbering.next_id + np.arange(len(counts))).astype(str)),
-                              "passage": pa.array(np.zeros(len(counts), np.int32)),
-                              "tokens": counts.astype(np.int32), "centroid_ids": plaid.per_passage_bytes(ids, counts),
-                              "residuals": plaid.per_passage_bytes(residuals, counts)})
-            for part in numbering(batch):
-                writer.write_table(part)
+    numbering = write_codes(build / "codes.parquet", codec, read_chunks(paths))
     compressed = time.perf_counter() - started - trained
     layout = plaid.Layout(numbering.next_id, numbering.next_token, codec.code_bytes, codec.id_dtype.str, codec.nlist)
     _, entries = build_token_index(build, layout, shards, task_cpus=threads)
@@ -320,11 +314,11 @@ def td_ray_build(build: Path, tokens_dir: Path, centroids: int, nbits: int, trai
 
 def td_ray_append(build: Path, meta: dict, tokens_dir: Path, share: float, threads: int,
                   shards: int) -> tuple[float, int]:
-    """Seconds (and tokens) to append `share` of the collection again (the last chunks' passages, as new passages) to the built
-    index with its codec, as the index stage appends: compress, grow the arrays, fill, merge after the built lists."""
+    """Seconds (and tokens) to append `share` of the collection again (the last chunks' passages, as new passages)
+    to the built index with its codec, as the index stage appends: compress, grow the arrays, fill, and merge after
+    the built lists."""
     import torch
 
-    from td_ray import schemas
     from td_ray.index import build_token_index
     from td_ray.index.core import TokenNumbering
     from td_ray.retrieval import plaid
@@ -335,18 +329,8 @@ def td_ray_append(build: Path, meta: dict, tokens_dir: Path, share: float, threa
     codec = plaid.ResidualCodec.load(build)
     previous = plaid.Layout(meta["passages"], meta["tokens"], codec.code_bytes, codec.id_dtype.str, codec.nlist)
     started = time.perf_counter()
-    numbering = TokenNumbering(previous.passages, previous.tokens)
-    with pq.ParquetWriter(build / "append.parquet", schemas.TOKEN_CODES) as writer:
-        for path in paths:
-            with np.load(path) as chunk:
-                counts, tokens = chunk["counts"], chunk["tokens"]
-            ids, residuals = codec.encode(tokens)
-            batch = pa.table({"docid": pa.array((numbering.next_id + np.arange(len(counts))).astype(str)),
-                              "passage": pa.array(np.zeros(len(counts), np.int32)),
-                              "tokens": counts.astype(np.int32), "centroid_ids": plaid.per_passage_bytes(ids, counts),
-                              "residuals": plaid.per_passage_bytes(residuals, counts)})
-            for part in numbering(batch):
-                writer.write_table(part)
+    numbering = write_codes(build / "append.parquet", codec, read_chunks(paths),
+                            TokenNumbering(previous.passages, previous.tokens))
     layout = plaid.Layout(numbering.next_id, numbering.next_token, codec.code_bytes, codec.id_dtype.str, codec.nlist)
     build_token_index(build, layout, shards, task_cpus=threads, previous=previous, table="append.parquet")
     return time.perf_counter() - started, layout.tokens - previous.tokens

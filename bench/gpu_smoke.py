@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from td_ray import devices  # noqa: E402
-from td_ray.retrieval import plaid, token_math  # noqa: E402
+from td_ray.retrieval import plaid  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_smoke")
 
