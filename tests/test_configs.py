@@ -135,10 +135,11 @@ def test_paper_configs_are_exactly_the_expected_twelve():
 
 
 def _gpu_pod_cpus() -> int:
-    """CPUs of the GPU worker pods in cluster/kuberay-rayjob.yaml, where the training workers run."""
+    """CPUs of the GPU worker pods in cluster/kuberay-rayjob.yaml at most (the autoscaler's maxReplicas), where the
+    training workers run."""
     job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text(encoding="utf-8"))
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    return sum(int(group["replicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    return sum(int(group["maxReplicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
                for group in groups if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"])
 
 
@@ -345,9 +346,60 @@ def test_rayjob_runs_a_config_that_exists_and_mounts_the_workspace():
     for pod in pods:
         mounts = [mount["mountPath"] for container in pod["spec"]["containers"] for mount in container["volumeMounts"]]
         assert any(workspace.startswith(mount.rstrip("/") + "/") for mount in mounts), mounts
-    gpus = sum(int(group["replicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for group in cluster["workerGroupSpecs"])
+    gpus = sum(int(group["maxReplicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"]) for group in cluster["workerGroupSpecs"])
     assert gpus >= target.distill.num_workers
+
+    # it autoscales from zero workers, the head takes no work, a failed job is retried, and the job id is the
+    # fingerprint of the config and workspace it submits (the same submission twice is a duplicate)
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert all(group["minReplicas"] == group["replicas"] == 0 for group in cluster["workerGroupSpecs"])
+    assert job["spec"]["backoffLimit"] >= 1
+    assert job["spec"]["jobId"] == f"td-ray-msmarco-zh-{load_config(ROOT / config, workspace=workspace).fingerprint()}"
+
+
+def _strict(schema):
+    """The schema with unknown fields forbidden wherever it lists the fields (Kubernetes drops unknown fields
+    silently; a typo would then simply not apply)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            _strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _strict(value)
+    return schema
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "schemas" / "ray.io_rayjobs.yaml").is_file(),
+                    reason="../shared/schemas is absent")
+def test_rayjob_follows_kuberays_schema():
+    """cluster/kuberay-rayjob.yaml against KubeRay v1.7.0's RayJob CRD, unknown fields refused."""
+    import jsonschema
+
+    crd = yaml.safe_load((ROOT.parent / "shared" / "schemas" / "ray.io_rayjobs.yaml").read_text(encoding="utf-8"))
+    schema = next(version for version in crd["spec"]["versions"] if version["name"] == "v1")["schema"]
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text(encoding="utf-8"))
+    errors = [f"{list(error.path)}: {error.message[:160]}"
+              for error in jsonschema.Draft7Validator(_strict(schema["openAPIV3Schema"])).iter_errors(job)]
+    assert not errors
+    job["spec"]["rayClusterSpec"]["enableInTreeAutoscalling"] = True  # a typo is caught
+    assert any("enableInTreeAutoscalling" in error.message
+               for error in jsonschema.Draft7Validator(schema["openAPIV3Schema"]).iter_errors(job))
+
+
+def test_the_autoscaler_config_passes_rays_own_checks():
+    """cluster/autoscaler.yaml as `ray up` reads it: Ray's defaults filled in (prepare_config), then its schema
+    (validate_config)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster" / "autoscaler.yaml").read_text(encoding="utf-8"))
+    validate_config(prepare_config(config))
+    broken = config | {"max_workerz": 6}
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config(prepare_config(broken))
 
 
 def test_multilingual_translate_config_steers_one_model_per_language(tmp_path: Path):
