@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--workspace", required=True, help="the workspace to report on")
     sub.add_argument("--config", help="pipeline YAML config, for its MLflow store (default: MLFLOW_TRACKING_URI, "
                      "else the workspace's sqlite store)")
+    sub = commands.add_parser("promote", help="point the promotion alias (mlflow.promote.alias, default "
+                              "champion) at a registered version by hand")
+    sub.add_argument("--config", required=True, help="pipeline YAML config, for its MLflow store and model name")
+    sub.add_argument("--workspace", help="override the config's workspace")
+    sub.add_argument("--version", required=True, help="the registered version to promote")
     sub = commands.add_parser("validate", help="check a config and print it with every default filled in")
     sub.add_argument("--config", required=True)
     commands.add_parser("config-schema", help="print the JSON schema of the config, every field described")
@@ -77,6 +82,24 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote_by_hand(config, version: str) -> int:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from td_ray.tracking import tracking_uri
+
+    alias = config.mlflow.promote.alias if config.mlflow.promote else "champion"
+    client = MlflowClient(tracking_uri(config))
+    try:
+        client.get_model_version(config.mlflow.registered_model, version)
+    except MlflowException:
+        raise TdRayError(f"{config.mlflow.registered_model} has no version {version} in {tracking_uri(config)}; "
+                         "name a registered version") from None
+    client.set_registered_model_alias(config.mlflow.registered_model, alias, version)
+    print(f"@{alias} -> version {version} of {config.mlflow.registered_model}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from td_ray.config import PipelineConfig, load_config
 
@@ -107,6 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         return _report(args)
     config = load_config(args.config, workspace=args.workspace)
+    if args.command == "promote":
+        return _promote_by_hand(config, args.version)
     if args.command == "run":
         return _run_stages(config, args.stages.split(",") if args.stages else None)
     return _run_stages(config, [args.command])

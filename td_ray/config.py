@@ -117,6 +117,15 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (local only; default all).")
 
 
+class PromoteConfig(_Strict):
+    """Move a registry alias to a newly distilled student only when its evaluation beats the alias's version on the
+    same evaluation (the same documents, topics, qrels, index settings and measure)."""
+
+    metric: str = Field("nDCG@20", description="The ir_measures name compared; one of evaluate.measures.")
+    alias: str = Field("champion", description="Registry alias moved to the better student.")
+    min_delta: float = Field(0.0, ge=0, description="How much the new student must exceed the alias's version by.")
+
+
 class MlflowConfig(_Strict):
     """Where runs and models are tracked."""
 
@@ -128,6 +137,10 @@ class MlflowConfig(_Strict):
     experiment: str = Field("td-ray", description="Experiment name; each pipeline run is one parent run in it.")
     registered_model: str = Field("td-ray-student", description="Registry name the distilled student is registered under.")
     alias: str = Field("candidate", description="Registry alias set on the newly registered version.")
+    promote: PromoteConfig | None = Field(
+        None, description="After evaluate, move promote.alias to the new student only if it beats that alias's "
+        "version on the same evaluation; each version is tagged with its evaluation. Null: no promotion.",
+    )
 
 
 class DataConfig(_Strict):
@@ -647,6 +660,14 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"{field}: {lang!r} is not `en` nor a translate target ({sorted(langs)})")
         if self.distill.positives == "qrels" and self.data.train_qrels is None:
             raise ValueError("distill.positives: qrels needs data.train_qrels (the training queries' judgements)")
+        return self
+
+    @model_validator(mode="after")
+    def _promotion_measured(self) -> PipelineConfig:
+        promote = self.mlflow.promote
+        if promote is not None and promote.metric not in self.evaluate.measures:
+            raise ValueError(f"mlflow.promote.metric {promote.metric!r} is not evaluated; add it to evaluate.measures "
+                             f"({self.evaluate.measures}) or promote on one of those")
         return self
 
     @model_validator(mode="after")

@@ -70,6 +70,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
             results.append(STAGES[stage](config))
         if config.compare_untrained and "evaluate" in chosen:
             results += _run_untrained(config)
+        _promote(config, results)
         # The parent run carries the headline numbers, so runs compare at a glance in the UI.
         for result in results:
             if result.stage in ("evaluate", UNTRAINED_EVALUATE):
@@ -80,6 +81,31 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
                            | {"seconds": time.perf_counter() - started})
         _write_report(config, parent_run_id)
     return results
+
+
+def _promote(config: PipelineConfig, results: list[StageResult]) -> None:
+    """Tag the distilled student's version with this run's evaluation and, with `mlflow.promote`, move its alias
+    to it if it beats the alias's version; a run whose student was unchanged moves no alias."""
+    from mlflow import MlflowClient
+
+    from td_ray.promotion import evaluation_key, promote, tag_evaluation
+
+    by_stage = {result.stage: result for result in results}
+    distilled, evaluated = by_stage.get("distill"), by_stage.get("evaluate")
+    if distilled is None or evaluated is None or config.index.model is not None:  # evaluate searched another model
+        return
+    name, version = config.mlflow.registered_model, str(int(distilled.metrics["model_version"]))
+    client = MlflowClient(tracking.tracking_uri(config))
+    tag_evaluation(client, name, version, evaluation_key(config),
+                   {measure: evaluated.metrics[measure] for measure in config.evaluate.measures
+                    if measure in evaluated.metrics})
+    if config.mlflow.promote is None:
+        return
+    if distilled.metrics.get("unchanged"):
+        logger.info("promote: the student is unchanged since it was registered; @%s stays",
+                    config.mlflow.promote.alias)
+        return
+    promote(client, name, version, config.mlflow.promote)
 
 
 def _write_report(config: PipelineConfig, parent_run_id: str) -> None:

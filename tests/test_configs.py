@@ -355,7 +355,10 @@ def test_rayjob_runs_a_config_that_exists_and_mounts_the_workspace():
     assert cluster["enableInTreeAutoscaling"] is True and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert all(group["minReplicas"] == group["replicas"] == 0 for group in cluster["workerGroupSpecs"])
     assert job["spec"]["backoffLimit"] >= 1
-    assert job["spec"]["jobId"] == f"td-ray-msmarco-zh-{load_config(ROOT / config, workspace=workspace).fingerprint()}"
+    fingerprint = load_config(ROOT / config, workspace=workspace).fingerprint()
+    assert job["spec"]["jobId"] == f"td-ray-msmarco-zh-{fingerprint}", (
+        "the config (or a default of td-ray's config) changed: set the RayJob's jobId to td-ray-msmarco-zh-"
+        f"{fingerprint}")
 
 
 def _strict(schema):
