@@ -165,10 +165,8 @@ class ResidualCodec:
         residuals = vectors if in_place else np.empty_like(vectors)
         low = np.full(vectors.shape[1], np.inf, np.float32)
         high = np.full(vectors.shape[1], -np.inf, np.float32)
-        step = token_math.chunk_rows(centroids)
-        for begin in range(0, len(vectors), step):
-            chunk = token_math.as_tensor(vectors[begin:begin + step], device)
-            part = (chunk - centre[(chunk @ centre.T).argmax(dim=1)]).cpu().numpy()
+        for begin, chunk, assigned in token_math.assigned_chunks(vectors, centre):
+            part = (chunk - centre[assigned]).cpu().numpy()
             residuals[begin:begin + len(part)] = part
             low, high = np.minimum(low, part.min(axis=0)), np.maximum(high, part.max(axis=0))
         levels = None if nbits == 8 else token_math.fit_levels(residuals, 2**nbits, LEVEL_ITERATIONS, device)
@@ -228,10 +226,7 @@ class ResidualCodec:
         centre, table = self.tensors(device)
         ids = np.empty(len(vectors), dtype=self.id_dtype)
         codes = np.empty((len(vectors), self.code_bytes), dtype=np.uint8)
-        step = token_math.chunk_rows(self.nlist)
-        for begin in range(0, len(vectors), step):
-            chunk = token_math.as_tensor(vectors[begin:begin + step], device)
-            assigned = (chunk @ centre.T).argmax(dim=1)
+        for begin, chunk, assigned in token_math.assigned_chunks(vectors, centre):
             residual = chunk - centre[assigned]
             if self.nbits == 8:  # FAISS's SQ8: floor(255 x the residual's place in the range), clipped
                 place = torch.where(table[1] != 0, (residual - table[0]) / table[1], torch.zeros_like(residual))

@@ -7,6 +7,8 @@ most `SCORE_ELEMENTS` floats.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -33,16 +35,13 @@ def as_tensor(array, device: str | torch.device = "cpu", dtype: torch.dtype = to
     return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
-def nearest_centroids(vectors, centroids: torch.Tensor) -> torch.Tensor:
-    """The id of each vector's best centroid by inner product (the first on ties), [n] int64 on the centroids'
-    device; `vectors` [n, dim] may be on the host (numpy or tensor) and move a chunk at a time."""
-    device = centroids.device
-    out = torch.empty(len(vectors), dtype=torch.int64, device=device)
+def assigned_chunks(vectors, centroids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The chunks of `vectors` [n, dim] (numpy, memory-mapped or not, or a tensor), each moved to the centroids'
+    device, with each row's best centroid by inner product (the first on ties): (first row, chunk, ids)."""
     step = chunk_rows(len(centroids))
     for begin in range(0, len(vectors), step):
-        chunk = as_tensor(vectors[begin:begin + step], device)
-        out[begin:begin + len(chunk)] = (chunk @ centroids.T).argmax(dim=1)
-    return out
+        chunk = as_tensor(vectors[begin:begin + step], centroids.device)
+        yield begin, chunk, (chunk @ centroids.T).argmax(dim=1)
 
 
 def kmeans(sample, k: int, niter: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -55,13 +54,10 @@ def kmeans(sample, k: int, niter: int, seed: int = 0, device: str | torch.device
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=generator)[:k].sort().values.numpy()
     centroids = torch.nn.functional.normalize(as_tensor(sample[chosen], device), dim=1)
-    step = chunk_rows(k)
     for _ in range(niter):
         sums = torch.zeros(k, dim, device=device)
         counts = torch.zeros(k, device=device)
-        for begin in range(0, n, step):
-            chunk = as_tensor(sample[begin:begin + step], device)
-            ids = (chunk @ centroids.T).argmax(dim=1)
+        for _, chunk, ids in assigned_chunks(sample, centroids):
             sums.index_add_(0, ids, chunk)
             counts += torch.bincount(ids, minlength=k).to(counts.dtype)
         empty = counts == 0
