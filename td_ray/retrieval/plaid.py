@@ -119,6 +119,7 @@ class ResidualCodec:
             self.nbits = int(codec.pq.nbits)
             self._table = faiss.vector_to_array(codec.pq.centroids).reshape(self.dim, -1)  # [dim, 2^nbits]
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._byte_tables: dict[str, torch.Tensor] = {}
 
     @property
     def dim(self) -> int:
@@ -215,10 +216,9 @@ class ResidualCodec:
         return np.ascontiguousarray(values.reshape(-1, per_byte), dtype=np.float32)
 
     def _byte_table(self, device: str) -> torch.Tensor:
-        key = f"bytes:{device}"
-        if key not in self._tensors:
-            self._tensors[key] = (torch.from_numpy(self.byte_values()).to(device), None)
-        return self._tensors[key][0]
+        if device not in self._byte_tables:
+            self._byte_tables[device] = torch.from_numpy(self.byte_values()).to(device)
+        return self._byte_tables[device]
 
     def encode(self, vectors, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Centroid ids [n] and residual codes [n, code_bytes] of `vectors` [n, dim], computed on `device` a chunk
@@ -553,8 +553,7 @@ class TokenIndex:
         self.centroid_ids = _load(directory / CENTROID_IDS, budget)
         self.residuals = np.load(directory / RESIDUALS, mmap_mode="r")
         self.ntotal = len(self.offsets) - 1
-        self.work: Counter = Counter()
-        """What searches read so far: queries, candidates, centroid cells scored and tokens decoded."""
+        self.work: Counter = Counter()  # what searches read so far: queries, candidates, cells scored, tokens decoded
         self.deleted = np.zeros(self.ntotal, dtype=bool)
         if (directory / DELETED).is_file():
             self.deleted[np.load(directory / DELETED)] = True
