@@ -67,12 +67,29 @@ def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:6000]
 
 
+def end_abandoned_runs(config: PipelineConfig, experiment_id: str) -> list[str]:
+    """End as FAILED the runs of this workspace still RUNNING from a job that was killed (no process ends them
+    otherwise); called as a new pipeline, or a stage on its own, starts there. Returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    abandoned = [run for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+                 if run.data.tags.get("td_ray.workspace") == config.workspace]
+    for run in abandoned:
+        client.set_tag(run.info.run_id, "td_ray.ended", "left RUNNING by a job that stopped; ended by the next run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        logger.warning("mlflow: run %s (%s) was left RUNNING by a job that stopped: ended as FAILED", run.info.run_id,
+                       run.data.tags.get("mlflow.runName", "?"))
+    return [run.info.run_id for run in abandoned]
+
+
 @contextlib.contextmanager
 def pipeline_run(config: PipelineConfig) -> Iterator[str]:
     """The parent run of one pipeline execution; yields its run id."""
     import mlflow
 
     experiment_id = configure(config)
+    end_abandoned_runs(config, experiment_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as run:
         mlflow.set_tags({"td_ray.config_hash": config.fingerprint(), "td_ray.workspace": config.workspace})
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
@@ -86,6 +103,8 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
 
     experiment_id = configure(config)
     nested = mlflow.active_run() is not None
+    if not nested:
+        end_abandoned_runs(config, experiment_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested) as run:
         section = getattr(config, stage).model_dump(mode="json")
         params: dict[str, str] = {}

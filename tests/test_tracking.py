@@ -86,3 +86,23 @@ def test_a_stage_logs_to_an_http_tracking_server(pipeline_run, mlflow_server):
     assert run.data.tags["td_ray.stage"] == "evaluate"
     assert run.data.metrics["nDCG_20"] == pytest.approx(results["evaluate"].metrics["nDCG@20"], abs=1e-6)
     assert [item.path for item in client.list_artifacts(run.info.run_id) if item.path == "run.trec"] == ["run.trec"]
+
+
+def test_runs_a_killed_job_left_running_are_ended_as_failed_by_the_next_run(make_workspace):
+    """A job killed mid-stage leaves its parent and stage runs RUNNING; the next pipeline run in the same workspace
+    ends them as FAILED and says so, and leaves another workspace's runs alone."""
+    config = make_workspace()
+    other = with_updates(config, workspace=str(Path(config.workspace) / "elsewhere"))
+    experiment = tracking.configure(config)
+    client = mlflow.MlflowClient()
+    killed = [client.create_run(experiment, run_name=name, tags={"td_ray.workspace": config.workspace}).info.run_id
+              for name in ("pipeline", "distill")]
+    alive = client.create_run(experiment, run_name="index", tags={"td_ray.workspace": other.workspace}).info.run_id
+    with tracking.pipeline_run(config) as run_id:
+        assert client.get_run(run_id).info.status == "RUNNING"
+    for run in killed:
+        assert client.get_run(run).info.status == "FAILED"
+        assert "ended by the next run" in client.get_run(run).data.tags["td_ray.ended"]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    client.set_terminated(alive)
