@@ -113,7 +113,7 @@ def run(config: PipelineConfig) -> StageResult:
             tracking.log_result(result)
             return result
         settings = settings_key(model, options.model_dump(mode="json"))
-        appended = _append(config, workspace, model, key, settings, meta) if _appendable(
+        appended = _append(config, workspace, model, key, meta) if _appendable(
             workspace, meta, settings, options) else None
         if appended is not None:
             meta, metrics = appended
@@ -167,8 +167,7 @@ def _appendable(workspace: Workspace, meta: dict, settings: str, options: IndexC
     return True
 
 
-def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, settings: str,
-            meta: dict) -> tuple[dict, dict]:
+def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, meta: dict) -> tuple[dict, dict]:
     """Encode only the new and changed documents and append them to the built index (with its codec or trained
     quantiser); the passages of changed and removed documents are deleted from the results."""
     options, started = config.index, time.perf_counter()
@@ -181,11 +180,9 @@ def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, 
                       [str(build / name) for name in passage_maps], num_cpus=options.task_cpus)
     passage_map = f"passages-{number:04d}.arrow"
     first, tokens_before = int(meta["passages"]), int(meta["tokens"])
-    if meta["kind"] == "colbert":
-        meta, added = _append_colbert(workspace, build, options, model, meta, documents, passage_map, changes)
-    else:
-        meta, added = _append_dense(workspace, build, options, model, meta, documents, passage_map, changes)
-    if added:
+    if changes["encode"]:  # else only deletions
+        append = _append_colbert if meta["kind"] == "colbert" else _append_dense
+        meta = append(workspace, build, options, model, meta, documents, passage_map, number)
         meta["passage_maps"] = passage_maps + [passage_map]
     Path(workspace.path(documents)).unlink()
     deleted = (add_deleted(build, changes["stale_passages"]) if len(changes["stale_passages"])
@@ -207,13 +204,11 @@ def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, 
 
 
 def _append_colbert(workspace: Workspace, build: Path, options: IndexConfig, model: str, meta: dict, documents: str,
-                    passage_map: str, changes: dict) -> tuple[dict, bool]:
+                    passage_map: str, number: int) -> dict:
     """Compress the documents to append with the built codec, grow the token arrays and merge the lists."""
     previous = plaid.Layout(meta["passages"], meta["tokens"], meta["code_bytes"], meta["id_dtype"], meta["centroids"])
-    if not changes["encode"]:
-        return meta, False
     numbering = TokenNumbering(previous.passages, previous.tokens)
-    table = f"append-{CODES_TABLE}"
+    table = f"append-{number:04d}-{CODES_TABLE}"
     _encode_documents(workspace, build, options, ColBERTEncoderActor, {"model": model, "build": str(build)}, table,
                       schemas.TOKEN_CODES, numbering, documents, passage_map)
     layout = plaid.Layout(numbering.next_id, numbering.next_token, previous.code_bytes, previous.id_dtype,
@@ -221,18 +216,15 @@ def _append_colbert(workspace: Workspace, build: Path, options: IndexConfig, mod
     _, entries = build_token_index(build, layout, options.num_shards, options.task_cpus, previous, table)
     (build / table).unlink()
     size = sum((build / name).stat().st_size for name in plaid.FILES)
-    return meta | {"passages": layout.passages, "tokens": layout.tokens, "ivf_entries": entries, "bytes": size}, True
+    return meta | {"passages": layout.passages, "tokens": layout.tokens, "ivf_entries": entries, "bytes": size}
 
 
 def _append_dense(workspace: Workspace, build: Path, options: IndexConfig, model: str, meta: dict, documents: str,
-                  passage_map: str, changes: dict) -> tuple[dict, bool]:
+                  passage_map: str, number: int) -> dict:
     """Encode the documents to append and add them, in shard tasks, to copies of the build's trained index: new
     shard files searched beside the built ones."""
     import ray
 
-    if not changes["encode"]:
-        return meta, False
-    number = len(meta.get("appended", [])) + 1
     numbering = PassageNumbering(options.num_shards, meta["passages"])
     table = f"append-{number:04d}-{EMBEDDINGS_TABLE}"
     _encode_documents(workspace, build, options, EncoderActor, {"model": model}, table, schemas.EMBEDDINGS,
@@ -249,7 +241,7 @@ def _append_dense(workspace: Workspace, build: Path, options: IndexConfig, model
     (build / table).unlink()
     files = meta["files"] + [path.name for path in paths]
     size = sum((build / name).stat().st_size for name in files)
-    return meta | {"passages": numbering.next_id, "tokens": numbering.next_id, "files": files, "bytes": size}, True
+    return meta | {"passages": numbering.next_id, "tokens": numbering.next_id, "files": files, "bytes": size}
 
 
 def _remove_other_builds(workspace: Workspace, keep: str | None) -> None:
