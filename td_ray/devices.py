@@ -6,11 +6,8 @@ reservation decides; a plain process (the driver, a script, a test) uses what it
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
-
-logger = logging.getLogger(__name__)
 
 
 def _ray_worker_context():
