@@ -80,13 +80,15 @@ def build_worker(spec: dict) -> dict:
 
     from td_ray.index import build_from_table
     from td_ray.retrieval.faiss_index import plan_index
+    from td_ray.workspace import Workspace
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         build = Path(spec["build"])
         plan = plan_index(spec["factory"], spec["dim"])
         started = time.perf_counter()
-        files, _, trained_on = build_from_table(build, plan, spec["n"], spec["shards"], spec["train_sample"], "cpu")
+        files, _, trained_on = build_from_table(Workspace(str(build.parent)).mirror(build.name), plan, spec["n"],
+                                                spec["shards"], spec["train_sample"], "cpu")
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()

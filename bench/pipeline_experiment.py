@@ -37,7 +37,8 @@ import yaml
 
 from common import RESULTS, ROOT, contention, machine_info, write_report
 from td_ray.pipeline import demo_config
-from td_ray.workspace import RUN, SCORES, Workspace
+from td_ray.stage import read_record
+from td_ray.workspace import SCORES, Workspace
 
 logger = logging.getLogger("bench.pipeline_experiment")
 
@@ -79,7 +80,7 @@ def td_ray_run(raw: dict, path: Path, stages: str) -> float:
 
 def evaluated(workspace: Path) -> dict[str, float]:
     """The measures the evaluate stage stored with its run table."""
-    metrics = json.loads(Workspace(str(workspace)).file_metadata(RUN)["td_ray_metrics"])
+    metrics = read_record(Workspace(str(workspace)), "evaluate")["metrics"]
     return {name: metrics[name] for name in MEASURES}
 
 

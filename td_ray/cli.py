@@ -72,12 +72,16 @@ def _report(args: argparse.Namespace) -> int:
     from td_ray.tracking import tracking_uri
     from td_ray.workspace import Workspace
 
-    if not Path(args.workspace).is_dir():
+    if "://" not in args.workspace and not Path(args.workspace).is_dir():
         raise FileNotFoundError(f"workspace {args.workspace} does not exist")
+    workspace = Workspace(args.workspace)
     if args.config:
         uri = tracking_uri(load_config(args.config, workspace=args.workspace))
+    elif os.environ.get("MLFLOW_TRACKING_URI") or workspace.is_local:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace.local_dir('mlflow') / 'mlflow.db'}"
     else:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Workspace(args.workspace).local_dir('mlflow') / 'mlflow.db'}"
+        raise TdRayError(f"the workspace {workspace.location('')} is an object store: give its tracking server as "
+                         "MLFLOW_TRACKING_URI or with --config")
     print(f"report: {write_report(args.workspace, uri)}")
     return 0
 

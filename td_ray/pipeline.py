@@ -14,8 +14,10 @@ import yaml
 
 from td_ray import distill, evaluate, index, score, tracking, translate
 from td_ray.config import ConfigError, PipelineConfig, parse_config
+from td_ray.fingerprint import digest
+from td_ray.node_cache import cache_root
 from td_ray.result import StageResult
-from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text, untrained_label
+from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text, redacted, untrained_label
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +32,32 @@ DEMO_WORKSPACE = "./td-ray-workspace"
 UNTRAINED_EVALUATE = untrained_label("evaluate")
 
 
+def demo_assets_root(workspace: str) -> Path:
+    """Where the demo's tiny models and collection are built: the workspace itself, or for an object-store workspace a
+    folder on the driver's disk (its inputs are read there, and its models shared with the cluster)."""
+    if "://" not in workspace:
+        return Path(Workspace(workspace).root)
+    return cache_root() / "demo-assets" / digest(workspace)
+
+
 def demo_config(workspace: str | None = None) -> PipelineConfig:
     """The embedded demo config, with its workspace set to `workspace` (default ./td-ray-workspace)."""
+    workspace = workspace or DEMO_WORKSPACE
     text = resources.files("td_ray").joinpath("configs/demo.yaml").read_text(encoding="utf-8")
-    return parse_config(yaml.safe_load(text), source="td_ray/configs/demo.yaml", workspace=workspace or DEMO_WORKSPACE)
+    if "://" in workspace:
+        text = text.replace("{workspace}/", f"{demo_assets_root(workspace)}/")
+    return parse_config(yaml.safe_load(text), source="td_ray/configs/demo.yaml", workspace=workspace)
 
 
 def prepare_demo_assets(config: PipelineConfig) -> None:
-    """Build the tiny models and the demo collection into the workspace, once (both are cached)."""
+    """Build the tiny models and the demo collection (`demo_assets_root`), once (both are cached)."""
     from td_ray.assets.demo_data import write_demo_collection
     from td_ray.assets.tiny_models import build_tiny_models
 
-    workspace = Workspace(config.workspace)
-    build_tiny_models(workspace.local_dir("tiny-models"))
-    data_dir = workspace.local_dir("demo")
+    root = demo_assets_root(config.workspace)
+    build_tiny_models(root / "tiny-models")
+    data_dir = root / "demo"
+    data_dir.mkdir(parents=True, exist_ok=True)
     marker = data_dir / ".complete"
     if not marker.exists():
         write_demo_collection(data_dir)
@@ -113,9 +127,6 @@ def _write_report(config: PipelineConfig, parent_run_id: str) -> None:
     draw it is logged and the run, whose outputs are all in place, still succeeds."""
     from td_ray.report import write_report
 
-    if not Workspace(config.workspace).is_local:
-        logger.info("report: the workspace is remote; run `td-ray report` where it is mounted")
-        return
     try:
         write_report(config.workspace, tracking.tracking_uri(config), parent_run_id)
     except Exception:  # noqa: BLE001 - see the docstring
@@ -125,10 +136,10 @@ def _write_report(config: PipelineConfig, parent_run_id: str) -> None:
 def untrained_config(config: PipelineConfig) -> PipelineConfig:
     """`config`'s index and evaluate settings over the untrained student, in `{workspace}/untrained`, tracked in the
     same MLflow store."""
-    workspace = Workspace(config.workspace)
+    inner = Workspace(config.workspace).child_uri(UNTRAINED)
     raw = config.model_dump(mode="json")
-    raw |= {"workspace": workspace.path(UNTRAINED), "compare_untrained": False, "demo_assets": False}
-    raw["index"]["model"] = workspace.path(f"{UNTRAINED}/student")
+    raw |= {"workspace": inner, "compare_untrained": False, "demo_assets": False}
+    raw["index"]["model"] = str(Workspace(inner).local_dir("student"))  # built here, shared with the cluster
     raw["mlflow"]["tracking_uri"] = tracking.tracking_uri(config)
     return PipelineConfig.model_validate(raw)
 
@@ -183,13 +194,13 @@ def format_summary(results: list[StageResult], config: PipelineConfig) -> str:
         lines.append(f"{f'evaluation ({topics} topics)':<42}" + "".join(f"{name:>9}" for name in measures))
         for label, metrics in systems:
             lines.append(f"  {label:<40}" + "".join(f"{metrics.get(name, float('nan')):>9.4f}" for name in measures))
-    lines.append(f"workspace: {config.workspace}")
+    lines.append(f"workspace: {redacted(config.workspace)}")
     for result in results:
         for name, where in result.outputs.items():
             lines.append(f"  {result.stage}.{name}: {where}")
-    report = Path(config.workspace) / "report" / "report.html"
-    if report.is_file():
-        lines.append(f"report: {report} (also logged to the pipeline's MLflow run)")
+    workspace = Workspace(config.workspace)
+    if workspace.exists("report/report.html"):
+        lines.append(f"report: {workspace.location('report/report.html')} (also logged to the pipeline's MLflow run)")
     lines.append(f"MLflow: {tracking.tracking_uri(config)} (experiment {config.mlflow.experiment!r})")
     if Path(config.workspace).exists() and tracking.tracking_uri(config).startswith("sqlite:///"):
         mlflow_cli = Path(sys.executable).parent / "mlflow"

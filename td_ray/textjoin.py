@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 
 from td_ray.errors import TdRayError
-from td_ray.fingerprint import path_fingerprint
 from td_ray.keys import string_hashes
 from td_ray.workspace import Workspace
 
@@ -71,17 +70,28 @@ def write_text_file(batches: Iterable[pa.RecordBatch], target: Path, source: dic
     return target
 
 
-def export_text(workspace: Workspace, relative: str, folder: Path) -> Path:
-    """The lookup file of the workspace table `relative` in `folder`, exported once and again only when the
-    table changes (its size and modification time are recorded with the export)."""
-    target = folder / (relative.removesuffix(".parquet").replace("/", "--") + ".arrow")
-    source = {"table": relative, "stat": path_fingerprint(workspace.path(relative))}
-    source_path = _companions(target)[2]
-    if target.is_file() and source_path.is_file() and json.loads(source_path.read_text()) == source:
-        return target
-    logger.info("exporting %s for text lookups -> %s", relative, target)
-    write_text_file(workspace.iter_batches(relative, ["id", "text"]), target, source)
-    return target
+LOOKUP_FILE = "lookup.arrow"
+
+
+def export_text(workspace: Workspace, relative: str) -> str:
+    """The lookup of the workspace table `relative`: a folder ``text/<table>/`` in the workspace, exported once (in
+    the calling process, on a node-local scratch folder when the workspace is an object store, then uploaded) and
+    again only when the table changes. Returns the folder, workspace-relative; `open_lookup` maps it on any node."""
+    folder = "text/" + relative.removesuffix(".parquet").replace("/", "--")
+    source = {"table": relative, "identity": workspace.table_identity(relative)}
+    marker = f"{folder}/{_companions(Path(LOOKUP_FILE))[2].name}"
+    if workspace.exists(marker) and json.loads(workspace.read_text(marker)) == source:
+        return folder
+    logger.info("exporting %s for text lookups -> %s", relative, workspace.location(folder))
+    local = workspace.local_dir(folder)
+    write_text_file(workspace.iter_batches(relative, ["id", "text"]), local / LOOKUP_FILE, source)
+    workspace.upload(local, folder)
+    return folder
+
+
+def open_lookup(workspace: Workspace, folder: str, source: str) -> TextLookup:
+    """The `export_text` lookup `folder`, mapped from this node's disk (copied into its cache from an object store)."""
+    return TextLookup(workspace.local_copy(folder) / LOOKUP_FILE, source)
 
 
 class TextLookup:

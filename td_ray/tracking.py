@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from td_ray.config import PipelineConfig
+from td_ray.config import ConfigError, PipelineConfig
 from td_ray.result import StageResult
 from td_ray.usage import StageUsage
-from td_ray.workspace import Workspace
+from td_ray.workspace import Workspace, redacted
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -27,12 +27,20 @@ def metric_key(measure: str) -> str:
 
 
 def tracking_uri(config: PipelineConfig) -> str:
-    """The config's URI, else MLFLOW_TRACKING_URI, else a sqlite store under the workspace."""
+    """The config's URI, else MLFLOW_TRACKING_URI, else a sqlite store under a local workspace. A workspace on an
+    object store has no place for a store every node reaches: it needs a tracking server."""
     if config.mlflow.tracking_uri:
         return config.mlflow.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    database = Workspace(config.workspace).local_dir("mlflow") / "mlflow.db"
+    workspace = Workspace(config.workspace)
+    if not workspace.is_local:
+        raise ConfigError(
+            f"the workspace {workspace.location('')} is an object store, so MLflow needs a tracking server that every "
+            "node reaches: set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to an `mlflow server --serve-artifacts` "
+            "URL, e.g. http://mlflow.internal:5000"
+        )
+    database = workspace.local_dir("mlflow") / "mlflow.db"
     return f"sqlite:///{database}"
 
 
@@ -74,7 +82,7 @@ def end_abandoned_runs(config: PipelineConfig, experiment_id: str) -> list[str]:
 
     client = mlflow.MlflowClient()
     abandoned = [run for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
-                 if run.data.tags.get("td_ray.workspace") == config.workspace]
+                 if run.data.tags.get("td_ray.workspace") == redacted(config.workspace)]
     for run in abandoned:
         client.set_tag(run.info.run_id, "td_ray.ended", "left RUNNING by a job that stopped; ended by the next run")
         client.set_terminated(run.info.run_id, "FAILED")
@@ -91,8 +99,9 @@ def pipeline_run(config: PipelineConfig) -> Iterator[str]:
     experiment_id = configure(config)
     end_abandoned_runs(config, experiment_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as run:
-        mlflow.set_tags({"td_ray.config_hash": config.fingerprint(), "td_ray.workspace": config.workspace})
-        mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        mlflow.set_tags({"td_ray.config_hash": config.fingerprint(), "td_ray.workspace": redacted(config.workspace)})
+        shown = config.model_dump(mode="json") | {"workspace": redacted(config.workspace)}
+        mlflow.log_text(yaml.safe_dump(shown, sort_keys=False), "config.yaml")
         yield run.info.run_id
 
 
@@ -112,7 +121,7 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
         mlflow.log_params(params)
         mlflow.set_tags({"td_ray.stage": stage, "td_ray.config_hash": config.fingerprint()})
         mlflow.log_text(yaml.safe_dump({stage: section}, sort_keys=False), f"{stage}_config.yaml")
-        mlflow.set_tag("td_ray.workspace", config.workspace)
+        mlflow.set_tag("td_ray.workspace", redacted(config.workspace))
         usage = StageUsage().start()
         try:
             yield run.info.run_id
@@ -130,3 +139,20 @@ def log_result(result: StageResult) -> None:
         | {metric_key(name): value for name, value in result.metrics.items()}
     )
     mlflow.set_tags({f"td_ray.output.{name}": path for name, path in result.outputs.items()})
+
+
+def log_workspace_artifact(workspace: Workspace, location: str) -> None:
+    """Log a workspace file as an artifact of the active run (copied out of an object store first)."""
+    import tempfile
+
+    import mlflow
+
+    if workspace.is_local:
+        mlflow.log_artifact(location)
+        return
+    path = location.split("://", 1)[-1]
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / path.rsplit("/", 1)[-1]
+        with workspace.fs.open_input_stream(path) as handle:
+            local.write_bytes(handle.read())
+        mlflow.log_artifact(str(local))

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +21,32 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from td_ray.errors import ExactlyOnceError, TdRayError
+from td_ray.errors import ExactlyOnceError
 from td_ray.keys import Digest, KeyBatches, describe_differences, key_hashes, repeated_hashes
+from td_ray.node_cache import cache_root, node_lock
 from td_ray.usage import mark_first_row
 
 logger = logging.getLogger(__name__)
+
+SERVER_COPY_LIMIT = 5 * 2**30
+"""The largest object an S3 server copies in one request (CopyObject)."""
+MANIFEST = ".td_ray_manifest.json"
+"""Written last into a folder `Workspace.upload` put on an object store: its files and their sha256."""
+SHARED_PREFIX = "workspace:"
+"""How a `Workspace.share` reference starts."""
+
+
+_SECRET_OPTIONS = re.compile(r"(?i)([?&](?:access_key|secret_key|session_token)=)[^&]*")
+
+
+def redacted(uri: str) -> str:
+    """`uri` as logs and MLflow may show it: credentials in its user part or options replaced by ***.
+
+    >>> redacted("s3://KEY:SECRET@bucket/ws?region=eu-west-1&secret_key=S")
+    's3://***@bucket/ws?region=eu-west-1&secret_key=***'
+    """
+    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1***@", uri)
+    return _SECRET_OPTIONS.sub(r"\1***", uri)
 
 
 class Workspace:
@@ -46,15 +69,128 @@ class Workspace:
         return f"{self.root.rstrip('/')}/{relative}"
 
     def local_dir(self, relative: str) -> Path:
-        """A local directory under the workspace, for engines that need one (models, FAISS, MLflow)."""
-        if not self.is_local:
-            raise TdRayError(
-                f"{relative!r} needs a local directory, but the workspace {self.uri} is remote; use a local path "
-                "or a shared mount (NFS, EFS, a Kubernetes volume) as the workspace"
-            )
-        path = Path(self.path(relative))
+        """A local directory for `relative`, for engines that need one: the workspace's own on a local workspace; on an
+        object store a node-local scratch folder, whose files `upload` then puts in the workspace."""
+        path = Path(self.path(relative)) if self.is_local else self._cache_path("scratch", relative)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _cache_path(self, kind: str, relative: str) -> Path:
+        where = hashlib.sha256(f"{self.uri}\0{relative}".encode()).hexdigest()[:16]
+        return cache_root() / kind / f"{where}-{relative.rstrip('/').rsplit('/', 1)[-1]}"
+
+    def local_copy(self, relative: str) -> Path:
+        """The file or folder `relative` on this node's disk: itself on a local workspace; on an object store a copy
+        in the node-local cache, downloaded once per version under a per-node lock, so the actors of a node share one
+        copy. A folder `upload` wrote is versioned by its files' content (its manifest); anything else by its
+        objects' names, sizes and times."""
+        if self.is_local:
+            return Path(self.path(relative))
+        root = self.path(relative)
+        info = self.fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.location(relative)} not found; run the stage that writes it first")
+        files = [info] if info.type == pafs.FileType.File else sorted(
+            (item for item in self.fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if item.type == pafs.FileType.File), key=lambda item: item.path)
+        manifest = f"{relative}/{MANIFEST}"
+        listed = self.read_text(manifest) if info.type == pafs.FileType.Directory and self.exists(manifest) else \
+            json.dumps([[item.path, item.size, item.mtime_ns] for item in files])
+        version = hashlib.sha256(listed.encode())
+        base = self._cache_path("copies", relative)
+        target = base.with_name(f"{base.name}-{version.hexdigest()[:12]}") / base.name.split("-", 1)[1]
+        if target.exists():
+            return target
+        with node_lock(target.parent.name):
+            if not target.exists():
+                staging = target.parent.with_name(f".{target.parent.name}.{uuid.uuid4().hex[:8]}")
+                for item in files:
+                    local = staging / target.name / item.path[len(root):].lstrip("/") if info.type != \
+                        pafs.FileType.File else staging / target.name
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    with self.fs.open_input_stream(item.path) as source, open(local, "wb") as sink:
+                        shutil.copyfileobj(source, sink, 1 << 24)
+                for old in base.parent.glob(f"{base.name}-*"):  # earlier versions: mapped files stay readable
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(staging, target.parent)
+                logger.info("copied %s to this node's cache (%s)", self.location(relative), target)
+        return target
+
+    def upload(self, local: Path, relative: str) -> None:
+        """Put the local file or folder `local` at `relative`, each file under its final name only once complete (an
+        object store's upload, or a copy and a rename). Nothing to do when `local` already is that place."""
+        if self.is_local and Path(self.path(relative)).resolve() == local.resolve():
+            return
+        files = [local] if local.is_file() else sorted(path for path in local.rglob("*") if path.is_file()
+                                                       and path.name != MANIFEST)
+        for path in files:
+            name = relative if path == local else f"{relative}/{path.relative_to(local).as_posix()}"
+            target = self.path(name)
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            staged = target if not self.is_local else f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(path, "rb") as source, self.fs.open_output_stream(staged) as sink:  # close raises a failure
+                shutil.copyfileobj(source, sink, 1 << 24)
+            if staged != target:
+                self.fs.move(staged, target)
+        if local.is_dir() and not self.is_local:  # last: what the folder holds, by content (see `local_copy`)
+            from td_ray.fingerprint import path_fingerprint
+
+            self.write_text(f"{relative}/{MANIFEST}", json.dumps(path_fingerprint(local)))
+
+    def mirror(self, relative: str) -> Mirror:
+        """The folder `relative` as a process works on it: see `Mirror`."""
+        return Mirror(self, relative)
+
+    def share(self, path: str | None) -> str | None:
+        """A reference to the driver-local file or folder `path` (a model, a lookup) that `resolve` turns into a local
+        path on any node: `path` itself on a local workspace (every node mounts it) or for anything that is not a
+        local path (a hub name); else ``workspace:shared/<content hash>/<name>``, uploaded once per content."""
+        if path is None or self.is_local or path.startswith(SHARED_PREFIX) or not Path(path).exists():
+            return path
+        from td_ray.fingerprint import digest, path_fingerprint
+
+        local = Path(path)
+        relative = f"shared/{digest(path_fingerprint(local))}/{local.name}"
+        if not self.exists(f"{relative}.complete"):
+            self.upload(local, relative)
+            self.write_text(f"{relative}.complete", "ok\n")
+            logger.info("shared %s with the cluster as %s", path, self.location(relative))
+        return SHARED_PREFIX + relative
+
+    def resolve(self, reference: str | None) -> str | None:
+        """The local path of a `share` reference on this node (copied into its cache once); anything else as it is."""
+        if reference is None or not reference.startswith(SHARED_PREFIX):
+            return reference
+        return str(self.local_copy(reference.removeprefix(SHARED_PREFIX)))
+
+    def location(self, relative: str) -> str:
+        """Where `relative` is, as a user finds it: a local path, or a URI on an object store."""
+        return self.path(relative) if self.is_local else f"{self.uri.split('://', 1)[0]}://{self.path(relative)}"
+
+    def child_uri(self, relative: str) -> str:
+        """The URI of a workspace nested at `relative` (its filesystem options kept)."""
+        if self.is_local:
+            return self.path(relative)
+        query = f"?{self.uri.split('?', 1)[1]}" if "?" in self.uri else ""
+        return f"{self.location(relative)}{query}"
+
+    def read_text(self, relative: str) -> str:
+        with self.fs.open_input_stream(self.path(relative)) as handle:
+            return handle.read().decode("utf-8")
+
+    def write_text(self, relative: str, text: str) -> None:
+        """Write a small text file (a record, a manifest) atomically: on an object store an upload appears only
+        once complete; on a file system through a temporary name and a rename."""
+        target = self.path(relative)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if not self.is_local:
+            with self.fs.open_output_stream(target) as handle:
+                handle.write(text.encode("utf-8"))
+            return
+        temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(temporary) as handle:
+            handle.write(text.encode("utf-8"))
+        self.fs.move(temporary, target)
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
@@ -130,11 +266,22 @@ class Workspace:
             writer.close()
             if validate is not None:
                 validate(read)
-            self.fs.move(temporary, target)
+            self._commit(temporary, target)
         except BaseException:
             writer.close()
             self.fs.delete_file(temporary)
             raise
+
+    def _commit(self, temporary: str, target: str) -> None:
+        """Give a finished temporary file its final name: a rename on a filesystem; on an object store a copy made by
+        the server (S3 copies at most 5 GiB in one request) or, above SERVER_COPY_LIMIT, streamed through this process
+        into a new upload; either appears under `target` only once complete."""
+        if self.is_local or self.fs.get_file_info(temporary).size <= SERVER_COPY_LIMIT:
+            self.fs.move(temporary, target)
+            return
+        with self.fs.open_input_stream(temporary) as source, self.fs.open_output_stream(target) as sink:
+            shutil.copyfileobj(source, sink, 1 << 26)
+        self.fs.delete_file(temporary)
 
     @contextlib.contextmanager
     def exactly_once_writer(self, relative: str, schema: pa.Schema, keys: list[str],
@@ -158,15 +305,23 @@ class Workspace:
     def commit_block(self, directory: str, table: pa.Table, schema: pa.Schema, keys: list[str]) -> str:
         """Write one block of a block store atomically into `directory`; returns its file name.
 
-        The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin.
+        The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin. On
+        an object store the block is written under its name at once (an upload appears only once complete); on a
+        filesystem through a temporary name and a rename.
         """
         table = table.select(schema.names).cast(schema)
         digest = hashlib.sha256("\n".join("\t".join(map(str, key)) for key in
                                            zip(*(table[name].to_pylist() for name in keys))).encode())
         name = f"part-{digest.hexdigest()[:20]}.parquet"
         target = self.path(f"{directory}/{name}")
-        temporary = self.path(f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp")
         self.fs.create_dir(self.path(directory), recursive=True)
+        if not self.is_local:  # the whole block is encoded first, then sent in one upload
+            encoded = pa.BufferOutputStream()
+            pq.write_table(table, encoded)
+            with self.fs.open_output_stream(target) as sink:
+                sink.write(encoded.getvalue())
+            return name
+        temporary = self.path(f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             pq.write_table(table, temporary, filesystem=self.fs)
             self.fs.move(temporary, target)
@@ -207,6 +362,63 @@ class Workspace:
         with self.atomic_writer(relative, table.schema, metadata=(lambda: metadata) if metadata else None) as writer:
             writer.write_table(table)
         return self.path(relative)
+
+
+class Mirror:
+    """A workspace folder whose files a task reads and writes on its own node's disk (FAISS and mapped arrays need
+    local files): the folder itself on a local workspace, where `fetch` and `commit` do nothing; on an object store a
+    node-local copy, into which `fetch` downloads the files a task reads (again only when the stored object changed)
+    and from which `commit` uploads the files it wrote. Each file has one writer, so no two nodes write one file."""
+
+    def __init__(self, workspace: Workspace, relative: str):
+        self.workspace, self.relative = workspace, relative
+        self.folder = Path(workspace.path(relative)) if workspace.is_local else workspace.local_dir(relative)
+
+    def fetch(self, *names: str) -> Path:
+        """The local folder, holding the current version of each of `names`."""
+        if self.workspace.is_local:
+            return self.folder
+        for name in names:
+            info = self.workspace.fs.get_file_info(self.workspace.path(f"{self.relative}/{name}"))
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"{self.workspace.location(f'{self.relative}/{name}')} not found")
+            version, marker = f"{info.size}:{info.mtime_ns}", self.folder / f".{name}.version"
+            if (self.folder / name).is_file() and marker.is_file() and marker.read_text() == version:
+                continue
+            with node_lock(f"mirror-{hashlib.sha256(str(self.folder / name).encode()).hexdigest()[:16]}"):
+                staged = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.download"
+                with self.workspace.fs.open_input_stream(info.path) as source, open(staged, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 24)
+                os.replace(staged, self.folder / name)
+                marker.write_text(version)
+        return self.folder
+
+    def commit(self, *names: str) -> None:
+        """Upload `names` from the local folder (each appears whole, under its final name)."""
+        if self.workspace.is_local:
+            return
+        for name in names:
+            self.workspace.upload(self.folder / name, f"{self.relative}/{name}")
+            info = self.workspace.fs.get_file_info(self.workspace.path(f"{self.relative}/{name}"))
+            (self.folder / f".{name}.version").write_text(f"{info.size}:{info.mtime_ns}")
+
+    def remove(self, *names: str) -> None:
+        """Delete `names` from the workspace folder and from this node's copy."""
+        for name in names:
+            if self.workspace.exists(f"{self.relative}/{name}"):
+                self.workspace.fs.delete_file(self.workspace.path(f"{self.relative}/{name}"))
+            (self.folder / name).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Empty the folder, in the workspace and in this node's copy (an interrupted build of the same key)."""
+        if self.workspace.exists(self.relative):
+            self.workspace.fs.delete_dir_contents(self.workspace.path(self.relative))
+        if not self.workspace.is_local:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def size(self, name: str) -> int:
+        return self.workspace.fs.get_file_info(self.workspace.path(f"{self.relative}/{name}")).size
 
 
 class KeyedWriter:

@@ -29,11 +29,20 @@ def with_updates(config, **sections):
     return PipelineConfig.model_validate(raw)
 
 
+def start_session_ray() -> None:
+    """The session's in-process Ray cluster (tests that start clusters of their own stop it, then call this)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False,
+                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    start_session_ray()
     yield
     ray.shutdown()
 

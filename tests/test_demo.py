@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,26 +20,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from td_ray.distill import TRAINED_FILE
+from processes import free_port, stop, submit, wait_for_job
+
 from td_ray.encoders.dense import StudentEncoder
-from td_ray.translate.store import read_manifests
-from td_ray.workspace import SCORES, STUDENT_DIR, Workspace, translated
+from td_ray.stage import record_path
+from td_ray.workspace import SCORES, translated
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["translate", "score", "distill", "index", "evaluate"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _clean_env() -> dict:
     """This process's environment without an inherited MLflow store: the demo's default is under its workspace."""
     return {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start_head() -> tuple[subprocess.Popen, str, dict]:
@@ -51,13 +44,13 @@ def _start_head() -> tuple[subprocess.Popen, str, dict]:
 
     if ray.is_initialized():
         ray.shutdown()
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = _clean_env() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="tdray-head-", dir="/tmp")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--dashboard-agent-listen-port={_free_port()}",  # not the default 52365, which another cluster may hold
+         f"--dashboard-agent-listen-port={free_port()}",  # not the default 52365, which another cluster may hold
          "--disable-usage-stats", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -68,52 +61,21 @@ def _start_head() -> tuple[subprocess.Popen, str, dict]:
                 return head, f"http://127.0.0.1:{dashboard}", env
         except OSError:
             time.sleep(1)
-    _stop_head(head)
+    stop(head)
     pytest.fail("the Ray head did not open its dashboard port within 90 s")
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops the node's processes on SIGINT
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-
-
-def _ray_job(env: dict, *args: str) -> subprocess.CompletedProcess:
-    """The `ray job` CLI, in a process that reads RAY_AUTH_MODE from `env` at start (as a user's shell would)."""
-    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=REPO, check=False)
 
 
 def _submit_demo_job(address: str, env: dict, workspace: Path) -> tuple[str, str]:
     """Submit `jobs/pipeline.py --demo` and wait for it; returns its final state and its logs."""
     submission = f"tdray-demo-{int(time.time())}"
-    deadline = time.time() + 120
-    while True:  # the head's job agent starts a little after its dashboard port opens
-        submitted = _ray_job(env, "submit", "--address", address, "--working-dir", str(REPO), "--submission-id",
-                             submission, "--no-wait", "--", "python", "jobs/pipeline.py", "--demo", "--workspace",
-                             str(workspace))
-        if "No available agent" not in submitted.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    deadline = time.time() + 480
-    while True:
-        checked = _ray_job(env, "status", "--address", address, submission)
-        status = checked.stdout + checked.stderr  # the CLI logs the status line to stderr
-        final = [word for word in ("succeeded", "failed", "stopped") if f"job '{submission}' {word}" in status.lower()]
-        if final:
-            break
-        assert time.time() < deadline, _ray_job(env, "logs", "--address", address, submission).stdout[-3000:]
-        time.sleep(3)
-    return final[0], _ray_job(env, "logs", "--address", address, submission).stdout
+    submit(address, env, submission, ["python", "jobs/pipeline.py", "--demo", "--workspace", str(workspace)])
+    return wait_for_job(address, env, submission, seconds=480)
 
 
 def _outputs(workspace: Path) -> list[Path]:
     """The outputs of the stages before index, which the job's re-run must leave untouched."""
     return [workspace / translated("passages", "syn"), workspace / translated("passages", "qaa"),
-            workspace / SCORES, workspace / STUDENT_DIR / TRAINED_FILE]
+            workspace / SCORES, workspace / record_path("distill")]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +92,7 @@ def demo_job(pipeline_run):
     try:
         state, logs = _submit_demo_job(address, env, workspace)
     finally:
-        _stop_head(head)
+        stop(head)
     assert state == "succeeded", logs[-5000:]
     return workspace, logs, (written, trec)
 
@@ -198,8 +160,6 @@ def test_the_rerun_rebuilds_the_lost_index_into_the_same_run_and_skips_the_rest(
     workspace, _, (written, trec) = demo_job
     assert {path: path.stat().st_mtime_ns for path in _outputs(workspace)} == written
     assert (workspace / "evaluate" / "run.trec").read_text() == trec  # the same student and documents: the same run
-    manifest = read_manifests(Workspace(str(workspace)))[-1]
-    assert manifest["entries"] and all(entry["unchanged"] for entry in manifest["entries"])
     for table, key in (("translate/passages.qaa.parquet", "id"), ("score/scores.parquet", None)):
         data = pq.read_table(workspace / table)
         keys = list(zip(data["qid"].to_pylist(), data["pid"].to_pylist())) if key is None else data[key].to_pylist()
@@ -212,7 +172,7 @@ def test_the_rerun_rebuilds_the_lost_index_into_the_same_run_and_skips_the_rest(
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("td-ray").experiment_id
     first, job = (_children(client, experiment, parent) for parent in _parents(client, experiment))
-    for stage in ("score", "distill"):
+    for stage in ("translate", "score", "distill"):
         assert job[stage].data.metrics["unchanged"] == 1.0, stage
     assert "unchanged" not in job["index"].data.metrics and job["index"].data.metrics["rows"] > 0
     # the job found the same settings and tables and reused the registered student instead of training

@@ -302,7 +302,8 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
         "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
     run_id = client.create_run(experiment, run_name="restart").info.run_id
     dataset = read_table_dataset(workspace, EXAMPLES)
-    result = make_trainer(run_config, workspace, dataset, examples, run_id, train_fn=crash_once_at_step_4).fit()
+    result = make_trainer(run_config.distill, workspace, dataset, examples, run_id, tracking.tracking_uri(config),
+                          train_fn=crash_once_at_step_4).fit()
     assert marker.exists() and result.metrics["step"] == 4
     assert result.metrics["start_step"] == 2  # resumed from the step-2 checkpoint
     history = [(metric.step, metric.value) for metric in client.get_metric_history(run_id, "loss")]
@@ -319,5 +320,5 @@ def test_workers_that_would_take_every_cpu_are_refused_before_training(make_work
     config = make_workspace(distill={"num_workers": 2, "cpus_per_worker": 1})
     ensure_ray(config.ray)  # test_demo shuts the session's cluster down to start a head of its own
     with pytest.raises(ValueError, match=r"leave 0 of the cluster's 2 CPUs free.*lower distill.cpus_per_worker"):
-        check_free_cpus(config)
-    check_free_cpus(make_workspace(distill={"num_workers": 2, "cpus_per_worker": 0.5}))
+        check_free_cpus(config.distill, joined=False)
+    check_free_cpus(make_workspace(distill={"num_workers": 2, "cpus_per_worker": 0.5}).distill, joined=False)

@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-MODULES = ["td_ray.retrieval.token_math", "td_ray.retrieval.plaid", "td_ray.index.core"]
+MODULES = ["td_ray.retrieval.token_math", "td_ray.retrieval.plaid", "td_ray.index.core", "td_ray.evaluate.core",
+           "td_ray.workspace", "td_ray.fingerprint"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -84,7 +84,7 @@ def test_the_report_loads_with_every_image_and_mlflows_numbers(pipeline_run, bro
 
 
 def test_a_workspace_without_runs_gets_a_report_that_says_so(tmp_path, browser):
-    page = write_report(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db")
+    page = Path(write_report(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db"))
     _open(browser, page)
     text = browser.find_element("tag name", "body").text
     assert "No stage has run in this workspace." in text and "No evaluation" in text

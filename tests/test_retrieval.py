@@ -214,8 +214,8 @@ def test_a_sharded_ivf_pq_build_survives_a_killed_task_equals_one_process_and_ke
     marker = tmp_path / "killed-once"
     original = index.shard_task
 
-    def killed_once(*args):
-        if args[1] == 1 and not marker.exists():  # shard 1, first attempt: the worker dies mid-task
+    def killed_once(*args):  # shard_task(workspace, build, table, shard, out, device)
+        if args[3] == 1 and not marker.exists():  # shard 1, first attempt: the worker dies mid-task
             marker.write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args)

@@ -7,7 +7,15 @@ import pyarrow as pa
 import pytest
 
 from td_ray import schemas
-from td_ray.textjoin import MissingTextError, TextLookup, check_coverage, export_text, write_text_file
+from td_ray.textjoin import (
+    LOOKUP_FILE,
+    MissingTextError,
+    TextLookup,
+    check_coverage,
+    export_text,
+    open_lookup,
+    write_text_file,
+)
 from td_ray.workspace import Workspace
 
 
@@ -33,7 +41,7 @@ def test_lookups_return_texts_in_the_order_asked_and_name_missing_ids(tmp_path):
     ids = [f"p{i}" for i in range(10_000)]  # several record batches
     workspace.write_table(pa.table({"id": ids, "text": [f"text of {i}" for i in ids]}), "inputs/passages.parquet",
                           schemas.DOCS)
-    lookup = TextLookup(export_text(workspace, "inputs/passages.parquet", tmp_path / "text"), "passages")
+    lookup = open_lookup(workspace, export_text(workspace, "inputs/passages.parquet"), "passages")
     assert len(lookup) == 10_000
     assert lookup(["p9999", "p0", "p4100", "p0"]) == ["text of p9999", "text of p0", "text of p4100", "text of p0"]
     assert lookup.get(["p1", "nope"]) == ["text of p1", None]
@@ -47,8 +55,8 @@ def test_lookups_return_texts_in_the_order_asked_and_name_missing_ids(tmp_path):
 def test_an_export_is_made_once_and_again_when_its_table_changes(tmp_path):
     workspace = Workspace(str(tmp_path / "ws"))
     workspace.write_table(pa.table({"id": ["a"], "text": ["one"]}), "inputs/q.parquet", schemas.QUERIES)
-    first = export_text(workspace, "inputs/q.parquet", tmp_path / "text")
+    first = workspace.local_copy(export_text(workspace, "inputs/q.parquet")) / LOOKUP_FILE
     made = first.stat().st_mtime_ns
-    assert export_text(workspace, "inputs/q.parquet", tmp_path / "text").stat().st_mtime_ns == made
+    assert export_text(workspace, "inputs/q.parquet") == "text/inputs--q" and first.stat().st_mtime_ns == made
     workspace.write_table(pa.table({"id": ["a"], "text": ["two"]}), "inputs/q.parquet", schemas.QUERIES)
-    assert TextLookup(export_text(workspace, "inputs/q.parquet", tmp_path / "text"), "q")(["a"]) == ["two"]
+    assert open_lookup(workspace, export_text(workspace, "inputs/q.parquet"), "q")(["a"]) == ["two"]

@@ -46,26 +46,26 @@ def test_a_restart_builds_the_optimizer_where_the_parameters_were_placed():
 def test_run_identity_resumes_on_unrelated_changes_and_restarts_on_new_data(pipeline_run, make_workspace):
     config, _ = pipeline_run
     workspace = Workspace(config.workspace)
-    key = training_key(config, workspace)
+    key = training_key(config.distill, workspace)
     for changed in (dict(mlflow={"alias": "staging"}), dict(index={"num_shards": 3}),
                     dict(distill={"max_failures": 3, "checkpoint_every": 7, "checkpoint_keep": 5, "log_every": 3}),
                     dict(score={"teacher": "another/teacher"})):
-        assert training_key(with_updates(config, **changed), workspace) == key, changed
+        assert training_key(with_updates(config, **changed).distill, workspace) == key, changed
     for changed in (dict(distill={"lr": 1e-4}), dict(distill={"nway": 3}), dict(distill={"seed": 1})):
-        assert training_key(with_updates(config, **changed), workspace) != key, changed
+        assert training_key(with_updates(config, **changed).distill, workspace) != key, changed
     # the same paths, other data: a new score table (another source at the same path) is a new run
     other = make_workspace()
     copy = Workspace(other.workspace)
     from td_ray.distill import training_tables
 
-    for table in training_tables(config):
+    for table in training_tables(config.distill):
         metadata = workspace.file_metadata(table)
         copy.write_table(workspace.read_table(table), table, metadata=metadata)
-    assert training_key(other, copy) == training_key(other, Workspace(other.workspace))
-    first = training_key(other, copy)
+    assert training_key(other.distill, copy) == training_key(other.distill, Workspace(other.workspace))
+    first = training_key(other.distill, copy)
     scores = workspace.read_table(SCORES)
     copy.write_table(scores, SCORES, metadata=workspace.file_metadata(SCORES) | {"td_ray_inputs": "rescored"})
-    assert training_key(other, copy) != first
+    assert training_key(other.distill, copy) != first
 
 
 def test_lineage_comes_from_the_tables_trained_on_not_from_the_config(pipeline_run):
@@ -74,12 +74,12 @@ def test_lineage_comes_from_the_tables_trained_on_not_from_the_config(pipeline_r
     changed = with_updates(config, score={"teacher": "someone/else"},
                            translate={"targets": [{"lang": "syn", "pretranslated": {"format": "tsv", "path": "x"}},
                                                   {"lang": "qaa", "model": "another-mt-model"}]})
-    tags = lineage(changed, workspace)
+    tags = lineage(changed.distill, workspace, changed.fingerprint())
     assert tags["td_ray.teacher"] == config.score.teacher  # what scored the table, not what the config now says
     assert tags["td_ray.passage_lang"] == "syn" and tags["td_ray.mt_model"] == "syn=pretranslated:passages.syn.tsv"
     assert tags["td_ray.teacher_revision"] == "None" or tags["td_ray.teacher_revision"]
     assert json.loads(tags["td_ray.scores"])["teacher"] == config.score.teacher
-    assert "passages.tsv" in tags["td_ray.passages"] and tags["td_ray.training_key"] == training_key(config, workspace)
+    assert "passages.tsv" in tags["td_ray.passages"] and tags["td_ray.training_key"] == training_key(config.distill, workspace)
 
 
 def test_tracking_failures_are_retried_at_the_next_flush_and_never_raised(tmp_path, monkeypatch):

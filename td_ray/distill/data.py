@@ -47,15 +47,16 @@ def group_by_query(scores: pa.Table, top_k: int | None = None) -> pa.Table:
 
 def group_scores(workspace: Workspace, scores: str, folder: str, top_k: int | None) -> Iterator[pa.Table]:
     """Example rows of every query of the score table `scores`, bucket by bucket: the rows are spread over hash
-    buckets of their qid in `folder` (one streamed pass), then each bucket is grouped by `group_by_query`. Holds one
-    bucket (about BUCKET_ROWS score rows) at a time, whatever the order of the score table."""
+    buckets of their qid in `folder` (one streamed pass; on this node's disk when the workspace is an object store),
+    then each bucket is grouped by `group_by_query`. Holds one bucket (about BUCKET_ROWS score rows) at a time,
+    whatever the order of the score table."""
     import shutil
 
     import pyarrow.parquet as pq
 
-    path = workspace.path(folder)
+    path = workspace.local_dir(folder)
     shutil.rmtree(path, ignore_errors=True)  # the buckets of a killed run
-    workspace.local_dir(folder)
+    path.mkdir(parents=True)
     buckets = max(1, -(-workspace.row_count(scores) // BUCKET_ROWS))
     schema = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("score", pa.float32())])
     writers = [pq.ParquetWriter(f"{path}/bucket-{i:04d}.parquet", schema) for i in range(buckets)]

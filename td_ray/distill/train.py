@@ -298,7 +298,8 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from td_ray.textjoin import TextLookup
+    from td_ray.textjoin import open_lookup
+    from td_ray.workspace import Workspace
 
     config = DistillConfig.model_validate(loop_config["distill"])
     context = ray.train.get_context()
@@ -307,10 +308,11 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
-    files = loop_config["texts"]
-    texts = TrainingTexts(TextLookup(files["queries"], "training queries"),
-                          {lang: TextLookup(path, f"passages ({lang})") for lang, path in files["passages"].items()})
-    student = Student(config, loop_config["student"])
+    workspace, files = Workspace(loop_config["workspace"]), loop_config["texts"]
+    texts = TrainingTexts(open_lookup(workspace, files["queries"], "training queries"),
+                          {lang: open_lookup(workspace, folder, f"passages ({lang})")
+                           for lang, folder in files["passages"].items()})
+    student = Student(config, workspace.resolve(loop_config["student"]))
     precision = Precision(config.mixed_precision, device)
     state = None
     checkpoint = ray.train.get_checkpoint()

@@ -15,28 +15,25 @@ metrics go to MLflow (``nDCG@20`` is stored as ``nDCG_20``) and the run file as 
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
-from pathlib import Path
 
 import numpy as np
 
-from td_ray import schemas, tracking
+from td_ray import schemas
 from td_ray.config import EvaluateConfig, PipelineConfig
 from td_ray.devices import use_reserved_threads
 from td_ray.encoders import student_kind
 from td_ray.encoders.colbert import ColBERTStudentEncoder
 from td_ray.encoders.dense import StudentEncoder
 from td_ray.errors import StaleIndexError
-from td_ray.evaluate.core import document_run, evaluate_run, parse_measures, write_trec_run
+from td_ray.evaluate.core import document_run, evaluate_run, parse_measures, trec_run_text
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.ray_session import ensure_ray
 from td_ray.result import StageResult
 from td_ray.retrieval.bm25 import bm25_rankings
-from td_ray.retrieval.faiss_index import Searcher
+from td_ray.retrieval.faiss_index import MERGED_LISTS, Searcher
 from td_ray.retrieval.layout import (
     DELETED,
+    build_folder,
     build_path,
     check_current,
     passage_map_paths,
@@ -45,7 +42,7 @@ from td_ray.retrieval.layout import (
 )
 from td_ray.retrieval.maxp import PassageMap, rank_documents
 from td_ray.retrieval.plaid import SearchSettings, TokenIndex
-from td_ray.sources import ingest
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
 from td_ray.usage import mark_first_row
 from td_ray.workspace import (
     EVAL_DOCS,
@@ -60,12 +57,13 @@ from td_ray.workspace import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_run", "run"]
+__all__ = ["STAGE", "evaluate_run", "run"]
 
 
 def _rank_dense(workspace: Workspace, meta: dict, model: str, topics, options: EvaluateConfig):
     """The dense run: topics encoded and searched in batches, passages aggregated to documents by MaxP."""
     deleted = build_path(workspace, meta, DELETED)
+    build_path(workspace, meta, MERGED_LISTS)  # beside a merged IVF index (copied to this node with it)
     searcher = Searcher([build_path(workspace, meta, name) for name in meta["files"]],
                         options.search_params or meta.get("search_params"),
                         np.load(deleted) if deleted.is_file() else None)
@@ -89,13 +87,14 @@ def search_colbert_topics(workspace_uri: str, meta: dict, model: str, texts: lis
                           options: EvaluateConfig) -> list[list[tuple[str, float]]]:
     """One share of the topics, as the student encodes them (padded or cut to its query_maxlen; evaluate.query_maxlen
     does not apply), searched in the compressed token index on the device and threads this process holds, passages
-    aggregated to documents by MaxP. Run in the stage's process or as a Ray task: either maps the index once."""
+    aggregated to documents by MaxP. Run in the stage's process or as a Ray task: either maps the index once (copied to
+    its node first when the workspace is an object store). `model` may be a `Workspace.share` reference."""
     threads = use_reserved_threads()
     workspace = Workspace(workspace_uri)
     settings = SearchSettings.for_depth(options.passage_depth, options.ncells, options.centroid_score_threshold,
                                         options.ndocs)
-    encoder = ColBERTStudentEncoder(model, batch_size=options.batch_size)
-    searcher = TokenIndex(build_path(workspace, meta), meta, settings, device=encoder.device)
+    encoder = ColBERTStudentEncoder(workspace.resolve(model), batch_size=options.batch_size)
+    searcher = TokenIndex(build_folder(workspace, meta), meta, settings, device=encoder.device)
     passages = PassageMap(passage_map_paths(workspace, meta))
     runs = []
     for start in range(0, len(texts), options.batch_size):
@@ -109,19 +108,20 @@ def search_colbert_topics(workspace_uri: str, meta: dict, model: str, texts: lis
     return runs
 
 
-def _rank_colbert(config: PipelineConfig, workspace: Workspace, meta: dict, model: str, topics):
+def _rank_colbert(context: StageContext, meta: dict, model: str, topics):
     """The ColBERT run, its topics searched in `evaluate.search_tasks` Ray tasks (or here, for one)."""
-    options = config.evaluate
+    options, workspace = context.options, context.workspace
     texts, qids = topics["text"].to_pylist(), topics["id"].to_pylist()
     tasks = min(options.search_tasks, max(1, len(texts)))
     if tasks == 1:
         return document_run(qids, search_colbert_topics(workspace.uri, meta, model, texts, options))
     import ray
 
-    ensure_ray(config.ray)
+    context.ray()
     search = ray.remote(num_cpus=options.search_cpus, num_gpus=options.search_gpus)(search_colbert_topics)
     bounds = np.linspace(0, len(texts), tasks + 1).astype(int)
-    pending = {search.remote(workspace.uri, meta, model, texts[a:b], options): share
+    shared = workspace.share(model)
+    pending = {search.remote(workspace.uri, meta, shared, texts[a:b], options): share
                for share, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}
     shares: dict[int, list] = {}
     while pending:
@@ -142,56 +142,60 @@ def _bm25_metrics(workspace: Workspace, topics, qrels, options: EvaluateConfig) 
     return {f"bm25_{name}": value for name, value in metrics.items()}
 
 
-def run(config: PipelineConfig) -> StageResult:
-    """Search every topic and score the run against the qrels."""
-    import mlflow
+class EvaluateStage(Stage):
+    """Search every topic in the index and score the run against the qrels."""
 
-    started = time.perf_counter()
-    options = config.evaluate
-    parse_measures(options.measures)
-    workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, "evaluate") as run_id:
-        workspace.remove_temporaries("inputs", "evaluate")
-        ingest(workspace, config.data.eval_topics, "queries", "eval_topics")
-        ingest(workspace, config.data.eval_qrels, "qrels", "eval_qrels")
-        for table, columns in ((EVAL_TOPICS, ("id", "text")), (EVAL_QRELS, ("qid", "docid", "relevance"))):
-            schemas.require_columns(workspace.read_schema(table), columns, table)
-        model = student_path(config.index.model, workspace)
+    name = "evaluate"
+    sections = ("index",)
+    temporaries = ("inputs", "evaluate")
+    artifacts = ("run",)
+
+    def check(self, options: EvaluateConfig) -> None:
+        parse_measures(options.measures)
+
+    def sources(self, config: PipelineConfig) -> list[Source]:
+        return [Source(config.data.eval_topics, "queries", "eval_topics"),
+                Source(config.data.eval_qrels, "qrels", "eval_qrels")]
+
+    def reads(self, context: StageContext) -> list[tuple[str, tuple[str, ...]]]:
+        return [(EVAL_TOPICS, ("id", "text")), (EVAL_QRELS, ("qid", "docid", "relevance"))]
+
+    def key(self, context: StageContext) -> str:
+        """The index in use (refused when it is not the config's), the student, topics, qrels and settings."""
+        workspace, index = context.workspace, context.section("index")
+        model = student_path(index.model, workspace)
         meta = read_index_meta(workspace)
         if not meta:
-            raise FileNotFoundError(f"no index in {workspace.path('index')}; run the index stage first")
+            raise FileNotFoundError(f"no index in {workspace.location('index')}; run the index stage first")
         if meta["kind"] != student_kind(model):
-            raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a {student_kind(model)} student; "
-                                  "re-run the index stage")
-        check_current(workspace, meta, model, config.index.model_dump(mode="json"))
-        key = digest(meta.get("key"), model, path_fingerprint(model), workspace.table_identity(EVAL_TOPICS),
-                     workspace.table_identity(EVAL_QRELS), options.model_dump(mode="json"))
-        trec_path = workspace.local_dir("evaluate") / Path(RUN_TREC).name
-        outputs = {"run": str(trec_path), "per_query": workspace.path(PER_QUERY)}
-        if workspace.exists(RUN) and workspace.file_metadata(RUN).get("td_ray_inputs") == key and trec_path.is_file():
-            metrics = json.loads(workspace.file_metadata(RUN)["td_ray_metrics"])
-            logger.info("evaluate: unchanged (index, topics, qrels and settings), run reused from %s: %s",
-                        trec_path, metrics)
-            mlflow.log_artifact(str(trec_path))
-            result = StageResult("evaluate", workspace.row_count(EVAL_TOPICS), time.perf_counter() - started,
-                                 outputs, metrics, run_id)
-            tracking.log_result(result)
-            return result
+            raise StaleIndexError(f"the saved index is {meta['kind']} but {model} is a {student_kind(model)} "
+                                  "student; re-run the index stage")
+        check_current(workspace, meta, model, index.model_dump(mode="json"))
+        return digest(meta.get("key"), path_fingerprint(model), workspace.table_identity(EVAL_TOPICS),
+                      workspace.table_identity(EVAL_QRELS), context.options.model_dump(mode="json"))
+
+    def work(self, context: StageContext, key: str) -> Outcome:
+        options, workspace = context.options, context.workspace
+        model = student_path(context.section("index").model, workspace)
+        meta = read_index_meta(workspace)
         topics = workspace.read_table(EVAL_TOPICS)
         if meta["kind"] == "colbert":
-            ranked = _rank_colbert(config, workspace, meta, model, topics)
+            ranked = _rank_colbert(context, meta, model, topics)
         else:
             ranked = _rank_dense(workspace, meta, model, topics, options)
-        write_trec_run(ranked, trec_path, options.run_tag)
+        workspace.write_text(RUN_TREC, trec_run_text(ranked, options.run_tag))
         qrels = workspace.read_table(EVAL_QRELS)
         metrics, per_query = evaluate_run(ranked, qrels, options.measures)
         if options.bm25_reference:
             metrics |= _bm25_metrics(workspace, topics, qrels, options)
         workspace.write_table(per_query, PER_QUERY)
-        workspace.write_table(ranked, RUN, schemas.RUN,
-                              metadata={"td_ray_inputs": key, "td_ray_metrics": json.dumps(metrics)})
-        mlflow.log_artifact(str(trec_path))
-        result = StageResult("evaluate", topics.num_rows, time.perf_counter() - started, outputs, metrics, run_id)
-        tracking.log_result(result)
-    logger.info(result.summary())
-    return result
+        workspace.write_table(ranked, RUN, schemas.RUN)
+        return Outcome(topics.num_rows, {"run": RUN_TREC, "per_query": PER_QUERY, "table": RUN}, metrics)
+
+
+STAGE = EvaluateStage()
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Run the evaluate stage (`EvaluateStage`) on `config`."""
+    return run_stage(STAGE, config)

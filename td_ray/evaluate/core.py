@@ -1,14 +1,12 @@
 """Pure evaluation logic: runs as tables, TREC runs, ir_measures."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from td_ray import schemas
 from td_ray.errors import TdRayError
-from td_ray.workspace import atomic_write_text
 
 
 class MeasureError(TdRayError):
@@ -47,10 +45,15 @@ def run_table(docids: dict[int, str], qids: list[str], scores: np.ndarray, ids: 
                                for row_scores, row_ids in zip(scores, ids)])
 
 
-def write_trec_run(run: pa.Table, path: Path, tag: str) -> None:
-    """`qid Q0 docid rank score tag` lines, written atomically."""
+def trec_run_text(run: pa.Table, tag: str) -> str:
+    """The run as `qid Q0 docid rank score tag` lines.
+
+    >>> import pyarrow as pa
+    >>> print(trec_run_text(pa.table({"qid": ["q1"], "docid": ["d7"], "rank": [1], "score": [2.5]}), "td"), end="")
+    q1 Q0 d7 1 2.500000 td
+    """
     lines = [f"{q} Q0 {d} {r} {s:.6f} {tag}" for q, d, r, s in zip(*(run[c].to_pylist() for c in ("qid", "docid", "rank", "score")))]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_run(run: pa.Table, qrels: pa.Table, names: list[str]) -> tuple[dict[str, float], pa.Table]:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from td_ray import schemas, tracking
+from td_ray import schemas
 from td_ray.config import IndexConfig, PipelineConfig
 from td_ray.encoders import student_kind
 from td_ray.encoders.colbert import ColBERTSpec
@@ -55,7 +55,6 @@ from td_ray.index.actor import (
 )
 from td_ray.index.core import PassageNumbering, TokenNumbering
 from td_ray.keys import Digest
-from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
 from td_ray.retrieval import faiss_index, plaid
@@ -75,12 +74,12 @@ from td_ray.retrieval.layout import (
     write_index_meta,
 )
 from td_ray.retrieval.maxp import write_passage_map
-from td_ray.sources import ingest
-from td_ray.workspace import EVAL_DOCS, INDEX_META, Workspace
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
+from td_ray.workspace import EVAL_DOCS, INDEX_META, Mirror, Workspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ColBERTEncoderActor", "EncoderActor", "build_from_table", "build_token_index", "dense_dim", "run"]
+__all__ = ["STAGE", "ColBERTEncoderActor", "EncoderActor", "build_from_table", "build_token_index", "dense_dim", "run"]
 
 SHARD_TASK_RETRIES = 3
 """Times Ray runs a shard task again after its worker dies (each retry rewrites the same shard file)."""
@@ -93,57 +92,65 @@ def dense_dim(model: str) -> int:
     return int(AutoConfig.from_pretrained(model).hidden_size)
 
 
-def run(config: PipelineConfig) -> StageResult:
-    """Encode every evaluation document once and build its index (of passages, or of ColBERT tokens)."""
-    started = time.perf_counter()
-    options = config.index
-    workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, "index") as run_id:
-        workspace.remove_temporaries("inputs", "index")
-        ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
-        schemas.require_columns(workspace.read_schema(EVAL_DOCS), INPUT_COLUMNS, EVAL_DOCS)
+class IndexStage(Stage):
+    """Encode every evaluation document once and build its index (of passages, or of ColBERT tokens); documents
+    added or changed since the last build are appended to it when its student and settings are the same."""
+
+    name = "index"
+    temporaries = ("inputs", "index")
+
+    def sources(self, config: PipelineConfig) -> list[Source]:
+        return [Source(config.data.eval_docs, "docs", "eval_docs")]
+
+    def reads(self, context: StageContext) -> list[tuple[str, tuple[str, ...]]]:
+        return [(EVAL_DOCS, INPUT_COLUMNS)]
+
+    def key(self, context: StageContext) -> str:
+        model = student_path(context.options.model, context.workspace)
+        return index_key(context.workspace, model, context.options.model_dump(mode="json"))
+
+    def reusable(self, context: StageContext, record: dict) -> bool:
+        meta = read_index_meta(context.workspace)
+        return meta.get("key") == record["key"] and _complete(context.workspace, meta)
+
+    def work(self, context: StageContext, key: str) -> Outcome:
+        options, workspace = context.options, context.workspace
         model = student_path(options.model, workspace)
-        key = index_key(workspace, model, options.model_dump(mode="json"))
         meta = read_index_meta(workspace)
-        if meta.get("key") == key and _complete(workspace, meta):
-            logger.info("index: unchanged (documents, student and settings), the index in %s is reused",
-                        workspace.path(meta.get("build", "index")))
-            result = StageResult("index", int(meta["docs"]), time.perf_counter() - started, _outputs(workspace, meta),
-                                 {"dim": float(meta["dim"]), "unchanged": 1.0}, run_id)
-            tracking.log_result(result)
-            return result
         settings = settings_key(model, options.model_dump(mode="json"))
-        appended = _append(config, workspace, model, key, meta) if _appendable(
-            workspace, meta, settings, options) else None
+        appended = _append(context, model, key, meta) if _appendable(workspace, meta, settings, options) else None
         if appended is not None:
             meta, metrics = appended
         elif student_kind(model) == "colbert":
-            meta, metrics = _build_colbert(config, workspace, model, key)
+            meta, metrics = _build_colbert(context, model, key)
         else:
-            meta, metrics = _build_dense(config, workspace, model, key)
+            meta, metrics = _build_dense(context, model, key)
         if appended is None:
-            in_task(fingerprints_task, workspace.uri, str(build_path(workspace, meta, DOCUMENTS)),
-                    num_cpus=options.task_cpus)
+            in_task(fingerprints_task, workspace.uri, meta["build"], num_cpus=options.task_cpus)
         meta["settings_key"] = settings
         write_index_meta(workspace, meta)
         _remove_other_builds(workspace, meta.get("build"))
-        result = StageResult("index", int(meta["docs"]), time.perf_counter() - started, _outputs(workspace, meta),
-                             metrics, run_id)
-        tracking.log_result(result)
-    logger.info(result.summary())
-    return result
+        return Outcome(int(meta["docs"]), _outputs(meta), metrics)
+
+
+STAGE = IndexStage()
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Run the index stage (`IndexStage`) on `config`."""
+    return run_stage(STAGE, config)
 
 
 def _complete(workspace: Workspace, meta: dict) -> bool:
-    build = Path(workspace.path(meta["build"])) if "build" in meta else None
-    return build is not None and all((build / name).is_file()
-                                     for name in meta["files"] + meta.get("passage_maps", [PASSAGE_MAP]))
+    return "build" in meta and all(workspace.exists(f"{meta['build']}/{name}")
+                                   for name in meta["files"] + meta.get("passage_maps", [PASSAGE_MAP]))
 
 
-def _outputs(workspace: Workspace, meta: dict) -> dict[str, str]:
-    build = Path(workspace.path(meta["build"]))
-    return {"index": str(build if meta["kind"] == "colbert" else build / meta["files"][0]),
-            "passages": str(build / PASSAGE_MAP)}
+def _outputs(meta: dict) -> dict[str, str]:
+    """The build's index (its folder, for ColBERT; its first file, for dense) and passage map, workspace-relative."""
+    build = meta["build"]
+    return {"index": build if meta["kind"] == "colbert" else f"{build}/{meta['files'][0]}",
+            "passages": f"{build}/{PASSAGE_MAP}"}
 
 
 # ------------------------------------------------------------------------------------------------ append
@@ -152,6 +159,10 @@ def _appendable(workspace: Workspace, meta: dict, settings: str, options: IndexC
     fingerprints of what it holds, and (ColBERT) its arrays at the sizes its metadata commits."""
     if not (options.incremental and meta.get("settings_key") == settings and _complete(workspace, meta)
             and build_path(workspace, meta, DOCUMENTS).is_file()):
+        return False
+    if not workspace.is_local:
+        logger.info("index: appending in place needs a shared filesystem; the workspace %s is an object store, so "
+                    "the index is built again", workspace.location(""))
         return False
     if meta["kind"] == "dense":
         return build_path(workspace, meta, TRAINED).is_file()
@@ -167,11 +178,11 @@ def _appendable(workspace: Workspace, meta: dict, settings: str, options: IndexC
     return True
 
 
-def _append(config: PipelineConfig, workspace: Workspace, model: str, key: str, meta: dict) -> tuple[dict, dict]:
+def _append(context: StageContext, model: str, key: str, meta: dict) -> tuple[dict, dict]:
     """Encode only the new and changed documents and append them to the built index (with its codec or trained
     quantiser); the passages of changed and removed documents are deleted from the results."""
-    options, started = config.index, time.perf_counter()
-    ensure_ray(config.ray)
+    options, workspace, started = context.options, context.workspace, time.perf_counter()
+    context.ray()
     number = len(meta.get("appended", [])) + 1
     build = build_path(workspace, meta)
     documents = f"{meta['build']}/append-{number:04d}-docs.parquet"
@@ -209,7 +220,8 @@ def _append_colbert(workspace: Workspace, build: Path, options: IndexConfig, mod
     previous = plaid.Layout(meta["passages"], meta["tokens"], meta["code_bytes"], meta["id_dtype"], meta["centroids"])
     numbering = TokenNumbering(previous.passages, previous.tokens)
     table = f"append-{number:04d}-{CODES_TABLE}"
-    _encode_documents(workspace, build, options, ColBERTEncoderActor, {"model": model, "build": str(build)}, table,
+    _encode_documents(workspace, workspace.mirror(meta["build"]), options, ColBERTEncoderActor,
+                      {"model": model, "build": meta["build"], "workspace": workspace.uri}, table,
                       schemas.TOKEN_CODES, numbering, documents, passage_map)
     layout = plaid.Layout(numbering.next_id, numbering.next_token, previous.code_bytes, previous.id_dtype,
                           previous.nlist)
@@ -227,11 +239,11 @@ def _append_dense(workspace: Workspace, build: Path, options: IndexConfig, model
 
     numbering = PassageNumbering(options.num_shards, meta["passages"])
     table = f"append-{number:04d}-{EMBEDDINGS_TABLE}"
-    _encode_documents(workspace, build, options, EncoderActor, {"model": model}, table, schemas.EMBEDDINGS,
-                      numbering, documents, passage_map)
+    _encode_documents(workspace, workspace.mirror(meta["build"]), options, EncoderActor, {"model": model}, table,
+                      schemas.EMBEDDINGS, numbering, documents, passage_map)
     paths = [build / f"append-{number:04d}-shard-{shard:03d}.faiss" for shard in range(options.num_shards)]
     add = ray.remote(num_cpus=options.task_cpus, max_retries=SHARD_TASK_RETRIES)(shard_task)
-    digests = ray.get([add.remote(str(build / table), shard, str(build / TRAINED), str(path), options.device)
+    digests = ray.get([add.remote(workspace.uri, meta["build"], table, shard, path.name, options.device)
                        for shard, path in enumerate(paths)])
     total = functools.reduce(Digest.merge, digests, Digest())
     if total != Digest.of_range(numbering.next_id, first=meta["passages"]):
@@ -246,40 +258,41 @@ def _append_dense(workspace: Workspace, build: Path, options: IndexConfig, model
 
 def _remove_other_builds(workspace: Workspace, keep: str | None) -> None:
     """Once a new build is in use, the builds it replaced are deleted."""
-    builds = Path(workspace.path(BUILDS))
-    for path in builds.iterdir() if builds.is_dir() else []:
-        if f"{BUILDS}/{path.name}" != keep:
-            shutil.rmtree(path, ignore_errors=True)
+    if not workspace.exists(BUILDS):
+        return
+    for info in workspace.fs.get_file_info(pafs.FileSelector(workspace.path(BUILDS))):
+        if f"{BUILDS}/{info.base_name}" != keep and info.type == pafs.FileType.Directory:
+            workspace.fs.delete_dir(info.path)
 
 
 # ------------------------------------------------------------------------------------------------ dense
-def _build_dense(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
-    options = config.index
+def _build_dense(context: StageContext, model: str, key: str) -> tuple[dict, dict]:
+    options, workspace = context.options, context.workspace
     plan = faiss_index.plan_index(options.factory, dense_dim(model))
     docs = workspace.row_count(EVAL_DOCS)
     if options.passages is None:  # one vector per document: the training points are known before encoding
         faiss_index.check_training_points(plan, docs, options.train_sample, f"{EVAL_DOCS} ({docs} documents)")
     relative = f"{BUILDS}/{key}"
-    build = Path(workspace.path(relative))
-    shutil.rmtree(build, ignore_errors=True)  # an interrupted build of the same key
-    build.mkdir(parents=True)
-    ensure_ray(config.ray)
+    build = workspace.mirror(relative)
+    build.clear()  # an interrupted build of the same key
+    context.ray()
     numbering = PassageNumbering(options.num_shards)
-    _encode_documents(workspace, build, options, EncoderActor, {"model": model}, EMBEDDINGS_TABLE, schemas.EMBEDDINGS,
-                      numbering)
+    _encode_documents(workspace, build, options, EncoderActor,
+                      {"model": workspace.share(model), "workspace": workspace.uri}, EMBEDDINGS_TABLE,
+                      schemas.EMBEDDINGS, numbering)
     passages = numbering.next_id
     faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
     files, digests, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
                                                   options.device, options.task_cpus, _task_gpus(options))
     if not options.keep_vectors:
-        (build / EMBEDDINGS_TABLE).unlink()
-    size = sum((build / name).stat().st_size for name in files + (["index.ivfdata"] if plan.merges_on_disk else []))
+        build.remove(EMBEDDINGS_TABLE)
+    size = sum(build.size(name) for name in files + ([faiss_index.MERGED_LISTS] if plan.merges_on_disk else []))
     meta = {"kind": "dense", "dim": plan.dim, "docs": docs, "passages": passages, "tokens": passages, "model": model,
             "key": key, "build": relative, "factory": plan.factory, "files": files,
             "search_params": faiss_index.default_search_params(plan), "bytes": size,
             "passage_split": options.passages.model_dump() if options.passages else None}
     logger.info("index: %d documents as %d passages, %s at dim %d, %.1f MB in %s (trained on %d vectors)", docs,
-                passages, plan.factory, plan.dim, size / 2**20, build, trained_on)
+                passages, plan.factory, plan.dim, size / 2**20, workspace.location(relative), trained_on)
     metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
                "encoded_documents": float(docs),
                "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
@@ -293,37 +306,35 @@ def _task_gpus(options: IndexConfig) -> int:
     return 1 if options.num_gpus_per_actor and options.device != "cpu" else 0
 
 
-def build_from_table(build: Path, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
+def build_from_table(build: Mirror, plan: faiss_index.IndexPlan, vectors: int, shards: int, train_sample: int,
                      device: str = "auto", task_cpus: float = 1, gpus: int = 0) -> tuple[list[str], list[Digest], int]:
     """Build the index of the vector table in `build` (steps 2-4 above, each in Ray tasks reserving `task_cpus`, and
     `gpus` where `faiss_index.gpu_plan` puts work on a GPU: training, and adding to an index it clones); returns its
     files, each shard's digest of the ids it added and the vectors trained on. Checks that the shards hold every one
-    of the `vectors` once."""
+    of the `vectors` once. Each task writes its own file (on an object store: uploads it)."""
     import ray
 
-    table, trained = build / EMBEDDINGS_TABLE, build / TRAINED
+    uri, relative = build.workspace.uri, build.relative
     gpu_plan = faiss_index.gpu_plan(faiss_index.empty_index(plan))
-    trained_on = in_task(train_task, str(table), plan, train_sample, vectors, str(trained), device,
+    trained_on = in_task(train_task, uri, relative, EMBEDDINGS_TABLE, plan, train_sample, vectors, device,
                          num_cpus=task_cpus, num_gpus=gpus if plan.needs_training and gpu_plan != "cpu" else 0)
-    shard_paths = [build / f"shard-{shard:03d}.faiss" for shard in range(shards)]
+    shard_names = [f"shard-{shard:03d}.faiss" for shard in range(shards)]
     build_shard_file = ray.remote(num_cpus=task_cpus, num_gpus=gpus if gpu_plan == "clone" else 0,
                                   max_retries=SHARD_TASK_RETRIES)(shard_task)
-    digests = ray.get([build_shard_file.remote(str(table), shard, str(trained), str(path), device)
-                         for shard, path in enumerate(shard_paths)])
+    digests = ray.get([build_shard_file.remote(uri, relative, EMBEDDINGS_TABLE, shard, name, device)
+                       for shard, name in enumerate(shard_names)])
     total = functools.reduce(Digest.merge, digests, Digest())
     if total != Digest.of_range(vectors):
         raise ExactlyOnceError(f"index: the shards hold {total.rows} vectors for {vectors} passages, or some twice; "
                                "nothing was committed: run the stage again")
     if not plan.merges_on_disk:
-        return [path.name for path in shard_paths], digests, trained_on
-    in_task(merge_task, str(trained), [str(path) for path in shard_paths], str(build / "index.faiss"),
-            str(build / "index.ivfdata"), num_cpus=task_cpus)
-    for path in shard_paths:
-        path.unlink()
-    return ["index.faiss"], digests, trained_on
+        return shard_names, digests, trained_on
+    in_task(merge_task, uri, relative, shard_names, num_cpus=task_cpus)
+    build.remove(*shard_names)
+    return [faiss_index.MERGED], digests, trained_on
 
 
-def _encode_documents(workspace: Workspace, build: Path, options: IndexConfig, actor: type, actor_kwargs: dict,
+def _encode_documents(workspace: Workspace, build: Mirror, options: IndexConfig, actor: type, actor_kwargs: dict,
                       table: str, schema: pa.Schema, numbering, documents: str = EVAL_DOCS,
                       passage_map: str = PASSAGE_MAP) -> None:
     """Stream every document of `documents` (a workspace table) through the encoder `actor` pool into the build's
@@ -339,17 +350,18 @@ def _encode_documents(workspace: Workspace, build: Path, options: IndexConfig, a
                                **actor_kwargs},
         **actor_map_args(options),
     )
-    rows_path = build / f".{passage_map}.rows"
+    rows_path = build.folder / f".{passage_map}.rows"
     with pa.OSFile(str(rows_path), "wb") as sink, \
             pa.ipc.new_file(sink, pa.schema([("docid", pa.string()), ("passage", pa.int32())])) as passage_rows, \
-            workspace.exactly_once_writer(f"{build.relative_to(workspace.root)}/{table}", schema, ["docid"],
+            workspace.exactly_once_writer(f"{build.relative}/{table}", schema, ["docid"],
                                           expected=workspace.key_batches(documents, ["id"]),
                                           select=lambda rows: rows.filter(pc.equal(rows["passage"], 0))) as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in numbering(batch):  # one row group each
                 writer.write(part)
                 passage_rows.write_table(part.select(["docid", "passage"]))
-    write_passage_map(_read_ipc(rows_path), build / passage_map)
+    write_passage_map(_read_ipc(rows_path), build.folder / passage_map)
+    build.commit(passage_map)
     rows_path.unlink()
 
 
@@ -360,33 +372,38 @@ def _read_ipc(path: Path):
 
 
 # ------------------------------------------------------------------------------------------------ ColBERT
-def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key: str) -> tuple[dict, dict]:
+def _build_colbert(context: StageContext, model: str, key: str) -> tuple[dict, dict]:
     """The compressed token index (`td_ray.retrieval.plaid`): codec trained in a task on a sample, documents
     encoded and compressed by actors into the codes table, shard tasks fill the token arrays and their lists, a
     task merges the lists on disk."""
-    options = config.index
+    options, workspace = context.options, context.workspace
     spec = ColBERTSpec.load(model)
     relative = f"{BUILDS}/{key}"
-    build = Path(workspace.path(relative))
-    shutil.rmtree(build, ignore_errors=True)  # an interrupted build of the same key
-    build.mkdir(parents=True)
-    ensure_ray(config.ray)
+    mirror = workspace.mirror(relative)
+    mirror.clear()  # an interrupted build of the same key
+    context.ray()
     started = time.perf_counter()
-    trained = in_task(train_codec_task, workspace.uri, str(build), model, options, num_cpus=options.task_cpus,
+    shared = workspace.share(model)
+    trained = in_task(train_codec_task, workspace.uri, relative, shared, options, num_cpus=options.task_cpus,
                       num_gpus=_task_gpus(options))
     logger.info("index: codec trained in %.1f s on %d token vectors of %d documents: %d centroids (about %d tokens "
                 "in the collection), %d bits, %d B a token", time.perf_counter() - started, trained["sample_tokens"],
                 trained["sample_docs"], trained["centroids"], trained["estimated_tokens"], options.colbert.nbits,
                 trained["bytes_per_token"])
     numbering = TokenNumbering()
-    _encode_documents(workspace, build, options, ColBERTEncoderActor, {"model": model, "build": str(build)},
-                      CODES_TABLE, schemas.TOKEN_CODES, numbering)
+    _encode_documents(workspace, mirror, options, ColBERTEncoderActor,
+                      {"model": shared, "workspace": workspace.uri, "build": relative}, CODES_TABLE,
+                      schemas.TOKEN_CODES, numbering)
     passages, tokens = numbering.next_id, numbering.next_token
     layout = plaid.Layout(passages, tokens, trained["code_bytes"], trained["id_dtype"], trained["centroids"])
-    digests, entries = build_token_index(build, layout, options.num_shards, options.task_cpus)
+    if workspace.is_local:
+        digests, entries = build_token_index(mirror.folder, layout, options.num_shards, options.task_cpus)
+    else:  # the token arrays are filled in place: on one node's disk, then uploaded
+        digests, entries = in_task(token_index_task, workspace.uri, relative, layout, options.num_shards,
+                                   options.task_cpus, num_cpus=0)
     if not options.keep_vectors:
-        (build / CODES_TABLE).unlink()
-    size = sum((build / name).stat().st_size for name in plaid.FILES)
+        mirror.remove(CODES_TABLE)
+    size = sum(mirror.size(name) for name in plaid.FILES)
     docs = workspace.row_count(EVAL_DOCS)
     meta = {"kind": "colbert", "dim": trained["dim"], "docs": docs, "passages": passages, "tokens": tokens,
             "model": model, "key": key, "build": relative, "files": plaid.FILES, "nbits": options.colbert.nbits,
@@ -396,7 +413,8 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
             "passage_split": options.passages.model_dump() if options.passages else None}
     logger.info("index: %d documents as %d passages and %d tokens (%.1f a passage), %d centroids, %d-bit residuals: "
                 "%.1f MB in %s (%.1f B a token with the lists)", docs, passages, tokens, tokens / max(passages, 1),
-                layout.nlist, options.colbert.nbits, size / 2**20, build, size / max(tokens, 1))
+                layout.nlist, options.colbert.nbits, size / 2**20, workspace.location(relative),
+                size / max(tokens, 1))
     metrics = {"dim": float(trained["dim"]), "shards": float(options.num_shards), "passages": float(passages),
                "tokens": float(tokens), "tokens_per_passage": tokens / max(passages, 1), "centroids": float(layout.nlist),
                "index_bytes": float(size), "bytes_per_token": size / max(tokens, 1), "ivf_entries": float(entries),
@@ -406,23 +424,40 @@ def _build_colbert(config: PipelineConfig, workspace: Workspace, model: str, key
 
 
 def build_token_index(build: Path, layout: plaid.Layout, shards: int, task_cpus: float = 1,
-                      previous: plaid.Layout | None = None, table: str = CODES_TABLE) -> tuple[list[Digest], int]:
+                      previous: plaid.Layout | None = None, table: str = CODES_TABLE,
+                      same_node: bool = False) -> tuple[list[Digest], int]:
     """From the codes `table` in `build`: allocate the token arrays of `layout` (or grow those of the `previous`
     layout's build), fill each shard's passages in its own Ray task (retried when its worker dies), check that every
     passage was written once, and merge the inverted lists on disk in a task (after the previous passages' lists),
-    every task reserving `task_cpus`. Returns each shard's digest of its passages and the lists' entries."""
+    every task reserving `task_cpus`; with `same_node`, every task runs on this process's node (whose disk `build`
+    is on). Returns each shard's digest of its passages and the lists' entries."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     first = previous.passages if previous is not None else 0
     if previous is None:
         layout.allocate(build)
     else:
         layout.resize(build)
-    fill = ray.remote(num_cpus=task_cpus, max_retries=SHARD_TASK_RETRIES)(token_shard_task)
+    placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                       soft=False)} if same_node else {}
+    fill = ray.remote(num_cpus=task_cpus, max_retries=SHARD_TASK_RETRIES)(token_shard_task).options(**placement)
     digests = ray.get([fill.remote(str(build / table), str(build), shard, first + start, first + end, layout)
                        for shard, (start, end) in enumerate(plaid.shard_ranges(layout.passages - first, shards))])
     total = functools.reduce(Digest.merge, digests, Digest())
     if total != Digest.of_range(layout.passages, first=first):
         raise ExactlyOnceError(f"index: the token shards hold {total.rows} passages for {layout.passages - first}, "
                                "or some twice; nothing was committed: run the stage again")
-    return digests, in_task(merge_lists_task, str(build), list(range(shards)), layout, previous, num_cpus=task_cpus)
+    merge = ray.remote(num_cpus=task_cpus)(merge_lists_task).options(**placement)
+    return digests, ray.get(merge.remote(str(build), list(range(shards)), layout, previous))
+
+
+def token_index_task(workspace_uri: str, build: str, layout: plaid.Layout, shards: int,
+                     task_cpus: float) -> tuple[list[Digest], int]:
+    """Ray task, for an object-store workspace: `build_token_index` on this node's copy of the build (its shard and
+    merge tasks pinned to this node, so the arrays they fill in place are on one disk), then upload the index."""
+    mirror = Workspace(workspace_uri).mirror(build)
+    folder = mirror.fetch(CODES_TABLE, plaid.CODEC, plaid.CODEC_RANGE)
+    built = build_token_index(folder, layout, shards, task_cpus, same_node=True)
+    mirror.commit(*plaid.FILES)
+    return built

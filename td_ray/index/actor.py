@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import os
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ from td_ray.index.core import (
 )
 from td_ray.keys import Digest
 from td_ray.retrieval import faiss_index, plaid
-from td_ray.retrieval.layout import DOCUMENTS
+from td_ray.retrieval.layout import DOCUMENTS, TRAINED
 from td_ray.workspace import EVAL_DOCS, Workspace
 
 #: Columns the actor reads from each batch.
@@ -45,7 +44,10 @@ class EncoderActor:
     into windows of `passages` = (length, stride) student tokens, or kept whole (cut at max_length) when None.
     Loads the model once."""
 
-    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None):
+    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None,
+                 workspace: str | None = None):
+        if workspace is not None:  # `model` as shared with the cluster (`Workspace.share`)
+            model = Workspace(workspace).resolve(model)
         self.encoder = StudentEncoder(model, max_length=max_length, batch_size=batch_size)
         self.passages = passages
 
@@ -70,11 +72,13 @@ class ColBERTEncoderActor:
     centroid_ids, residuals}``: the ColBERT student's vectors of the tokens MaxSim uses, each stored as its centroid
     id and residual code by the build's trained codec (`td_ray.retrieval.plaid`), as bytes. Loads both once."""
 
-    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None, build: str):
+    def __init__(self, model: str, max_length: int, batch_size: int, passages: tuple[int, int] | None, build: str,
+                 workspace: str):
         from td_ray.encoders.colbert import ColBERTStudentEncoder
 
-        self.encoder = ColBERTStudentEncoder(model, max_length=max_length, batch_size=batch_size)
-        self.codec = plaid.ResidualCodec.load(Path(build))
+        workspace_ = Workspace(workspace)  # `model` as shared with the cluster; `build` workspace-relative
+        self.encoder = ColBERTStudentEncoder(workspace_.resolve(model), max_length=max_length, batch_size=batch_size)
+        self.codec = plaid.ResidualCodec.load(workspace_.mirror(build).fetch(plaid.CODEC, plaid.CODEC_RANGE))
         self.passages = passages
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -94,16 +98,25 @@ class ColBERTEncoderActor:
 
 
 def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexConfig) -> dict:
-    """Ray task: encode documents drawn evenly from the collection (PLAID's sample size), keep a uniform sample of
-    at most `train_sample` of their token vectors in one buffer, train the codec on it on the device and threads the
-    task reserved, and save it in the build; returns what it was trained on."""
+    """Ray task: train the build's codec (`_train_codec`) and store it; `build` is workspace-relative, `model` as
+    shared with the cluster."""
+    workspace = Workspace(workspace_uri)
+    mirror = workspace.mirror(build)
+    trained = _train_codec(workspace, mirror.folder, workspace.resolve(model), options)
+    mirror.commit(plaid.CODEC, plaid.CODEC_RANGE)
+    return trained
+
+
+def _train_codec(workspace: Workspace, build: Path, model: str, options: IndexConfig) -> dict:
+    """Encode documents drawn evenly from the collection (PLAID's sample size), keep a uniform sample of at most
+    `train_sample` of their token vectors in one buffer, train the codec on it on the device and threads the task
+    reserved, and save it in the local folder `build`; returns what it was trained on."""
     from td_ray.devices import resolve_device, use_reserved_threads
     from td_ray.encoders.colbert import ColBERTStudentEncoder
 
     started = time.perf_counter()
     threads = use_reserved_threads()
     device = resolve_device(options.device)
-    workspace = Workspace(workspace_uri)
     docs = workspace.row_count(EVAL_DOCS)
     chosen = sample_fraction(docs)
     encoder = ColBERTStudentEncoder(model, max_length=options.max_length, batch_size=options.batch_size,
@@ -124,19 +137,18 @@ def train_codec_task(workspace_uri: str, build: str, model: str, options: IndexC
     centroids = plan_centroids(options.colbert.centroids, estimated, len(sample))
     codec = plaid.ResidualCodec.train(sample, centroids, options.colbert.nbits, options.colbert.kmeans_niter,
                                       device=device, in_place=True)
-    codec.save(Path(build))
+    codec.save(build)
     return {"sample_docs": seen_docs, "sample_tokens": len(sample), "estimated_tokens": estimated,
             "centroids": centroids, "dim": codec.dim, "code_bytes": codec.code_bytes, "id_dtype": codec.id_dtype.str,
             "error_bound": codec.error_bound(), "bytes_per_token": codec.bytes_per_token, "device": device,
             "threads": threads, "seconds": time.perf_counter() - started}
 
 
-def fingerprints_task(workspace_uri: str, out: str) -> int:
-    """Ray task: write (id, text fingerprint) of every evaluation document to `out`; returns the documents."""
-    table = document_fingerprints(Workspace(workspace_uri).iter_batches(EVAL_DOCS, ["id", "text"]))
-    temporary = Path(out).with_name(f".{Path(out).name}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, out)
+def fingerprints_task(workspace_uri: str, build: str) -> int:
+    """Ray task: write (id, text fingerprint) of every evaluation document into the build; returns the documents."""
+    workspace = Workspace(workspace_uri)
+    table = document_fingerprints(workspace.iter_batches(EVAL_DOCS, ["id", "text"]))
+    workspace.write_table(table, f"{build}/{DOCUMENTS}")
     return table.num_rows
 
 
@@ -174,21 +186,40 @@ def merge_lists_task(build: str, shards: list[int], layout: plaid.Layout, previo
     return plaid.merge_lists(Path(build), shards, layout, previous)
 
 
-def train_task(table: str, plan: faiss_index.IndexPlan, sample: int, rows: int, out: str, device: str) -> int:
-    """Ray task: train the plan's index on about `sample` vectors drawn evenly from the table, save it empty."""
+def train_task(workspace_uri: str, build: str, table: str, plan: faiss_index.IndexPlan, sample: int, rows: int,
+               device: str) -> int:
+    """Ray task: train the plan's index on about `sample` vectors drawn evenly from the build's vector `table`, save it
+    empty into the build."""
     devices.use_reserved_threads()
-    vectors = sample_vectors(table, rows, sample, plan.dim)
-    faiss_index.write_atomic(faiss_index.train(plan, vectors, device), Path(out))
+    workspace = Workspace(workspace_uri)
+    mirror = workspace.mirror(build)
+    with workspace.fs.open_input_file(workspace.path(f"{build}/{table}")) as handle:
+        vectors = sample_vectors(handle, rows, sample, plan.dim)
+    faiss_index.write_atomic(faiss_index.train(plan, vectors, device), mirror.folder / TRAINED)
+    mirror.commit(TRAINED)
     return len(vectors)
 
 
-def shard_task(table: str, shard: int, trained: str, out: str, device: str) -> Digest:
-    """Ray task: add the shard's own row groups of the vector table to a copy of the trained index, write it."""
+def shard_task(workspace_uri: str, build: str, table: str, shard: int, out: str, device: str) -> Digest:
+    """Ray task: add the shard's own row groups of the build's vector `table` (read alone, from the workspace) to a copy
+    of the trained index, and write it as the build's file `out`."""
     devices.use_reserved_threads()
-    return faiss_index.add_shard(Path(trained), shard_batches(table, shard), Path(out), device)
+    workspace = Workspace(workspace_uri)
+    mirror = workspace.mirror(build)
+    mirror.fetch(TRAINED)
+    with workspace.fs.open_input_file(workspace.path(f"{build}/{table}")) as handle:
+        added = faiss_index.add_shard(mirror.folder / TRAINED, shard_batches(handle, shard), mirror.folder / out,
+                                      device)
+    mirror.commit(out)
+    return added
 
 
-def merge_task(trained: str, shards: list[str], index: str, data: str) -> int:
-    """Ray task: merge IVF shards into one index whose inverted lists are one on-disk file."""
+def merge_task(workspace_uri: str, build: str, shards: list[str]) -> int:
+    """Ray task: merge the build's IVF shards into one index whose inverted lists are one on-disk file."""
     devices.use_reserved_threads()
-    return faiss_index.merge_on_disk(Path(trained), [Path(path) for path in shards], Path(index), Path(data))
+    mirror = Workspace(workspace_uri).mirror(build)
+    folder = mirror.fetch(TRAINED, *shards)
+    vectors = faiss_index.merge_on_disk(folder / TRAINED, [folder / name for name in shards],
+                                        folder / faiss_index.MERGED, folder / faiss_index.MERGED_LISTS)
+    mirror.commit(faiss_index.MERGED_LISTS, faiss_index.MERGED)
+    return vectors

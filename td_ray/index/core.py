@@ -59,7 +59,7 @@ def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
     return np.asarray(batch.column("vector").flatten(), dtype=np.float32).reshape(-1, dim)
 
 
-def shard_batches(table: str, shard: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def shard_batches(table: str | pa.NativeFile, shard: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(vectors, faiss ids) of one shard, row group by row group (a shard is whole row groups, see
     PassageNumbering), read from the vector table without touching the other shards' rows."""
     parquet = pq.ParquetFile(table)
@@ -72,7 +72,7 @@ def shard_batches(table: str, shard: int) -> Iterator[tuple[np.ndarray, np.ndarr
             yield _vectors(batch, dim), batch.column("faiss_id").to_numpy()
 
 
-def sample_vectors(table: str, rows: int, sample: int, dim: int, seed: int = 0) -> np.ndarray:
+def sample_vectors(table: str | pa.NativeFile, rows: int, sample: int, dim: int, seed: int = 0) -> np.ndarray:
     """About `sample` vectors drawn evenly (each row with probability sample / rows, seeded) from the table."""
     rng = np.random.default_rng(seed)
     keep = min(1.0, sample / max(rows, 1))

@@ -9,7 +9,6 @@ the pipeline's MLflow run as the `report` artifact folder.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from td_ray.report.collect import ReportData, collect
 from td_ray.report.render import render
@@ -22,14 +21,18 @@ __all__ = ["ReportData", "collect", "write_report"]
 REPORT_DIR = "report"
 
 
-def write_report(workspace_root: str, tracking_uri: str, parent_run_id: str | None = None) -> Path:
-    """Collect, render into `{workspace}/report/`, and log it to the pipeline run; returns the page's path."""
+def write_report(workspace_root: str, tracking_uri: str, parent_run_id: str | None = None) -> str:
+    """Collect, render into `{workspace}/report/` (on an object store: rendered on this node's disk, then uploaded),
+    and log it to the pipeline run; returns where the page is."""
     from mlflow import MlflowClient
 
     data = collect(workspace_root, tracking_uri, parent_run_id)
-    directory = Workspace(workspace_root).local_dir(REPORT_DIR)
+    workspace = Workspace(workspace_root)
+    directory = workspace.local_dir(REPORT_DIR)
     path = render(data, directory)
+    workspace.upload(directory, REPORT_DIR)
     if data.parent_run_id is not None:
         MlflowClient(tracking_uri).log_artifacts(data.parent_run_id, str(directory), REPORT_DIR)
-    logger.info("report: %s (%d stages, logged to run %s)", path, len(data.stages), data.parent_run_id or "none")
-    return path
+    where = workspace.location(f"{REPORT_DIR}/{path.name}")
+    logger.info("report: %s (%d stages, logged to run %s)", where, len(data.stages), data.parent_run_id or "none")
+    return where

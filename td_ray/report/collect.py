@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import yaml
 
-from td_ray.workspace import PER_QUERY, SCORES, UNTRAINED, Workspace, untrained_label
+from td_ray.workspace import PER_QUERY, SCORES, UNTRAINED, Workspace, redacted, untrained_label
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _same_path(a: str | None, b: str) -> bool:
     if not a:
         return False
     if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
+        return redacted(a).rstrip("/") == redacted(b).rstrip("/")
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
@@ -131,16 +131,16 @@ def _stage_rows(client, runs: list, workspace: str) -> list[StageRow]:
 def _qa_flags(workspace: Workspace) -> tuple[dict, dict]:
     """Flag counts and MT models per (kind, lang) translation table, streamed."""
     flags, models = {}, {}
-    folder = Path(workspace.path("translate"))
-    if not workspace.is_local or not folder.is_dir():
+    if not workspace.exists("translate"):
         return flags, models
-    for path in sorted(folder.iterdir()):
-        match = _TRANSLATION.match(path.name)
+    for info in sorted(workspace.fs.get_file_info(pafs.FileSelector(workspace.path("translate"))),
+                       key=lambda item: item.base_name):
+        match = _TRANSLATION.match(info.base_name)
         if not match:
             continue
         kind, lang = match.groups()
         rows, counts, seen = 0, Counter(), set()
-        for batch in pq.ParquetFile(path).iter_batches(columns=["flags", "mt_model"]):
+        for batch in workspace.iter_batches(f"translate/{info.base_name}", ["flags", "mt_model"]):
             rows += batch.num_rows
             flat = pc.list_flatten(batch.column("flags"))
             if len(flat):
@@ -256,7 +256,7 @@ def collect(workspace_root: str, tracking_uri: str, parent_run_id: str | None = 
     first = data.measures[0]
     folders = {"student, trained": workspace}
     if workspace.exists(UNTRAINED):
-        folders["student, untrained"] = Workspace(workspace.path(UNTRAINED))
+        folders["student, untrained"] = Workspace(workspace.child_uri(UNTRAINED))
     for system, folder in folders.items():
         values = _per_query(folder, first)
         if values:

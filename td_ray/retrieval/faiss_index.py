@@ -8,10 +8,11 @@ unit length, so inner product is cosine). Vectors are keyed by their faiss id, t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -213,15 +214,32 @@ def add_shard(trained: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], o
     return summary
 
 
+@contextlib.contextmanager
+def _in_folder(folder: Path) -> Iterator[None]:
+    """Run the block with `folder` as the working directory (FAISS resolves an on-disk lists file's name there)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+MERGED, MERGED_LISTS = "index.faiss", "index.ivfdata"
+"""A merged IVF index and its on-disk inverted lists, side by side in one folder."""
+
+
 def merge_on_disk(trained: Path, shards: list[Path], index_path: Path, data_path: Path) -> int:
-    """Merge IVF shards into `index_path`, its inverted lists in one `data_path` file (never all in RAM, as in
-    faiss.contrib.ondisk.merge_ondisk); returns the vectors held. The index file names the data file, so both
-    are written under their final names inside the build's own directory, which is only used once complete."""
+    """Merge IVF shards into `index_path`, its inverted lists in one `data_path` file beside it (never all in RAM, as
+    in faiss.contrib.ondisk.merge_ondisk); returns the vectors held. The index file names the data file by its bare
+    name, so the pair opens from any folder (`Searcher`, a node's copy); both are written under their final names
+    inside the build's own directory, which is only used once complete."""
     from faiss.contrib.ondisk import merge_ondisk
 
     index = faiss.read_index(str(trained))
     data_path.unlink(missing_ok=True)  # a killed merge's partial lists
-    merge_ondisk(index, [str(path) for path in shards], str(data_path))
+    with _in_folder(data_path.parent):
+        merge_ondisk(index, [str(path.resolve()) for path in shards], data_path.name)
     write_atomic(index, index_path)
     return int(index.ntotal)
 
@@ -247,7 +265,8 @@ class Searcher:
         # IO_FLAG_MMAP maps a Flat/HNSW shard's vectors; an on-disk IVF index maps its lists itself (and FAISS
         # 1.15 crashes searching one read with IO_FLAG_MMAP)
         merged = path.with_suffix(".ivfdata").is_file()
-        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY if merged else faiss.IO_FLAG_MMAP)
+        with _in_folder(path.parent):  # the index names its lists file relative to its own folder
+            index = faiss.read_index(path.name, faiss.IO_FLAG_READ_ONLY if merged else faiss.IO_FLAG_MMAP)
         if self.params:
             faiss.ParameterSpace().set_index_parameters(index, self.params)
         return index

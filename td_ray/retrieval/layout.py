@@ -20,7 +20,7 @@ import numpy as np
 
 from td_ray.errors import ModelError, StaleIndexError
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.workspace import EVAL_DOCS, INDEX_META, STUDENT_DIR, Workspace, atomic_write_text
+from td_ray.workspace import EVAL_DOCS, INDEX_META, STUDENT_DIR, Workspace
 
 BUILDS = "index/builds"
 PASSAGE_MAP = "passages.arrow"
@@ -40,19 +40,29 @@ POOL_SETTINGS = {"batch_size", "num_actors", "max_actors", "num_cpus_per_actor",
 def read_index_meta(workspace: Workspace) -> dict:
     """What the index in use holds (kind, dim, docs, passages or tokens, model, key, and for a dense build its
     directory, factory, files and search defaults); {} when none was built."""
-    path = Path(workspace.path(INDEX_META))
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return json.loads(workspace.read_text(INDEX_META)) if workspace.exists(INDEX_META) else {}
 
 
 def write_index_meta(workspace: Workspace, meta: dict) -> None:
-    atomic_write_text(Path(workspace.path(INDEX_META)), json.dumps(meta, indent=1) + "\n")
+    workspace.write_text(INDEX_META, json.dumps(meta, indent=1) + "\n")
 
 
 def build_path(workspace: Workspace, meta: dict, name: str = "") -> Path:
-    """A file of the build `meta` names (the build directory itself without `name`)."""
+    """A file of the build `meta` names, on this node's disk (copied from an object-store workspace when it exists
+    there); the build's local folder without `name`."""
     if "build" not in meta:
-        raise StaleIndexError(f"{workspace.path(INDEX_META)} names no index build; re-run the index stage")
-    return Path(workspace.path(meta["build"])) / name if name else Path(workspace.path(meta["build"]))
+        raise StaleIndexError(f"{workspace.location(INDEX_META)} names no index build; re-run the index stage")
+    mirror = workspace.mirror(meta["build"])
+    if name and workspace.exists(f"{meta['build']}/{name}"):
+        mirror.fetch(name)
+    return mirror.folder / name if name else mirror.folder
+
+
+def build_folder(workspace: Workspace, meta: dict) -> Path:
+    """The build's folder on this node's disk, holding every file `meta` lists (and its deleted set, if any)."""
+    for name in meta["files"] + [DELETED]:
+        build_path(workspace, meta, name)
+    return build_path(workspace, meta)
 
 
 def student_path(model: str | None, workspace: Workspace) -> str:
@@ -62,10 +72,10 @@ def student_path(model: str | None, workspace: Workspace) -> str:
         return _registered_student(model, workspace)
     if model:
         return model
-    path = Path(workspace.path(STUDENT_DIR))
-    if not path.is_dir():
-        raise ModelError(f"no student at {path}; run the distill stage first, or set index.model")
-    return str(path)
+    if not workspace.exists(STUDENT_DIR):
+        raise ModelError(f"no student at {workspace.location(STUDENT_DIR)}; run the distill stage first, or set "
+                         "index.model")
+    return str(workspace.local_copy(STUDENT_DIR))
 
 
 def _registered_student(uri: str, workspace: Workspace) -> str:
@@ -110,7 +120,7 @@ def settings_key(model: str, index_settings: dict) -> str:
     """What a build's passages are encoded and compressed with: the student's files and the index settings that
     change what it holds. Documents added to a build of the same settings key can be appended to it."""
     settings = {name: value for name, value in index_settings.items() if name not in POOL_SETTINGS}
-    return digest(model, path_fingerprint(model), settings)
+    return digest(path_fingerprint(model), settings)
 
 
 def passage_map_paths(workspace: Workspace, meta: dict) -> list[Path]:

@@ -12,25 +12,22 @@ import json
 import logging
 import time
 
-from td_ray import schemas, tracking
+from td_ray import schemas
 from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
 from td_ray.score.actor import TeacherActor, plan_task
 from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
-from td_ray.sources import ingest
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
 from td_ray.textjoin import MissingTextError, export_text
 from td_ray.workspace import CANDIDATES, SCORES, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCKS", "CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "inputs_key", "run"]
-
-
+__all__ = ["BLOCKS", "STAGE", "CrossEncoderTeacher", "Seq2SeqTeacher", "TeacherActor", "inputs_key", "run"]
 
 
 def inputs_key(options: ScoreConfig, identities: list) -> str:
@@ -40,48 +37,61 @@ def inputs_key(options: ScoreConfig, identities: list) -> str:
     return digest(provenance(options), identities)
 
 
-def run(config: PipelineConfig) -> StageResult:
-    """Score every (query, candidate) pair once with the configured teacher.
+class ScoreStage(Stage):
+    """Score every (query, candidate) pair once with the configured teacher, or import a published score file.
 
     Pairs stream as ids; each actor looks their texts up (memory-mapped, shared per node), scores them and
     commits its block, so a killed run resumes with the blocks it had committed. The final table is written
-    from the blocks and checked to hold every pair exactly once. Unchanged inputs and settings skip the stage.
+    from the blocks and checked to hold every pair exactly once.
     """
-    started = time.perf_counter()
-    options = config.score
-    workspace = Workspace(config.workspace)
-    if options.import_scores is not None:
-        return _import(config, workspace, started)
-    if options.teacher_kind == "seq2seq":  # before any work
-        check_seq2seq_teacher(options.teacher, revision=options.teacher_revision,
-                              trust_remote_code=options.trust_remote_code, true_word=options.true_word,
-                              false_word=options.false_word)
-    else:
-        check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
-    with tracking.stage_run(config, "score") as run_id:
-        workspace.remove_temporaries("inputs", "score", "text")
-        ingest(workspace, config.data.passages, "docs", "passages")
-        ingest(workspace, config.data.train_queries, "queries", "train_queries")
-        ingest(workspace, config.data.candidates, "candidates", "candidates")
-        passages_table = translated("passages", options.passage_lang)
-        queries_table = translated("queries", options.query_lang)
-        for table, columns in ((CANDIDATES, ("qid", "pid", "rank")), (queries_table, ("id", "text")),
-                               (passages_table, ("id", "text"))):
-            schemas.require_columns(workspace.read_schema(table), columns, table)
-        key = inputs_key(options, [workspace.table_identity(table) for table in (CANDIDATES, queries_table,
-                                                                                  passages_table)])
-        if workspace.exists(SCORES) and workspace.file_metadata(SCORES).get("td_ray_inputs") == key:
-            rows = workspace.row_count(SCORES)
-            logger.info("score: unchanged (teacher, settings, candidates and texts), %d scores reused from %s",
-                        rows, workspace.path(SCORES))
-            result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
-                                 {"unchanged": 1.0}, run_id)
-            tracking.log_result(result)
-            return result
+
+    name = "score"
+    temporaries = ("inputs", "score", "text")
+
+    def check(self, options: ScoreConfig) -> None:
+        if options.import_scores is not None:
+            return
+        if options.teacher_kind == "seq2seq":
+            check_seq2seq_teacher(options.teacher, revision=options.teacher_revision,
+                                  trust_remote_code=options.trust_remote_code, true_word=options.true_word,
+                                  false_word=options.false_word)
+        else:
+            check_teacher(options.teacher, options.teacher_revision, options.trust_remote_code)
+
+    def sources(self, config: PipelineConfig) -> list[Source]:
+        if config.score.import_scores is not None:
+            return []
+        data = config.data
+        return [Source(data.passages, "docs", "passages"), Source(data.train_queries, "queries", "train_queries"),
+                Source(data.candidates, "candidates", "candidates")]
+
+    def reads(self, context: StageContext) -> list[tuple[str, tuple[str, ...]]]:
+        options = context.options
+        if options.import_scores is not None:
+            return []
+        return [(CANDIDATES, ("qid", "pid", "rank")), (translated("queries", options.query_lang), ("id", "text")),
+                (translated("passages", options.passage_lang), ("id", "text"))]
+
+    def key(self, context: StageContext) -> str:
+        options = context.options
+        if options.import_scores is not None:
+            source = options.import_scores
+            return digest(source.model_dump(mode="json"), path_fingerprint(source.path), options.provenance)
+        return inputs_key(options, [context.workspace.table_identity(table) for table, _ in self.reads(context)])
+
+    def work(self, context: StageContext, key: str) -> Outcome:
+        options, workspace = context.options, context.workspace
+        if options.import_scores is not None:
+            source = options.import_scores
+            summary = import_score_file(workspace, SCORES, source.path, source.format, teacher=options.provenance,
+                                        metadata={"td_ray_inputs": key})
+            return Outcome(summary.rows, {"scores": SCORES}, {"queries": float(summary.queries)})
         directory = f"{BLOCKS}/{key}"
-        ensure_ray(config.ray)
+        context.ray()
         todo = in_task(plan_task, workspace, directory, options.top_k)
-        scored = _score_todo(config, workspace, directory, queries_table, passages_table, todo) if todo else {}
+        queries_table, passages_table = translated("queries", options.query_lang), translated("passages",
+                                                                                             options.passage_lang)
+        scored = _score_todo(options, workspace, directory, queries_table, passages_table, todo) if todo else {}
         workspace.fs.delete_file(workspace.path(TODO))
         metadata = {"td_ray_provenance": json.dumps(provenance(options)), "td_ray_inputs": key}
         with workspace.exactly_once_writer(SCORES, schemas.SCORES, ["qid", "pid"],
@@ -90,27 +100,29 @@ def run(config: PipelineConfig) -> StageResult:
             for batch in block_batches(workspace, directory):
                 writer.write(batch)
         workspace.fs.delete_dir(workspace.path(directory))
-        result = StageResult("score", writer.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
-                             {"scored_pairs": float(todo), "resumed_pairs": float(writer.rows - todo)} | scored,
-                             run_id)
-        tracking.log_result(result)
-    logger.info(result.summary())
-    return result
+        return Outcome(writer.rows, {"scores": SCORES},
+                       {"scored_pairs": float(todo), "resumed_pairs": float(writer.rows - todo)} | scored)
 
 
-def _score_todo(config: PipelineConfig, workspace: Workspace, directory: str, queries_table: str,
+STAGE = ScoreStage()
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Run the score stage (`ScoreStage`) on `config`."""
+    return run_stage(STAGE, config)
+
+
+def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, queries_table: str,
                 passages_table: str, todo: int) -> dict[str, float]:
     """Run the teacher actors over the work list; returns the teacher's throughput."""
-    options = config.score
-    folder = workspace.local_dir("text")
-    lookups = {name: in_task(export_text, workspace, table, folder)
+    lookups = {name: in_task(export_text, workspace, table)
                for name, table in (("queries", queries_table), ("passages", passages_table))}
     logger.info("score: %d pairs to score with %s", todo, options.teacher)
     dataset = read_table_dataset(workspace, TODO).map_batches(
         TeacherActor, batch_format="pyarrow",
-        fn_constructor_kwargs={"options": options, "queries": str(lookups["queries"]),
-                               "passages": str(lookups["passages"]), "workspace": workspace.uri,
-                               "directory": directory},
+        fn_constructor_kwargs={"options": options, "teacher": workspace.share(options.teacher),
+                               "queries": lookups["queries"], "passages": lookups["passages"],
+                               "workspace": workspace.uri, "directory": directory},
         **actor_map_args(options),
     )
     started, scored = time.perf_counter(), 0
@@ -136,30 +148,3 @@ def provenance(options: ScoreConfig) -> dict:
     else:
         made["score"] = "relevance logit"
     return made
-
-
-def _import(config: PipelineConfig, workspace: Workspace, started: float) -> StageResult:
-    """Import `score.import_scores` as the score table: validated line by line, short lists per distill's policy.
-    An unchanged file (size and time), format and policy skip the import."""
-    source = config.score.import_scores
-    key = digest(source.model_dump(mode="json"), path_fingerprint(source.path), config.distill.nway,
-                 config.distill.short_list_policy, config.score.provenance)
-    with tracking.stage_run(config, "score") as run_id:
-        workspace.remove_temporaries("score")
-        if workspace.exists(SCORES) and workspace.file_metadata(SCORES).get("td_ray_inputs") == key:
-            rows = workspace.row_count(SCORES)
-            logger.info("score: %s unchanged, %d imported scores reused from %s", source.path, rows,
-                        workspace.path(SCORES))
-            result = StageResult("score", rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
-                                 {"unchanged": 1.0}, run_id)
-            tracking.log_result(result)
-            return result
-        summary = import_score_file(workspace, SCORES, source.path, source.format, teacher=config.score.provenance,
-                                    nway=config.distill.nway, short_list=config.distill.short_list_policy,
-                                    metadata={"td_ray_inputs": key})
-        result = StageResult("score", summary.rows, time.perf_counter() - started, {"scores": workspace.path(SCORES)},
-                             {"queries": float(summary.queries), "skipped_queries": float(len(summary.skipped))},
-                             run_id)
-        tracking.log_result(result)
-    logger.info(result.summary())
-    return result

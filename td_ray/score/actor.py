@@ -10,7 +10,7 @@ from td_ray import schemas
 from td_ray.config import ScoreConfig
 from td_ray.score.core import CrossEncoderTeacher, write_todo
 from td_ray.score.seq2seq import Seq2SeqTeacher
-from td_ray.textjoin import TextLookup
+from td_ray.textjoin import open_lookup
 from td_ray.workspace import Workspace
 
 #: Columns the actor reads from each batch (the stage's work list).
@@ -33,12 +33,14 @@ class TeacherActor:
     as ids. Returns one row of counts per block; `missing` names ids without text (nothing is scored then).
     """
 
-    def __init__(self, options: ScoreConfig, queries: str, passages: str, workspace: str, directory: str):
-        self.teacher = load_teacher(options)
-        self.options = options
-        self.queries = TextLookup(queries, f"training queries ({options.query_lang})")
-        self.passages = TextLookup(passages, f"passages ({options.passage_lang})")
+    def __init__(self, options: ScoreConfig, teacher: str, queries: str, passages: str, workspace: str,
+                 directory: str):
         self.workspace, self.directory = Workspace(workspace), directory
+        # `teacher`: the model as shared with the cluster; the table names it as the config does
+        self.teacher = load_teacher(options.model_copy(update={"teacher": self.workspace.resolve(teacher)}))
+        self.options = options
+        self.queries = open_lookup(self.workspace, queries, f"training queries ({options.query_lang})")
+        self.passages = open_lookup(self.workspace, passages, f"passages ({options.passage_lang})")
 
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         started = time.perf_counter()

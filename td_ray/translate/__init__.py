@@ -16,13 +16,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from td_ray import schemas, tracking
+from td_ray import schemas
 from td_ray.config import PipelineConfig, TranslateTarget
 from td_ray.fingerprint import digest
-from td_ray.ray_session import ensure_ray
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset, write_stream
 from td_ray.result import StageResult
-from td_ray.sources import SourceError, ingest
+from td_ray.sources import SourceError
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
 from td_ray.textjoin import export_text
 from td_ray.translate import store
 from td_ray.translate.actor import (
@@ -38,7 +38,7 @@ from td_ray.workspace import PASSAGES_EN, TRAIN_QUERIES_EN, Workspace, translate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CT2TranslatorActor", "run"]
+__all__ = ["STAGE", "CT2TranslatorActor", "run"]
 
 ENGLISH = {"passages": PASSAGES_EN, "queries": TRAIN_QUERIES_EN}
 
@@ -72,41 +72,59 @@ class _Totals:
         return metrics
 
 
-def _check_models(config: PipelineConfig, workspace: Workspace) -> dict[str, Path]:
-    """Resolve and open every MT model on the driver, so a bad model or prefix fails before any actor starts."""
-    model_dirs = {}
-    for target in config.translate.targets:
+def _model_dir(workspace: Workspace, target: TranslateTarget) -> Path:
+    """Resolve and open an MT model on the driver, so a bad model or prefix fails before any actor starts."""
+    model_dir = resolve_ct2_model(target.model, workspace.local_dir("models/ct2"))
+    SentencePieceCodec(model_dir, target.source_prefix, target.target_prefix)
+    return model_dir
+
+
+class _Part:
+    """One (kind, target) of the stage: its output table and what it is made from."""
+
+    def __init__(self, context: StageContext, kind: str, target: TranslateTarget):
+        workspace, self.kind, self.target = context.workspace, kind, target
+        self.name, self.relative, self.english = f"{kind}.{target.lang}", translated(kind, target.lang), ENGLISH[kind]
         if target.model is not None:
-            model_dirs[target.lang] = resolve_ct2_model(target.model, workspace.local_dir("models/ct2"))
-            SentencePieceCodec(model_dirs[target.lang], target.source_prefix, target.target_prefix)
-    return model_dirs
+            self.model_dir = _model_dir(workspace, target)
+            self.slug = store.model_slug(target, self.model_dir, context.options)
+            self.directory = store.store_dir(kind, target.lang, self.slug)
+            self.key = _view_key(workspace, self.english, self.slug, self.directory)
+        else:
+            self.pretranslated = target.pretranslated if kind == "passages" else target.pretranslated_queries
+            self.source = f"inputs/pretranslated_{kind}.{target.lang}.parquet"
+            self.mt_model = ("pretranslated:" + (getattr(self.pretranslated, "id", None)
+                                                 or Path(self.pretranslated.path).name)) if self.pretranslated else None
+            self.key = digest(workspace.file_metadata(self.english).get("td_ray_source"),
+                              workspace.file_metadata(self.source).get("td_ray_source"), target.lang, self.mt_model,
+                              context.options.quality.model_dump(mode="json")) if self.pretranslated else None
 
 
-def _unchanged(workspace: Workspace, relative: str, key: str) -> bool:
-    return workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_view") == key
+def _parts(context: StageContext) -> list[_Part]:
+    kinds = ["passages"] + (["queries"] if context.options.translate_queries else [])
+    parts = [_Part(context, kind, target) for target in context.options.targets for kind in kinds]
+    return [part for part in parts if part.key is not None]
 
 
-def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, target: TranslateTarget,
-                       model_dir: Path, totals: _Totals) -> dict:
-    """Translate the rows of (kind, target) that the store lacks; write the view; return the manifest entry.
+def _translate_missing(context: StageContext, part: _Part, totals: _Totals) -> dict:
+    """Translate the rows of the part that the store lacks; write the view; return the manifest entry.
 
-    The view records what it was made from (the input, the model version and settings, the committed blocks):
-    when all of that is unchanged the stage reads nothing more and says so.
+    The part's key names what the view is made from (the input, the model version and settings, the committed
+    blocks): when it is unchanged the stage reads nothing more and says so.
     """
-    slug = store.model_slug(target, model_dir, config.translate)
-    directory = store.store_dir(kind, target.lang, slug)
-    relative = translated(kind, target.lang)
-    english = ENGLISH[kind]
+    workspace, options, target, kind = context.workspace, context.options, part.target, part.kind
+    slug, directory, relative, english = part.slug, part.directory, part.relative, part.english
     entry = {"kind": kind, "lang": target.lang, "mt_model": target.model, "store": workspace.path(directory)}
-    if _unchanged(workspace, relative, _view_key(workspace, english, slug, directory)):
+    if context.unchanged_part(part.name, part.key, relative):
         rows = workspace.row_count(relative)
         logger.info("translate %s -> %s: unchanged (input, model, settings and store), %d rows reused from %s",
                     kind, target.lang, rows, workspace.path(relative))
-        return entry | {"source_rows": rows, "reused_rows": rows, "translated_rows": 0, "unchanged": True}
+        return entry | {"source_rows": rows, "reused_rows": rows, "translated_rows": 0, "unchanged": True,
+                        "key": part.key}
     todo_table = store.todo_path(kind, target.lang, slug)
-    keys = workspace.local_dir("translate/todo") / f"{kind}.{target.lang}.{slug}.keys.npy"
-    ensure_ray(config.ray)
-    source_rows, todo_rows = in_task(plan_task, workspace, english, directory, todo_table, str(keys))
+    keys = f"translate/todo/{kind}.{target.lang}.{slug}.keys.npy"
+    context.ray()
+    source_rows, todo_rows = in_task(plan_task, workspace, english, directory, todo_table, keys)
     entry |= {"source_rows": source_rows, "reused_rows": source_rows - todo_rows, "translated_rows": todo_rows}
     if todo_rows:
         schemas.require_columns(workspace.read_schema(todo_table), INPUT_COLUMNS, todo_table)
@@ -116,21 +134,21 @@ def _translate_missing(config: PipelineConfig, workspace: Workspace, kind: str, 
             CT2TranslatorActor,
             batch_format="pyarrow",
             fn_constructor_kwargs={
-                "model_dir": str(model_dir), "lang": target.lang, "mt_model": target.model,
+                "model_dir": workspace.share(str(part.model_dir)), "lang": target.lang, "mt_model": target.model,
                 "source_prefix": target.source_prefix, "target_prefix": target.target_prefix,
-                "settings": config.translate, "workspace": workspace.uri, "directory": directory,
+                "settings": options, "workspace": workspace.uri, "directory": directory,
             },
-            **actor_map_args(config.translate),
+            **actor_map_args(options),
         )
         started = time.perf_counter()
         for block in dataset.iter_rows():
             totals.add_block(block)
         totals.seconds += time.perf_counter() - started
         workspace.fs.delete_file(workspace.path(todo_table))
-    in_task(view_task, workspace, directory, str(keys), english, kind, target.lang,
-            _view_key(workspace, english, slug, directory), f"{target.model} [{slug}]")
-    keys.unlink()
-    return entry
+    key = _view_key(workspace, english, slug, directory)
+    in_task(view_task, workspace, directory, keys, english, kind, target.lang, key, f"{target.model} [{slug}]")
+    workspace.fs.delete_file(workspace.path(keys))
+    return entry | {"key": key}
 
 
 def _view_key(workspace: Workspace, english: str, slug: str, directory: str) -> str:
@@ -138,32 +156,25 @@ def _view_key(workspace: Workspace, english: str, slug: str, directory: str) -> 
                   sorted(store.block_names(workspace, directory)))
 
 
-def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str, target: TranslateTarget) -> dict | None:
+def _copy_pretranslated(context: StageContext, part: _Part) -> dict:
     """Take the rows of a pre-translated collection whose ids are in the English input, checked like MT output.
 
     Ray Data streams the English rows through actors that look each id up in the pre-translated text (mapped,
     shared by the actors of a node) and run the quality checks; the view is skipped when the English input,
     the pre-translated collection and the quality settings are all unchanged.
     """
-    pretranslated = target.pretranslated if kind == "passages" else target.pretranslated_queries
-    if pretranslated is None:
-        return None
+    workspace, options, target, kind = context.workspace, context.options, part.target, part.kind
     field = f"translate.targets[{target.lang}].pretranslated" + ("" if kind == "passages" else "_queries")
-    source = ingest(workspace, pretranslated, "docs" if kind == "passages" else "queries",
-                    f"pretranslated_{kind}.{target.lang}", field)
-    name = f"pretranslated:{getattr(pretranslated, 'id', None) or Path(pretranslated.path).name}"
-    english, relative = ENGLISH[kind], translated(kind, target.lang)
-    entry = {"kind": kind, "lang": target.lang, "mt_model": name, "reused_rows": 0, "translated_rows": 0}
-    key = digest(workspace.file_metadata(english).get("td_ray_source"), workspace.file_metadata(source).get("td_ray_source"),
-                 target.lang, name, config.translate.quality.model_dump(mode="json"))
-    if _unchanged(workspace, relative, key):
+    english, relative, source, name, key = part.english, part.relative, part.source, part.mt_model, part.key
+    entry = {"kind": kind, "lang": target.lang, "mt_model": name, "reused_rows": 0, "translated_rows": 0, "key": key}
+    if context.unchanged_part(part.name, key, relative):
         rows = workspace.row_count(relative)
         logger.info("translate %s -> %s: unchanged (English input, %s, quality settings), %d rows in %s", kind,
                     target.lang, name, rows, workspace.path(relative))
         flags = json.loads(workspace.file_metadata(relative).get("td_ray_flags", "{}"))
         return entry | {"source_rows": rows, "copied_rows": 0, "flags": flags, "unchanged": True}
-    ensure_ray(config.ray)
-    lookup = in_task(export_text, workspace, source, workspace.local_dir("text"))
+    context.ray()
+    lookup = in_task(export_text, workspace, source)
     flags: Counter = Counter()
 
     def check_coverage(batch: pa.Table) -> pa.Table:
@@ -179,9 +190,9 @@ def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str,
 
     dataset = read_table_dataset(workspace, english).map_batches(
         PretranslatedCheckActor, batch_format="pyarrow",
-        fn_constructor_kwargs={"lookup": str(lookup), "lang": target.lang, "mt_model": name,
-                               "quality": config.translate.quality},
-        **actor_map_args(config.translate),
+        fn_constructor_kwargs={"workspace": workspace.uri, "lookup": lookup, "lang": target.lang,
+                               "mt_model": name, "quality": options.quality},
+        **actor_map_args(options),
     )
     rows = write_stream(dataset, workspace, relative, schemas.TRANSLATIONS, ["id"],
                         expected=workspace.key_batches(english, ["id"]), transform=check_coverage,
@@ -190,41 +201,56 @@ def _copy_pretranslated(config: PipelineConfig, workspace: Workspace, kind: str,
     return entry | {"source_rows": rows, "copied_rows": rows, "flags": dict(flags)}
 
 
-def run(config: PipelineConfig) -> StageResult:
+class TranslateStage(Stage):
     """Translate (or import) every target language; each (id, lang) comes out exactly once."""
-    started = time.perf_counter()
-    workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, "translate") as run_id:
-        workspace.remove_temporaries("inputs", "translate", "text")
-        ingest(workspace, config.data.passages, "docs", "passages")
-        ingest(workspace, config.data.train_queries, "queries", "train_queries")
-        model_dirs = _check_models(config, workspace)
-        kinds = ["passages"] + (["queries"] if config.translate.translate_queries else [])
-        totals, entries, outputs, metrics = _Totals(), [], {}, defaultdict(float)
+
+    name = "translate"
+    temporaries = ("inputs", "translate", "text")
+
+    def sources(self, config: PipelineConfig) -> list[Source]:
+        found = [Source(config.data.passages, "docs", "passages"),
+                 Source(config.data.train_queries, "queries", "train_queries")]
         for target in config.translate.targets:
-            for kind in kinds:
-                if target.model is not None:
-                    entry = _translate_missing(config, workspace, kind, target, model_dirs[target.lang], totals)
-                else:
-                    entry = _copy_pretranslated(config, workspace, kind, target)
-                    if entry is None:
-                        continue
-                    for flag, count in entry["flags"].items():
-                        metrics[f"flags_{flag}"] += count
-                entries.append(entry)
-                outputs[f"{kind}.{target.lang}"] = workspace.path(translated(kind, target.lang))
-                metrics[f"rows_{kind}_{target.lang}"] = float(entry["source_rows"])
-                metrics["reused_rows"] += entry["reused_rows"]
+            for kind, source in (("passages", target.pretranslated), ("queries", target.pretranslated_queries)):
+                if target.model is None and source is not None:
+                    field = f"translate.targets[{target.lang}].pretranslated" + ("" if kind == "passages"
+                                                                                 else "_queries")
+                    found.append(Source(source, "docs" if kind == "passages" else "queries",
+                                        f"pretranslated_{kind}.{target.lang}", field))
+        return found
+
+    def key(self, context: StageContext) -> str:
+        return digest(sorted((part.name, part.key) for part in _parts(context)))
+
+    def work(self, context: StageContext, key: str) -> Outcome:
+        workspace = context.workspace
+        totals, entries, outputs, metrics, parts = _Totals(), [], {}, defaultdict(float), {}
+        for part in _parts(context):
+            if part.target.model is not None:
+                entry = _translate_missing(context, part, totals)
+            else:
+                entry = _copy_pretranslated(context, part)
+                for flag, count in entry["flags"].items():
+                    metrics[f"flags_{flag}"] += count
+            parts[part.name] = entry.pop("key")
+            entries.append(entry)
+            outputs[part.name] = part.relative
+            metrics[f"rows_{part.kind}_{part.target.lang}"] = float(entry["source_rows"])
+            metrics["reused_rows"] += entry["reused_rows"]
         for name, value in totals.metrics().items():
             metrics[name] = metrics.get(name, 0.0) + value
-        manifest = store.write_manifest(workspace, run_id, entries)
-        outputs["manifest"] = workspace.path(manifest)
-        result = StageResult("translate", totals.counts["rows"], time.perf_counter() - started, outputs,
-                             dict(metrics), run_id)
-        tracking.log_result(result)
+        outputs["manifest"] = store.write_manifest(workspace, context.run_id, entries)
         _log_actor_throughput(totals)
-    logger.info(result.summary())
-    return result
+        return Outcome(totals.counts["rows"], outputs, dict(metrics), parts=parts,
+                       key=digest(sorted(parts.items())))
+
+
+STAGE = TranslateStage()
+
+
+def run(config: PipelineConfig) -> StageResult:
+    """Run the translate stage (`TranslateStage`) on `config`."""
+    return run_stage(STAGE, config)
 
 
 def _log_actor_throughput(totals: _Totals) -> None:

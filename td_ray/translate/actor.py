@@ -12,11 +12,11 @@ import pyarrow as pa
 
 from td_ray import devices
 from td_ray.config import QualityConfig, TranslateConfig
-from td_ray.textjoin import TextLookup
+from td_ray.keys import HashSet
+from td_ray.textjoin import open_lookup
+from td_ray.translate import store
 from td_ray.translate.core import SentencePieceCodec, translate_texts
 from td_ray.translate.quality import check_translation, flag_names
-from td_ray.keys import HashSet
-from td_ray.translate import store
 from td_ray.translate.store import commit_block, text_hash
 from td_ray.workspace import Workspace
 
@@ -56,10 +56,11 @@ class CT2TranslatorActor:
                  target_prefix: str | None, settings: TranslateConfig, workspace: str, directory: str):
         import ray
 
+        self.workspace, self.directory = Workspace(workspace), directory
+        model_dir = self.workspace.resolve(model_dir)  # a reference to the converted model: on this node's disk
         self.translator = open_translator(model_dir, settings)
         self.codec = SentencePieceCodec(Path(model_dir), source_prefix, target_prefix)
         self.lang, self.mt_model, self.settings = lang, mt_model, settings
-        self.workspace, self.directory = Workspace(workspace), directory
         self.actor = (ray.get_runtime_context().get_actor_id() or "driver")[-8:]
         logger.info("translator for %s loaded on %s from %s", lang, self.translator.device, model_dir)
 
@@ -93,8 +94,8 @@ class PretranslatedCheckActor:
     Returns view rows; `text` is null for an id the collection lacks (the stage names those and stops).
     """
 
-    def __init__(self, lookup: str, lang: str, mt_model: str, quality: QualityConfig):
-        self.lookup = TextLookup(lookup, f"pre-translated {lang} collection")
+    def __init__(self, workspace: str, lookup: str, lang: str, mt_model: str, quality: QualityConfig):
+        self.lookup = open_lookup(Workspace(workspace), lookup, f"pre-translated {lang} collection")
         self.lang, self.mt_model, self.quality = lang, mt_model, quality
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -112,13 +113,17 @@ class PretranslatedCheckActor:
 
 def plan_task(workspace: Workspace, english: str, directory: str, todo: str, keys: str) -> tuple[int, int]:
     """Ray task: write the work list of the rows no committed block holds, and save the current keys' hashes (to
-    `keys`, for the view); returns (source rows, rows to translate). Holds 16 bytes a row, off the driver."""
+    `keys`, a workspace file, for the view); returns (source rows, rows to translate). Holds 16 bytes a row, off the
+    driver."""
     plan = store.write_todo(workspace, english, store.committed_keys(workspace, directory), todo)
-    plan.current.save(keys)
+    local = workspace.local_dir(keys.rsplit("/", 1)[0]) / keys.rsplit("/", 1)[1]
+    plan.current.save(local)
+    workspace.upload(local, keys)
     return plan.source_rows, plan.todo_rows
 
 
 def view_task(workspace: Workspace, directory: str, keys: str, english: str, kind: str, lang: str, key: str,
               mt_model: str) -> int:
     """Ray task: write the view from the store against the saved current keys (memory-mapped)."""
-    return store.write_view(workspace, directory, HashSet.load(keys), english, kind, lang, key, mt_model)
+    return store.write_view(workspace, directory, HashSet.load(workspace.local_copy(keys)), english, kind, lang, key,
+                            mt_model)

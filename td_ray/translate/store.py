@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ def text_hash(texts: pa.Array) -> pa.Array:
 
 def model_slug(target: TranslateTarget, model_dir: Path, settings: TranslateConfig) -> str:
     """A directory-safe, readable name for one MT model version and everything that changes its output: the
-    model's files (names, sizes, times), its prefixes, and the segmentation, decoding and quality settings (the
+    model's files (names and content), its prefixes, and the segmentation, decoding and quality settings (the
     quality checks decide which rows are retried)."""
     identity = {
         "model": target.model, "source_prefix": target.source_prefix, "target_prefix": target.target_prefix,
@@ -174,12 +173,7 @@ def write_manifest(workspace: Workspace, run_id: str, entries: list[dict]) -> st
     # Microseconds: two runs within one second must still sort oldest first.
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     relative = f"translate/manifests/{stamp}-{run_id[:8]}.json"
-    path = workspace.path(relative)
-    workspace.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with workspace.fs.open_output_stream(temporary) as handle:
-        handle.write(json.dumps({"run_id": run_id, "time": stamp, "entries": entries}, indent=1).encode())
-    workspace.fs.move(temporary, path)
+    workspace.write_text(relative, json.dumps({"run_id": run_id, "time": stamp, "entries": entries}, indent=1))
     return relative
 
 
