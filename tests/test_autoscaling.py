@@ -79,7 +79,7 @@ def test_a_gpu_stage_adds_gpu_nodes_and_idle_ones_leave(tmp_path):
         pool = ScoreConfig(teacher="t", num_actors=2, num_gpus_per_actor=1, num_cpus_per_actor=1, batch_size=4)
         rows = ray.data.range(16).map_batches(WhereAmI, batch_format="numpy", **actor_map_args(pool)).take_all()
         assert len(rows) == 16 and _gpu_nodes() == 2  # two actors of one GPU each: two GPU nodes were added
-        assert {len(json.loads(row["gpus"])) for row in rows} == {1} and len({row["node"] for row in rows}) == 2
+        assert {len(json.loads(row["gpus"])) for row in rows} == {1}  # each batch ran on an actor holding one GPU
         deadline = time.time() + 120
         while _gpu_nodes() and time.time() < deadline:
             time.sleep(2)
