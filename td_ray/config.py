@@ -446,6 +446,14 @@ class DistillConfig(_Strict):
     steps: int = Field(200, ge=1, description="Optimizer steps in total.")
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="After the warm-up: linear decay to 0 at the last step, or constant (PLAID-X's: "
+        "constant, without warm-up).",
+    )
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradients' global norm to this before each step (PLAID-X: 2.0); none "
+        "measures the norm and clips nothing.",
+    )
     checkpoint_every: int = Field(
         1000, ge=1, description="Steps between checkpoints (one is always written at the end). Each holds the "
         "weights and the AdamW state: about 6.7 GB for xlm-roberta-large, so 1,000 over the paper's 200 k steps "
@@ -465,7 +473,11 @@ class DistillConfig(_Strict):
         1, gt=0, description="CPUs reserved per training worker. Leave at least one CPU of the cluster free: the "
         "example shards are read by Ray Data tasks while the workers train.",
     )
-    use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
+    use_gpu: bool = Field(False, description="Train on GPUs (`gpus_per_worker` each).")
+    gpus_per_worker: float = Field(
+        1, gt=0, le=1, description="GPUs per worker with use_gpu: 1, or a fraction that puts several small workers on "
+        "one GPU. Below 1 the workers synchronise over gloo, since NCCL refuses two ranks on one GPU.",
+    )
     max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by restarting.")
     run_name: str = Field(
         "distill", description="Prefix of the Ray Train run name; the run is identified by it and a hash of what "

@@ -6,12 +6,21 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 from conftest import with_updates
 
 from td_ray.config import DistillConfig
 from td_ray.distill import lineage, training_key
-from td_ray.distill.train import StepLogger, epoch_seed, mean_over_workers, micro_batches, start_training
+from td_ray.distill.train import (
+    Precision,
+    StepLogger,
+    Student,
+    epoch_seed,
+    mean_over_workers,
+    micro_batches,
+    start_training,
+)
 from td_ray.workspace import SCORES, Workspace
 
 
@@ -41,6 +50,59 @@ def test_a_restart_builds_the_optimizer_where_the_parameters_were_placed():
     restored.step()  # AdamW's grouped update runs: state and parameters agree
     assert torch.allclose(placed.weight.float(), model.weight, atol=0.2) and not torch.equal(placed.weight.float(),
                                                                                           model.weight)
+
+
+def test_the_learning_rate_decays_or_stays_constant_after_the_warm_up():
+    def rates(**fields) -> list[float]:
+        _, optimizer, scheduler = start_training(torch.nn.Linear(2, 1), _config(lr=1.0, **fields), None,
+                                                 prepare=lambda module: module)
+        seen = []
+        for _ in range(10):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    assert rates() == pytest.approx([1 - step / 10 for step in range(10)])  # linear to 0 at the last step
+    assert rates(lr_schedule="constant") == [1.0] * 10  # PLAID-X's
+    assert rates(lr_schedule="constant", warmup_steps=4)[:5] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_reported():
+    model = torch.nn.Linear(3, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = model.weight.detach().clone()
+    (model(torch.full((1, 3), 10.0)).sum() * 4).backward()  # gradient (40, 40, 40): norm 69.28
+    norm = Precision("auto", torch.device("cpu")).step(optimizer, model.parameters(), max_norm=2.0)
+    assert norm == pytest.approx(40 * 3 ** 0.5, rel=1e-5)
+    assert torch.linalg.vector_norm(before - model.weight.detach()) == pytest.approx(2.0, rel=1e-5)  # the step: lr x 2
+    model.zero_grad()
+    (model(torch.full((1, 3), 10.0)).sum() * 4).backward()
+    unclipped = model.weight.detach().clone()
+    Precision("auto", torch.device("cpu")).step(optimizer, model.parameters())
+    assert torch.linalg.vector_norm(unclipped - model.weight.detach()) == pytest.approx(40 * 3 ** 0.5, rel=1e-5)
+
+
+def test_workers_reserve_their_share_of_a_gpu_and_share_one_over_gloo():
+    from td_ray.distill import ddp_backend, worker_resources
+
+    whole, half = _config(use_gpu=True, cpus_per_worker=4), _config(use_gpu=True, gpus_per_worker=0.5)
+    assert worker_resources(whole) == {"CPU": 4, "GPU": 1} and ddp_backend(whole) == "nccl"
+    assert worker_resources(half) == {"CPU": 1, "GPU": 0.5} and ddp_backend(half) == "gloo"
+    assert worker_resources(_config()) == {"CPU": 1} and ddp_backend(_config()) == "gloo"
+    with pytest.raises(ValueError, match="gpus_per_worker"):
+        _config(use_gpu=True, gpus_per_worker=2)
+
+
+def test_a_student_saved_in_bf16_trains_in_float32(assets_root, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    source = assets_root / "tiny-models" / "student"
+    AutoModel.from_pretrained(source).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "bf16")
+    for kind in ("dense", "colbert"):
+        student = Student(_config(student_kind=kind, colbert_dim=16), str(tmp_path / "bf16"))
+        assert {parameter.dtype for parameter in student.model.parameters()} == {torch.float32}, kind
 
 
 def test_run_identity_resumes_on_unrelated_changes_and_restarts_on_new_data(pipeline_run, make_workspace):

@@ -62,8 +62,8 @@ def make_trainer(options: DistillConfig, workspace: Workspace, dataset, examples
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
-                                     resources_per_worker={"CPU": options.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
+                                     resources_per_worker=worker_resources(options)),
+        torch_config=TorchConfig(backend=ddp_backend(options)),
         run_config=RunConfig(name=f"{options.run_name}-{training_key(options, workspace)[:12]}",
                              storage_path=str(workspace.local_dir("ray_train")) if workspace.is_local
                              else workspace.path("ray_train"),
@@ -73,6 +73,17 @@ def make_trainer(options: DistillConfig, workspace: Workspace, dataset, examples
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest_options),
     )
+
+
+def worker_resources(options: DistillConfig) -> dict[str, float]:
+    """What each training worker reserves: its CPUs, and with use_gpu its share of a GPU."""
+    return {"CPU": options.cpus_per_worker} | ({"GPU": options.gpus_per_worker} if options.use_gpu else {})
+
+
+def ddp_backend(options: DistillConfig) -> str:
+    """nccl for workers that each hold a whole GPU; gloo on CPUs and for workers sharing a GPU (NCCL refuses two
+    ranks on one device)."""
+    return "nccl" if options.use_gpu and options.gpus_per_worker >= 1 else "gloo"
 
 
 def export_texts(options: DistillConfig, workspace: Workspace) -> dict:

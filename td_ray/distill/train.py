@@ -93,8 +93,8 @@ class TrainingTexts:
 
 
 class Student:
-    """The student being trained and how texts become its inputs: a dense dual encoder (HF tokenizer) or
-    ColBERT-X (marker tokens, [MASK]-padded queries). Both models map (queries, passages) to [batch, nway]."""
+    """The student being trained, in float32, and how texts become its inputs: a dense dual encoder (HF tokenizer)
+    or ColBERT-X (marker tokens, [MASK]-padded queries). Both models map (queries, passages) to [batch, nway]."""
 
     def __init__(self, config: DistillConfig, path: str):
         self.config = config
@@ -111,6 +111,9 @@ class Student:
 
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = DualEncoder.from_pretrained(path, config.pooling, config.similarity)
+        # float32 master weights whatever the checkpoint's dtype: bf16's spacing (2^-8 of a weight) would round a
+        # 5e-6 step away; mixed precision only autocasts the forward pass
+        self.model.float()
 
     def inputs(self, queries: list[str], passages: list[str], device: torch.device) -> tuple[dict, dict]:
         if self.config.student_kind == "colbert":
@@ -212,11 +215,12 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, parameters) -> float:
-        """Unscale, clip nothing but measure the gradient norm, and step; returns the norm."""
+    def step(self, optimizer, parameters, max_norm: float | None = None) -> float:
+        """Unscale, clip the gradients' global norm to `max_norm` (none: only measure it), and step; returns the norm
+        before clipping."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=float("inf")))
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm or float("inf")))
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -268,13 +272,16 @@ def start_training(student_model: torch.nn.Module, config: DistillConfig, state:
     where they now live, then their saved state. Loading an optimizer's state casts it to its parameters' device
     and dtype, so this order matters: restoring before the move left AdamW's state on the CPU beside parameters
     on the GPU, and every restart failed."""
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     if state is not None:
         student_model.load_state_dict(state["model"])
     model = prepare(student_model)
     optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    if config.lr_schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    else:
+        scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -369,7 +376,7 @@ def train_loop(loop_config: dict) -> None:
                                       step / config.steps) / config.grad_accum_steps
                 precision.backward(loss)
             loss_sum += float(loss.detach())
-        grad_norm = precision.step(optimizer, model.parameters())
+        grad_norm = precision.step(optimizer, model.parameters(), config.max_grad_norm)
         scheduler.step()
         step += 1
         metrics = {"loss": mean_over_workers(loss_sum, device), "lr": scheduler.get_last_lr()[0],
