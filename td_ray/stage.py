@@ -71,6 +71,8 @@ class StageContext:
     tracking_uri: str
     config_hash: str
     """The whole config's fingerprint, for lineage tags."""
+    memo: dict[str, Any] = field(default_factory=dict)
+    """What the stage's `key` computed that its `work` reuses in the same run (translate's parts)."""
 
     def section(self, name: str) -> Any:
         """Another config section the stage declared in `Stage.sections`."""

@@ -108,8 +108,7 @@ class Workspace:
                     local = staging / target.name / item.path[len(root):].lstrip("/") if info.type != \
                         pafs.FileType.File else staging / target.name
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    with self.fs.open_input_stream(item.path) as source, open(local, "wb") as sink:
-                        shutil.copyfileobj(source, sink, 1 << 24)
+                    self._download(item.path, local)
                 for old in base.parent.glob(f"{base.name}-*"):  # earlier versions: mapped files stay readable
                     shutil.rmtree(old, ignore_errors=True)
                 os.replace(staging, target.parent)
@@ -125,13 +124,12 @@ class Workspace:
                                                        and path.name != MANIFEST)
         for path in files:
             name = relative if path == local else f"{relative}/{path.relative_to(local).as_posix()}"
-            target = self.path(name)
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            staged = target if not self.is_local else f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(path, "rb") as source, self.fs.open_output_stream(staged) as sink:  # close raises a failure
-                shutil.copyfileobj(source, sink, 1 << 24)
-            if staged != target:
-                self.fs.move(staged, target)
+
+            def copy(sink, path: Path = path) -> None:
+                with open(path, "rb") as source:
+                    shutil.copyfileobj(source, sink, 1 << 24)
+
+            self._put(self.path(name), copy)
         if local.is_dir() and not self.is_local:  # last: what the folder holds, by content (see `local_copy`)
             from td_ray.fingerprint import path_fingerprint
 
@@ -179,18 +177,30 @@ class Workspace:
             return handle.read().decode("utf-8")
 
     def write_text(self, relative: str, text: str) -> None:
-        """Write a small text file (a record, a manifest) atomically: on an object store an upload appears only
-        once complete; on a file system through a temporary name and a rename."""
-        target = self.path(relative)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if not self.is_local:
-            with self.fs.open_output_stream(target) as handle:
-                handle.write(text.encode("utf-8"))
-            return
-        temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(temporary) as handle:
-            handle.write(text.encode("utf-8"))
-        self.fs.move(temporary, target)
+        """Write a small text file (a record, a manifest) whole (`_put`)."""
+        self._put(self.path(relative), lambda sink: sink.write(text.encode("utf-8")))
+
+    def _put(self, target: str, write: Callable[[pa.NativeFile], object]) -> None:
+        """Write the file `target` (a full path) whole with `write`: on an object store an upload appears only once
+        complete (and closing it raises a failure); on a filesystem through a hidden temporary name and a rename.
+        A failed write leaves nothing under `target`."""
+        folder, name = target.rsplit("/", 1)
+        self.fs.create_dir(folder, recursive=True)
+        staged = target if not self.is_local else f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open_output_stream(staged) as sink:
+                write(sink)
+            if staged != target:
+                self.fs.move(staged, target)
+        except BaseException:
+            if staged != target and self.fs.get_file_info(staged).type != pafs.FileType.NotFound:
+                self.fs.delete_file(staged)
+            raise
+
+    def _download(self, path: str, local: Path) -> None:
+        """Copy the workspace file at the full path `path` to the local file `local`."""
+        with self.fs.open_input_stream(path) as source, open(local, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 24)
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
@@ -305,30 +315,16 @@ class Workspace:
     def commit_block(self, directory: str, table: pa.Table, schema: pa.Schema, keys: list[str]) -> str:
         """Write one block of a block store atomically into `directory`; returns its file name.
 
-        The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin. On
-        an object store the block is written under its name at once (an upload appears only once complete); on a
-        filesystem through a temporary name and a rename.
+        The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin. The
+        block is encoded first, then written whole (`_put`).
         """
         table = table.select(schema.names).cast(schema)
         digest = hashlib.sha256("\n".join("\t".join(map(str, key)) for key in
                                            zip(*(table[name].to_pylist() for name in keys))).encode())
         name = f"part-{digest.hexdigest()[:20]}.parquet"
-        target = self.path(f"{directory}/{name}")
-        self.fs.create_dir(self.path(directory), recursive=True)
-        if not self.is_local:  # the whole block is encoded first, then sent in one upload
-            encoded = pa.BufferOutputStream()
-            pq.write_table(table, encoded)
-            with self.fs.open_output_stream(target) as sink:
-                sink.write(encoded.getvalue())
-            return name
-        temporary = self.path(f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            pq.write_table(table, temporary, filesystem=self.fs)
-            self.fs.move(temporary, target)
-        except BaseException:
-            if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
-                self.fs.delete_file(temporary)
-            raise
+        encoded = pa.BufferOutputStream()
+        pq.write_table(table, encoded)
+        self._put(self.path(f"{directory}/{name}"), lambda sink: sink.write(encoded.getvalue()))
         return name
 
     def block_names(self, directory: str) -> list[str]:
@@ -387,8 +383,7 @@ class Mirror:
                 continue
             with node_lock(f"mirror-{hashlib.sha256(str(self.folder / name).encode()).hexdigest()[:16]}"):
                 staged = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.download"
-                with self.workspace.fs.open_input_stream(info.path) as source, open(staged, "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 24)
+                self.workspace._download(info.path, staged)
                 os.replace(staged, self.folder / name)
                 marker.write_text(version)
         return self.folder
@@ -473,7 +468,7 @@ class KeyedWriter:
 
 
 _TEMPORARY = re.compile(r"(\.tmp-[0-9a-f]{8}$)|(^\..+\.tmp$)")
-"""Names of files a killed writer can leave: `<target>.tmp-<8 hex>` (atomic writes), `.<name>.<...>.tmp` (blocks)."""
+"""Names of files a killed writer can leave: `<target>.tmp-<8 hex>` (tables), `.<name>.<8 hex>.tmp` (whole files)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

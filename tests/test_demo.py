@@ -167,7 +167,7 @@ def test_the_rerun_rebuilds_the_lost_index_into_the_same_run_and_skips_the_rest(
     meta = json.loads((workspace / "index" / "index_meta.json").read_text())
     builds = list((workspace / "index" / "builds").iterdir())
     assert [f"index/builds/{build.name}" for build in builds] == [meta["build"]]  # one build, reused
-    assert not list(workspace.rglob("*.tmp-*"))
+    assert not list(workspace.rglob("*.tmp-*")) and not list(workspace.rglob(".*.tmp"))  # tables; whole files
     uri = f"sqlite:///{workspace}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("td-ray").experiment_id

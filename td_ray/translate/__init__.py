@@ -82,11 +82,11 @@ def _model_dir(workspace: Workspace, target: TranslateTarget) -> Path:
 class _Part:
     """One (kind, target) of the stage: its output table and what it is made from."""
 
-    def __init__(self, context: StageContext, kind: str, target: TranslateTarget):
+    def __init__(self, context: StageContext, kind: str, target: TranslateTarget, model_dir: Path | None):
         workspace, self.kind, self.target = context.workspace, kind, target
         self.name, self.relative, self.english = f"{kind}.{target.lang}", translated(kind, target.lang), ENGLISH[kind]
-        if target.model is not None:
-            self.model_dir = _model_dir(workspace, target)
+        if model_dir is not None:
+            self.model_dir = model_dir
             self.slug = store.model_slug(target, self.model_dir, context.options)
             self.directory = store.store_dir(kind, target.lang, self.slug)
             self.key = _view_key(workspace, self.english, self.slug, self.directory)
@@ -101,9 +101,15 @@ class _Part:
 
 
 def _parts(context: StageContext) -> list[_Part]:
-    kinds = ["passages"] + (["queries"] if context.options.translate_queries else [])
-    parts = [_Part(context, kind, target) for target in context.options.targets for kind in kinds]
-    return [part for part in parts if part.key is not None]
+    """The stage's parts, each MT model resolved once: made for the stage's key, reused by its work."""
+    if "parts" not in context.memo:
+        kinds = ["passages"] + (["queries"] if context.options.translate_queries else [])
+        parts = []
+        for target in context.options.targets:
+            model_dir = _model_dir(context.workspace, target) if target.model is not None else None
+            parts += [_Part(context, kind, target, model_dir) for kind in kinds]
+        context.memo["parts"] = [part for part in parts if part.key is not None]
+    return context.memo["parts"]
 
 
 def _translate_missing(context: StageContext, part: _Part, totals: _Totals) -> dict:
