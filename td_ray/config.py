@@ -344,8 +344,15 @@ class ScoreConfig(ActorPoolConfig):
     false_word: str = Field("false", description="seq2seq: the word meaning not relevant (monoT5: false; mT5: no).")
     template: str = Field("Query: {query} Document: {document} Relevant:",
                           description="seq2seq: the input text; holds {query} and {document} once each.")
-    max_batch_tokens: int | None = Field(None, ge=16, description="seq2seq: token budget per batch, pairs sorted by "
-                                         "length (default 16384).")
+    batch_size: int = Field(
+        4096, ge=1, description="Pairs per block: each teacher call scores one block (in token-budget forward passes) "
+        "and commits it as one file, the unit of resume (26.5 M pairs make about 6.5 k files).",
+    )
+    max_batch_tokens: int | None = Field(None, ge=16, description="Token budget per forward pass: count x longest "
+                                         "pair, pairs sorted by length (default 16384).")
+    tokenizers: int = Field(1, ge=1, description="CPU actors that look pair texts up and tokenize them for the "
+                            "teachers (add one per 2-4 GPU teachers if the GPUs wait).")
+    num_cpus_per_tokenizer: float = Field(0.5, gt=0, description="CPUs reserved per tokenizing actor.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="seq2seq: auto runs bf16 on GPU and fp32 on CPU (float16 overflows in T5)."
     )

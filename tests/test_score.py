@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from td_ray import score
 from td_ray.assets.demo_data import DemoSizes
 from td_ray.errors import ModelError
+from td_ray.score.core import CrossEncoderTeacher
 from td_ray.textjoin import MissingTextError
 from td_ray.workspace import RUN, RUN_TREC, SCORES, STUDENT_DIR, Workspace, translated
 
@@ -86,7 +87,9 @@ def test_a_killed_run_resumes_from_its_committed_blocks_and_an_unchanged_one_is_
     assert (resumed.metrics["scored_pairs"], resumed.metrics["resumed_pairs"]) == (scores.num_rows - 200, 200)
     again = workspace.read_table(SCORES)
     want = {(q, p): v for q, p, v in zip(*(scores[c].to_pylist() for c in ("qid", "pid", "score")))}
-    assert {(q, p): v for q, p, v in zip(*(again[c].to_pylist() for c in ("qid", "pid", "score")))} == want
+    got = {(q, p): v for q, p, v in zip(*(again[c].to_pylist() for c in ("qid", "pid", "score")))}
+    assert got.keys() == want.keys()  # every pair once; a pair's score only varies with its batch's padding
+    assert [got[pair] for pair in want] == pytest.approx(list(want.values()), abs=1e-5)
     assert not Path(workspace.path(score.BLOCKS), key).exists()  # the blocks go once the table is committed
     made = Path(workspace.path(SCORES)).stat().st_mtime_ns
     assert score.run(config).metrics["unchanged"] == 1.0 and Path(workspace.path(SCORES)).stat().st_mtime_ns == made
@@ -181,3 +184,45 @@ def test_td_rays_own_first_stage_run_becomes_the_candidates(pipeline_run, make_w
     assert sorted(zip(scores["qid"].to_pylist(), scores["pid"].to_pylist())) == sorted(
         zip(best_three["qid"].to_pylist(), best_three["docid"].to_pylist()))
     assert len(set(scores["qid"].to_pylist())) == DemoSizes().n_train_queries  # every training query got its top 3
+
+
+def test_token_budget_batches_score_each_pair_as_it_scores_alone(assets_root):
+    teacher = CrossEncoderTeacher(str(assets_root / "tiny-models" / "cross_encoder"), max_length=64)
+    queries = ["balto mirek", "fobe", "rima sote balto kanu", "lete"]
+    passages = ["balto mirek dusa " * 6, "fobe kanu", "rima sote balto " * 9, "lete fobe kanu rima"]
+    alone = [teacher.score([query], [passage])[0] for query, passage in zip(queries, passages)]
+    encoded = teacher.pairs.encode(queries, passages)  # the CPU step's work: tokens, no model
+    assert set(encoded) == {"input_ids", "token_type_ids"} and not hasattr(teacher.pairs, "model")
+    for budget in (64, 100, 10_000):  # one pair a pass, a few, all at once: the order of the input is kept
+        assert teacher.score_encoded(encoded, budget).tolist() == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cross_encoder", "seq2seq"])
+def test_a_teacher_is_read_straight_onto_the_gpu_it_reserved(kind, assets_root, tmp_path, monkeypatch):
+    import transformers
+
+    from td_ray import devices
+    from td_ray.assets.tiny_t5 import build_tiny_t5
+    from td_ray.score.seq2seq import Seq2SeqTeacher
+
+    loaded = {}
+
+    class Loaded:
+        generation_config = None
+
+        def eval(self):
+            return self
+
+    def from_pretrained(model, **options):
+        loaded.update(options)
+        return Loaded()
+
+    monkeypatch.setattr(devices, "resolve_device", lambda device=None: "cuda:0")
+    if kind == "cross_encoder":
+        monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", from_pretrained)
+        CrossEncoderTeacher(str(assets_root / "tiny-models" / "cross_encoder"), max_length=64)
+    else:
+        monkeypatch.setattr(transformers.AutoModelForSeq2SeqLM, "from_pretrained", from_pretrained)
+        Seq2SeqTeacher(str(build_tiny_t5(tmp_path)), max_length=64)
+        assert str(loaded["dtype"]) == "torch.bfloat16"  # read in bf16: the host never holds fp32 weights
+    assert loaded["device_map"] == "cuda:0"  # no whole copy in host RAM first

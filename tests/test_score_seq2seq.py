@@ -13,11 +13,11 @@ from transformers.utils import HF_MODULES_CACHE
 
 from td_ray.assets.build import COMPLETE_MARKER
 from td_ray.assets.tiny_t5 import build_tiny_t5
+from td_ray.score.core import token_budget_batches
 from td_ray.score.seq2seq import (
     Seq2SeqTeacher,
     check_seq2seq_teacher,
     split_template,
-    token_budget_batches,
 )
 from td_ray.errors import ModelError
 

@@ -17,7 +17,7 @@ from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.fingerprint import digest, path_fingerprint
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset
 from td_ray.result import StageResult
-from td_ray.score.actor import TeacherActor, plan_task
+from td_ray.score.actor import PairTokenizer, TeacherActor, plan_task
 from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
@@ -115,14 +115,22 @@ def run(config: PipelineConfig) -> StageResult:
 def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, queries_table: str,
                 passages_table: str, todo: int) -> dict[str, float]:
     """Run the teacher actors over the work list; returns the teacher's throughput."""
+    import ray.data
+
     lookups = {name: in_task(export_text, workspace, table)
                for name, table in (("queries", queries_table), ("passages", passages_table))}
     logger.info("score: %d pairs to score with %s", todo, options.teacher)
+    teacher = workspace.share(options.teacher)
+    # Lookups and tokenizing on CPUs, beside the teacher's pool, so its device only runs forward passes.
     dataset = read_table_dataset(workspace, TODO).map_batches(
+        PairTokenizer, batch_format="pyarrow", batch_size=options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.tokenizers), num_cpus=options.num_cpus_per_tokenizer,
+        fn_constructor_kwargs={"options": options, "teacher": teacher, "queries": lookups["queries"],
+                               "passages": lookups["passages"], "workspace": workspace.uri},
+    ).map_batches(
         TeacherActor, batch_format="pyarrow",
-        fn_constructor_kwargs={"options": options, "teacher": workspace.share(options.teacher),
-                               "queries": lookups["queries"], "passages": lookups["passages"],
-                               "workspace": workspace.uri, "directory": directory},
+        fn_constructor_kwargs={"options": options, "teacher": teacher, "workspace": workspace.uri,
+                               "directory": directory},
         **actor_map_args(options),
     )
     started, scored = time.perf_counter(), 0

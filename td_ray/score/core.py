@@ -32,33 +32,105 @@ def check_teacher(model: str, revision: str | None = None, trust_remote_code: bo
                          "teacher must have exactly one relevance logit")
 
 
+DEFAULT_MAX_BATCH_TOKENS = 16384
+"""Padded tokens per forward pass when the config gives no budget (count x longest input)."""
+
+
+def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first, each group's count x longest length within the budget (one over it alone).
+
+    >>> token_budget_batches([3, 9, 4, 8], 16)
+    [[1], [3], [2, 0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def padded(rows: list[list[int]], pad: int):
+    """`rows` as one right-padded long tensor and its attention mask."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class CrossEncoderPairs:
+    """The cross-encoder's tokenizer alone: (query, passage) texts to token ids, on a CPU, without the model."""
+
+    def __init__(self, model: str, max_length: int, revision: str | None = None, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.max_length = max_length
+
+    def encode(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
+        """`input_ids` (and `token_type_ids` where the model has them) of each pair, unpadded."""
+        encoded = self.tokenizer(list(queries), list(passages), truncation="longest_first",
+                                 max_length=self.max_length)
+        return {name: encoded[name] for name in ("input_ids", "token_type_ids") if name in encoded}
+
+
 class CrossEncoderTeacher:
     """An AutoModelForSequenceClassification with one output logit per pair, in eval mode: on the GPU its Ray worker
-    reserved (`device` auto or None) under bf16 autocast, else in fp32 on the reserved CPUs."""
+    reserved (`device` auto or None) under bf16 autocast, else in fp32 on the reserved CPUs. The weights are read
+    straight onto that device (no second copy in host RAM)."""
 
     def __init__(self, model: str, max_length: int, revision: str | None = None, trust_remote_code: bool = False,
                  device: str | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         check_teacher(model, revision, trust_remote_code)
         self.device = devices.resolve_device(device)
         devices.use_reserved_threads()
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.pairs = CrossEncoderPairs(model, max_length, revision, trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model, revision=revision, trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device).eval()
-        self.max_length = max_length
+            model, revision=revision, trust_remote_code=trust_remote_code, device_map=self.device
+        ).eval()
+        self.pad = self.pairs.tokenizer.pad_token_id or 0
 
-    def score(self, queries: list[str], passages: list[str]) -> np.ndarray:
-        """The relevance logit of each (query, passage) pair, as float32."""
-        import torch
+    def score(self, queries: list[str], passages: list[str], max_batch_tokens: int | None = None) -> np.ndarray:
+        """The relevance logit of each (query, passage) pair, as float32 in input order."""
+        return self.score_encoded(self.pairs.encode(queries, passages), max_batch_tokens)
 
-        encoded = self.tokenizer(queries, passages, truncation="longest_first", max_length=self.max_length,
-                                 padding=True, return_tensors="pt").to(self.device)
-        with torch.inference_mode(), devices.autocast(self.device):
-            logits = self.model(**encoded).logits[:, 0]
-        return logits.float().cpu().numpy()
+    def score_encoded(self, encoded: dict[str, list[list[int]]], max_batch_tokens: int | None = None) -> np.ndarray:
+        """Scores of pairs `CrossEncoderPairs.encode` made, in their order (see `score_in_budget`)."""
+        def forward(batch: list[int]):
+            ids, mask = padded([encoded["input_ids"][i] for i in batch], self.pad)
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in encoded:
+                inputs["token_type_ids"] = padded([encoded["token_type_ids"][i] for i in batch], 0)[0]
+            inputs = {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+            with devices.autocast(self.device):
+                return self.model(**inputs).logits[:, 0].float()
+
+        return score_in_budget(encoded["input_ids"], max_batch_tokens, forward)
+
+
+def score_in_budget(rows: list[list[int]], max_batch_tokens: int | None, forward) -> np.ndarray:
+    """Run `forward` (token-budget batch of row indices -> float scores on the model's device) over `rows` longest
+    first, so little of each pass is padding; the scores come back to the host once, in the rows' order, so the
+    GPU queues every pass without waiting for the CPU."""
+    import torch
+
+    if not rows:
+        return np.empty(0, dtype=np.float32)
+    batches = token_budget_batches([len(row) for row in rows], max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS)
+    with torch.inference_mode():
+        scores = torch.cat([forward(batch) for batch in batches]).cpu().numpy()
+    ordered = np.empty(len(rows), dtype=np.float32)
+    ordered[np.concatenate([np.asarray(batch) for batch in batches])] = scores
+    return ordered
 
 
 BLOCKS = "score/blocks"

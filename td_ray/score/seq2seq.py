@@ -22,12 +22,11 @@ import numpy as np
 from td_ray import devices
 from td_ray.config import split_template
 from td_ray.errors import ModelError
+from td_ray.score.core import padded, score_in_budget
 
 logger = logging.getLogger(__name__)
 
 MONOT5_TEMPLATE = "Query: {query} Document: {document} Relevant:"
-DEFAULT_MAX_BATCH_TOKENS = 16384
-"""Padded tokens per forward pass when the caller gives no budget (count x longest input)."""
 _DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -88,21 +87,39 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     raise ModelError(f"tokenizer {tokenizer.name_or_path!r} changes the text's tokens when it adds special tokens")
 
 
-def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first, each group's count x longest length within the budget (one over it alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
+class Seq2SeqPairs:
+    """The seq2seq teacher's tokenizer and template alone: (query, passage) texts to token ids, on a CPU."""
+
+    def __init__(self, model: str, *, max_length: int, revision: str | None = None, trust_remote_code: bool = False,
+                 true_word: str = "true", false_word: str = "false", template: str = MONOT5_TEMPLATE):
+        self.before, self.after = split_template(template)
+        self.tokenizer, self.true_id, self.false_id = _load_tokenizer(model, revision, trust_remote_code, true_word,
+                                                                      false_word)
+        self.prefix, self.suffix = _special_frame(self.tokenizer)
+        if max_length <= len(self.prefix) + len(self.suffix):
+            raise ValueError(f"teacher max_length {max_length} leaves no room for text")
+        self.max_length = max_length
+
+    def encode(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
+        """`input_ids` of each rendered pair, with special tokens; documents cut so the whole fits max_length."""
+        if not queries:
+            return {"input_ids": []}
+        heads = [self.before.format(query=query) for query in queries]
+        tails = [self.after.format(query=query) for query in queries]
+        encode = self.tokenizer(heads + list(passages) + tails, add_special_tokens=False)["input_ids"]
+        n = len(queries)
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        rows = []
+        for head, document, tail in zip(encode[:n], encode[n : 2 * n], encode[2 * n :]):
+            # The head (query) is cut too if it alone leaves no room, so the tail always survives.
+            rows.append([*self.prefix, *(head + document)[: max(0, room - len(tail))], *tail[:room], *self.suffix])
+        return {"input_ids": rows}
 
 
 class Seq2SeqTeacher:
     """An AutoModelForSeq2SeqLM scoring pairs by log P(true word) at the first decoder step, in eval mode: on the GPU
-    its Ray worker reserved (`device: auto`) in bf16 (`dtype: auto`), else in fp32 on the reserved CPUs."""
+    its Ray worker reserved (`device: auto`) in bf16 (`dtype: auto`), else in fp32 on the reserved CPUs. The weights
+    are read straight onto that device in that dtype (no full copy in host RAM)."""
 
     def __init__(self, model: str, *, max_length: int, revision: str | None = None, trust_remote_code: bool = False,
                  true_word: str = "true", false_word: str = "false", template: str = MONOT5_TEMPLATE,
@@ -112,24 +129,19 @@ class Seq2SeqTeacher:
 
         if dtype not in _DTYPES:
             raise ValueError(f"teacher dtype {dtype!r} is not one of {_DTYPES} (float16 overflows in T5 models)")
-        self.before, self.after = split_template(template)
         config = _load_config(model, revision, trust_remote_code)
-        self.tokenizer, self.true_id, self.false_id = _load_tokenizer(model, revision, trust_remote_code, true_word,
-                                                                      false_word)
-        self.prefix, self.suffix = _special_frame(self.tokenizer)
-        if max_length <= len(self.prefix) + len(self.suffix):
-            raise ValueError(f"teacher max_length {max_length} leaves no room for text")
-        self.max_length = max_length
+        self.pairs = Seq2SeqPairs(model, max_length=max_length, revision=revision,
+                                  trust_remote_code=trust_remote_code, true_word=true_word, false_word=false_word,
+                                  template=template)
+        self.tokenizer, self.true_id, self.false_id = self.pairs.tokenizer, self.pairs.true_id, self.pairs.false_id
         self.device = devices.resolve_device(device)
         devices.use_reserved_threads()
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        # read straight in `dtype`, so host RAM holds the weights once at their final size (device_map, which would
-        # load them onto the GPU directly, needs accelerate, which td-ray does not install)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(
-            model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
-        )
-        self.model.to(self.device).eval()
+            model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype),
+            device_map=self.device,
+        ).eval()
         start = getattr(config, "decoder_start_token_id", None)
         if start is None:
             start = self.model.generation_config.decoder_start_token_id
@@ -140,43 +152,28 @@ class Seq2SeqTeacher:
                     true_word, self.true_id, false_word, self.false_id)
 
     def encode(self, queries: list[str], passages: list[str]) -> list[list[int]]:
-        """Token ids of each rendered pair, with special tokens; documents cut so the whole fits max_length."""
-        if not queries:
-            return []
-        heads = [self.before.format(query=query) for query in queries]
-        tails = [self.after.format(query=query) for query in queries]
-        encode = self.tokenizer(heads + passages + tails, add_special_tokens=False)["input_ids"]
-        n = len(queries)
-        room = self.max_length - len(self.prefix) - len(self.suffix)
-        rows = []
-        for head, document, tail in zip(encode[:n], encode[n : 2 * n], encode[2 * n :]):
-            # The head (query) is cut too if it alone leaves no room, so the tail always survives.
-            rows.append([*self.prefix, *(head + document)[: max(0, room - len(tail))], *tail[:room], *self.suffix])
-        return rows
+        """Token ids of each rendered pair (`Seq2SeqPairs.encode`)."""
+        return self.pairs.encode(queries, passages)["input_ids"]
 
     def score(self, queries: list[str], passages: list[str], max_batch_tokens: int | None = None) -> np.ndarray:
         """log P(true) over {true, false} for each (query, passage) pair, as float32 in input order."""
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
-        rows = self.encode(list(queries), list(passages))
-        scores = np.empty(len(rows), dtype=np.float32)
-        for batch in token_budget_batches([len(row) for row in rows], max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS):
-            scores[batch] = self._score_rows([rows[i] for i in batch])
-        return scores
+        return self.score_encoded(self.pairs.encode(queries, passages), max_batch_tokens)
 
-    def _score_rows(self, rows: list[list[int]]) -> np.ndarray:
+    def score_encoded(self, encoded: dict[str, list[list[int]]], max_batch_tokens: int | None = None) -> np.ndarray:
+        """Scores of pairs `Seq2SeqPairs.encode` made, in their order (see `score_in_budget`)."""
         import torch
 
-        width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked out anyway
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        decoder_input_ids = torch.full((len(rows), 1), self.decoder_start_token_id, dtype=torch.long)
-        with torch.inference_mode():
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                decoder_input_ids=decoder_input_ids.to(self.device)).logits
+
+        def forward(batch: list[int]):
+            ids, mask = padded([encoded["input_ids"][i] for i in batch], pad)
+            start = torch.full((len(batch), 1), self.decoder_start_token_id, dtype=torch.long)
+            logits = self.model(input_ids=ids.to(self.device, non_blocking=True),
+                                attention_mask=mask.to(self.device, non_blocking=True),
+                                decoder_input_ids=start.to(self.device, non_blocking=True)).logits
             pair = logits[:, 0, [self.false_id, self.true_id]].float()
-            return torch.log_softmax(pair, dim=-1)[:, 1].cpu().numpy()
+            return torch.log_softmax(pair, dim=-1)[:, 1]
+
+        return score_in_budget(encoded["input_ids"], max_batch_tokens, forward)
