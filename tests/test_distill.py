@@ -283,17 +283,15 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
     marker = tmp_path / "failed-once"
 
     def crash_once_at_step_4(loop_config):
-        steps = loop_config["distill"]["steps"]
-        original = train_module.train_step
+        original = train_module.micro_batch_loss
 
-        def train_step(*args, **kwargs):
-            step = round(args[8] * steps)  # train_step(model, loss_fn, student, texts, batch, config, device, rng, progress)
-            if step == 3 and not marker.exists():  # the fourth step (0-based 3), after step 3 was logged
+        def micro_batch_loss(model, loss_fn, micro, *args, **kwargs):
+            if micro.step == 3 and not marker.exists():  # the fourth step (0-based 3), after step 3 was logged
                 marker.write_text("crashed")
                 raise RuntimeError("injected worker failure")
-            return original(*args, **kwargs)
+            return original(model, loss_fn, micro, *args, **kwargs)
 
-        train_module.train_step = train_step
+        train_module.micro_batch_loss = micro_batch_loss
         train_module.train_loop(loop_config)
 
     run_config = with_updates(config, distill={

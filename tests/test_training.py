@@ -14,7 +14,9 @@ from td_ray.config import DistillConfig
 from td_ray.distill import lineage, training_key
 from td_ray.distill.train import (
     Precision,
+    Prefetcher,
     StepLogger,
+    StepMetrics,
     Student,
     epoch_seed,
     mean_over_workers,
@@ -74,7 +76,7 @@ def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_
     before = model.weight.detach().clone()
     (model(torch.full((1, 3), 10.0)).sum() * 4).backward()  # gradient (40, 40, 40): norm 69.28
     norm = Precision("auto", torch.device("cpu")).step(optimizer, model.parameters(), max_norm=2.0)
-    assert norm == pytest.approx(40 * 3 ** 0.5, rel=1e-5)
+    assert float(norm) == pytest.approx(40 * 3 ** 0.5, rel=1e-5)
     assert torch.linalg.vector_norm(before - model.weight.detach()) == pytest.approx(2.0, rel=1e-5)  # the step: lr x 2
     model.zero_grad()
     (model(torch.full((1, 3), 10.0)).sum() * 4).backward()
@@ -204,3 +206,54 @@ def test_each_epoch_is_shuffled_by_its_seed_and_a_resume_reads_the_same_batches(
     stream = micro_batches(dataset.iterator(), plain, 0, per_epoch, rank=0)
     assert sum((list(batch["qid"]) for batch in itertools.islice(stream, per_epoch)), []) == sorted(epochs[0])
     np.testing.assert_equal(len(run), 3 * per_epoch)
+
+
+@pytest.mark.parametrize("kind", ["dense", "colbert"])
+def test_passages_encoded_in_length_buckets_score_as_one_padded_batch(assets_root, kind):
+    path = str(assets_root / "tiny-models" / "student")
+    texts = ["balto", "fobe kanu lete rima sote " * 4, "mirek dusa", "kanu " * 30, "lete fobe", "rima sote balto"]
+    scores = {}
+    for buckets in (1, 3):
+        config = DistillConfig(student=path, passage_lang="syn", nway=3, student_kind=kind, colbert_dim=16,
+                               query_maxlen=8, passage_maxlen=64, length_buckets=buckets)
+        torch.manual_seed(0)
+        student = Student(config, path)
+        student.model.eval()
+        query, passages = student.tokenize(["balto mirek", "fobe kanu"], texts)
+        if buckets > 1:  # each bucket padded to its own longest: fewer positions than the batch's longest x 6
+            assert len(passages["buckets"]) == 3
+            assert sum(part["input_ids"].numel() for part in passages["buckets"]) < 0.7 * 6 * max(
+                part["input_ids"].shape[1] for part in passages["buckets"])
+        with torch.no_grad():
+            scores[buckets] = student.model(query, passages)
+    torch.testing.assert_close(scores[3], scores[1], atol=1e-5, rtol=1e-5)
+
+
+def test_step_metrics_reach_the_host_once_per_logging_interval():
+    metrics = StepMetrics()
+    for step in range(1, 6):
+        metrics.add(step, 0.1, torch.tensor(1.0 / step), torch.tensor(float(step)))
+    assert metrics.host_syncs == 0  # five steps: nothing read back yet
+    collected = metrics.collect(torch.device("cpu"))
+    assert metrics.host_syncs == 1 and [step for step, _ in collected] == [1, 2, 3, 4, 5]
+    assert collected[3][1] == pytest.approx({"loss": 0.25, "grad_norm": 4.0, "lr": 0.1})
+    assert metrics.collect(torch.device("cpu")) == [] and metrics.host_syncs == 1
+
+
+def test_the_prefetcher_hands_batches_over_in_order_and_raises_what_the_producer_raised():
+    def produce(fail_at=None):
+        for item in range(6):
+            if item == fail_at:
+                raise ValueError(f"no text for passage {item}")
+            yield item
+
+    ahead = Prefetcher(produce(), depth=2)
+    assert list(ahead) == list(range(6))
+    failing = Prefetcher(produce(fail_at=3))
+    assert [next(failing) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="passage 3"):
+        next(failing)
+    stopped = Prefetcher(produce(), depth=1)
+    assert next(stopped) == 0
+    stopped.close()  # training ended early: the thread blocked on a full queue ends too
+    assert not stopped.thread.is_alive()

@@ -9,9 +9,12 @@ with several, each worker may be dealt other examples after a restart (see `micr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from td_ray.distill.sampling import (
     build_contrastive_entries,
     build_entries,
 )
+from td_ray.encoders.buckets import length_buckets, restore_order
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +119,30 @@ class Student:
         # 5e-6 step away; mixed precision only autocasts the forward pass
         self.model.float()
 
-    def inputs(self, queries: list[str], passages: list[str], device: torch.device) -> tuple[dict, dict]:
+    def tokenize(self, queries: list[str], passages: list[str]) -> tuple[dict, dict]:
+        """Model inputs on the host: the queries, and the passages in `length_buckets` buckets of similar length
+        (one bucket: padded together, in order)."""
+        count = self.config.length_buckets
+        buckets = length_buckets([len(text) for text in passages], count) if count > 1 else [list(range(len(passages)))]
         if self.config.student_kind == "colbert":
-            encoded = (self.tokenizer.queries(queries), self.tokenizer.documents(passages, self.config.passage_maxlen))
+            query = self.tokenizer.queries(queries)
+            parts = [self.tokenizer.documents([passages[i] for i in bucket], self.config.passage_maxlen)
+                     for bucket in buckets]
         else:
-            encoded = tuple(self.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
-                            for texts, length in ((queries, self.config.query_maxlen),
-                                                  (passages, self.config.passage_maxlen)))
-        return tuple({key: value.to(device) for key, value in part.items() if key != "token_type_ids"}
-                     for part in encoded)
+            query, *parts = (dict(self.tokenizer(texts, truncation=True, max_length=length, padding=True,
+                                                 return_tensors="pt"))
+                             for texts, length in ((queries, self.config.query_maxlen),
+                                                   *(([passages[i] for i in bucket], self.config.passage_maxlen)
+                                                     for bucket in buckets)))
+        query, *parts = ({key: value for key, value in part.items() if key != "token_type_ids"}
+                         for part in (query, *parts))
+        if len(parts) == 1:
+            return query, parts[0]
+        return query, {"buckets": parts, "restore": restore_order(buckets)}
+
+    def inputs(self, queries: list[str], passages: list[str], device: torch.device) -> tuple[dict, dict]:
+        """`tokenize`, on `device`."""
+        return to_device(self.tokenize(queries, passages), device)
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory, self.tokenizer)
@@ -183,17 +202,135 @@ def same_query_mask(entries: list[TrainingEntry]) -> torch.Tensor:
     return same & ~torch.eye(len(qids), dtype=torch.bool)
 
 
+def to_device(inputs, device: torch.device, pin: bool = False):
+    """Every tensor in nested tuples, lists and dicts moved to `device` (asynchronously: the host copies come from
+    pinned memory), or with `pin` only pinned, which is done on the host ahead of time."""
+    if isinstance(inputs, torch.Tensor):
+        if pin:
+            return inputs.pin_memory()
+        return inputs.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(inputs):
+        return dataclasses.replace(inputs, **{field.name: to_device(getattr(inputs, field.name), device, pin)
+                                              for field in dataclasses.fields(inputs)})
+    if isinstance(inputs, dict):
+        return {key: to_device(value, device, pin) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(value, device, pin) for value in inputs)
+    return inputs
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch made ready on the host: model inputs, teacher scores (or the same-query mask of a contrastive
+    loss), and the seed of its dropout."""
+
+    step: int
+    torch_seed: int
+    query: dict
+    passages: dict
+    teacher: torch.Tensor | None
+    same_query: torch.Tensor | None
+
+
+def prepare(student: Student, texts: TrainingTexts, batch: dict, config: DistillConfig, rng: np.random.Generator,
+            step: int, torch_seed: int) -> MicroBatch:
+    """Draw a micro-batch's entries, join their text and tokenize it: all the host's work for one micro-batch."""
+    entries = make_entries(batch, config, rng, step / config.steps)
+    query, passages = student.tokenize(*join_text(entries, texts))
+    contrastive = config.loss == "contrastive"
+    teacher = None if contrastive else torch.as_tensor(np.asarray([entry.teacher_scores for entry in entries]),
+                                                      dtype=torch.float32)
+    same = same_query_mask(entries) if contrastive and config.in_batch_negatives else None
+    return MicroBatch(step, torch_seed, query, passages, teacher, same)
+
+
+def micro_batch_loss(model, loss_fn, micro: MicroBatch, config: DistillConfig, device: torch.device) -> torch.Tensor:
+    """The loss of a prepared micro-batch, its dropout seeded by its step."""
+    torch.manual_seed(micro.torch_seed)
+    query, passages, teacher, same = to_device((micro.query, micro.passages, micro.teacher, micro.same_query), device)
+    scores = model(query, passages, all_pairs=config.in_batch_negatives).float()
+    if config.loss == "contrastive":
+        return loss_fn(scores, same)
+    return loss_fn(scores, teacher)
+
+
 def train_step(model, loss_fn, student: Student, texts: TrainingTexts, batch: dict, config: DistillConfig,
                device: torch.device, rng: np.random.Generator, progress: float = 0.0) -> torch.Tensor:
-    """The loss of one micro-batch of example rows."""
-    entries = make_entries(batch, config, rng, progress)
-    queries, passages = join_text(entries, texts)
-    scores = model(*student.inputs(queries, passages, device), all_pairs=config.in_batch_negatives).float()
-    if config.loss == "contrastive":
-        return loss_fn(scores, same_query_mask(entries) if config.in_batch_negatives else None)
-    teacher = torch.as_tensor(np.asarray([entry.teacher_scores for entry in entries]), dtype=torch.float32,
-                              device=device)
-    return loss_fn(scores, teacher)
+    """The loss of one micro-batch of example rows, prepared and computed in series."""
+    micro = prepare(student, texts, batch, config, rng, round(progress * config.steps), int(rng.integers(2**62)))
+    return micro_batch_loss(model, loss_fn, micro, config, device)
+
+
+class Prefetcher:
+    """Runs `produce` (an iterator of ready micro-batches) in a thread up to `depth` items ahead, so the host's work
+    for the next micro-batch overlaps the device's for this one. Its errors are raised by `next`."""
+
+    _END = object()
+
+    def __init__(self, produce: Iterator, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(produce,), name="td-ray-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, produce: Iterator) -> None:
+        try:
+            for item in produce:
+                if not self._put(item):
+                    return
+        except BaseException as error:  # handed to the training thread, which raises it
+            self._put(error)
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self.closed.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(timeout=30)
+
+
+class StepMetrics:
+    """Each step's loss and gradient norm kept on the device, brought to the host (and averaged over the workers)
+    together once per logging interval: one host-device sync per interval, not several per step."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.host_syncs = 0
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append((step, lr, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
+
+    def collect(self, device: torch.device) -> list[tuple[int, dict[str, float]]]:
+        """(step, metrics) of every step added since the last call; the loss is the mean over the workers."""
+        if not self.pending:
+            return []
+        values = torch.stack([value for _, _, value in self.pending])
+        values[:, 0] = mean_over_workers(values[:, 0].to(device), device)
+        host = values.cpu().tolist()
+        self.host_syncs += 1
+        collected = [(step, {"loss": loss, "grad_norm": norm, "lr": lr})
+                     for (step, lr, _), (loss, norm) in zip(self.pending, host)]
+        self.pending = []
+        return collected
 
 
 class Precision:
@@ -215,12 +352,12 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, parameters, max_norm: float | None = None) -> float:
+    def step(self, optimizer, parameters, max_norm: float | None = None) -> torch.Tensor:
         """Unscale, clip the gradients' global norm to `max_norm` (none: only measure it), and step; returns the norm
-        before clipping."""
+        before clipping, on the device (reading it would make the host wait)."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm or float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm or float("inf"))
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -260,11 +397,10 @@ def micro_batches(shard, config: DistillConfig, start: int, per_epoch: int, rank
         epoch += 1
 
 
-def _seed_step(config: DistillConfig, rank: int, step: int, micro: int) -> np.random.Generator:
-    """The generator of one micro-batch's draws; dropout is seeded from the same key."""
+def seeded(config: DistillConfig, rank: int, step: int, micro: int) -> tuple[np.random.Generator, int]:
+    """The generator of one micro-batch's draws, and its dropout seed, drawn first from the same key."""
     rng = np.random.default_rng([config.seed, rank, step, micro])
-    torch.manual_seed(int(rng.integers(2**62)))
-    return rng
+    return rng, int(rng.integers(2**62))
 
 
 def start_training(student_model: torch.nn.Module, config: DistillConfig, state: dict | None, prepare):
@@ -288,12 +424,17 @@ def start_training(student_model: torch.nn.Module, config: DistillConfig, state:
     return model, optimizer, scheduler
 
 
-def mean_over_workers(value: float, device: torch.device) -> float:
-    """`value` averaged over the DDP workers (the logged loss is the whole batch's, not rank 0's shard's)."""
+def mean_over_workers(value, device: torch.device):
+    """`value` (a float, or a tensor on `device`) averaged over the DDP workers (the logged loss is the whole
+    batch's, not rank 0's shard's)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
+    if isinstance(value, torch.Tensor):
+        total = value.clone()
+        dist.all_reduce(total)
+        return total / dist.get_world_size()
     total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return float(total.item()) / dist.get_world_size()
@@ -361,31 +502,51 @@ def train_loop(loop_config: dict) -> None:
 
     start_step = step
     metrics = {"step": float(step), "start_step": float(start_step)}
+    step_metrics = StepMetrics()
+    pin = device.type == "cuda"
+
+    def produce() -> Iterator[MicroBatch]:
+        for upcoming in range(start_step, config.steps):
+            for micro in range(config.grad_accum_steps):
+                rng, torch_seed = seeded(config, rank, upcoming, micro)
+                prepared = prepare(student, texts, next(stream), config, rng, upcoming, torch_seed)
+                yield to_device(prepared, device, pin=True) if pin else prepared
+
+    def log_interval() -> dict[str, float]:
+        latest = metrics
+        for logged_step, values in step_metrics.collect(device):
+            latest = values | {"step": float(logged_step), "start_step": float(start_step)}
+            if step_logger is not None:
+                step_logger.log(logged_step, latest)
+        return latest
+
+    prefetched = Prefetcher(produce())
     model.train()
-    while step < config.steps:
-        optimizer.zero_grad()
-        loss_sum = 0.0
-        for micro in range(config.grad_accum_steps):
-            batch = next(stream)
-            rng = _seed_step(config, rank, step, micro)
-            last = micro == config.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with precision.autocast():
-                    loss = train_step(model, loss_fn, student, texts, batch, config, device, rng,
-                                      step / config.steps) / config.grad_accum_steps
-                precision.backward(loss)
-            loss_sum += float(loss.detach())
-        grad_norm = precision.step(optimizer, model.parameters(), config.max_grad_norm)
-        scheduler.step()
-        step += 1
-        metrics = {"loss": mean_over_workers(loss_sum, device), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm, "step": float(step), "start_step": float(start_step)}
-        if step_logger is not None:
-            step_logger.log(step, metrics)
-            if step % config.log_every == 0:
-                step_logger.flush()
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            report(metrics, final=step == config.steps)
+    try:
+        while step < config.steps:
+            optimizer.zero_grad()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.grad_accum_steps):
+                prepared = next(prefetched)
+                last = micro == config.grad_accum_steps - 1
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    with precision.autocast():
+                        loss = micro_batch_loss(model, loss_fn, prepared, config, device) / config.grad_accum_steps
+                    precision.backward(loss)
+                loss_sum += loss.detach()
+            grad_norm = precision.step(optimizer, model.parameters(), config.max_grad_norm)
+            scheduler.step()
+            step += 1
+            step_metrics.add(step, scheduler.get_last_lr()[0], loss_sum, grad_norm)
+            checkpoint_due = step % config.checkpoint_every == 0 or step == config.steps
+            if step % config.log_every == 0 or checkpoint_due:
+                metrics = log_interval()
+                if step_logger is not None:
+                    step_logger.flush()
+            if checkpoint_due:
+                report(metrics, final=step == config.steps)
+    finally:
+        prefetched.close()
     if checkpoint is not None and step == start_step:  # resumed a finished run: hand its model back
         report(metrics, final=True)

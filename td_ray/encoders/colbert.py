@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from td_ray import devices
+from td_ray.encoders.buckets import is_bucketed, pad_length
 from td_ray.encoders.dense import load_encoder
 
 logger = logging.getLogger(__name__)
@@ -232,16 +233,25 @@ class ColBERTEncoder(nn.Module):
         vectors = self.linear(hidden) * scoring_mask.unsqueeze(-1).to(hidden.dtype)
         return nn.functional.normalize(vectors, p=2, dim=-1)
 
-    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor],
+    def encode_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token vectors and scoring mask of tokenizer inputs, or of length buckets (`td_ray.encoders.buckets`) padded
+        with masked zero vectors to the longest bucket and put back in order."""
+        if not is_bucketed(inputs):
+            return self.encode(**inputs), inputs["scoring_mask"]
+        length = max(part["input_ids"].shape[1] for part in inputs["buckets"])
+        vectors = torch.cat([pad_length(self.encode(**part), length) for part in inputs["buckets"]])
+        mask = torch.cat([pad_length(part["scoring_mask"], length) for part in inputs["buckets"]])
+        return vectors[inputs["restore"]], mask[inputs["restore"]]
+
+    def forward(self, query: dict[str, torch.Tensor], passages: dict,
                 all_pairs: bool = False) -> torch.Tensor:
         """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query);
         with `all_pairs`, [batch, batch * nway]: every query against every passage (in-batch negatives)."""
         for name, inputs in (("query", query), ("passages", passages)):
-            if "scoring_mask" not in inputs:
+            if not is_bucketed(inputs) and "scoring_mask" not in inputs:
                 raise ValueError(f"the {name} batch has no scoring_mask: tokenize with ColBERTTokenizer.queries "
                                  "and .documents (td_ray.encoders.colbert), not the plain HF tokenizer")
-        queries, documents = self.encode(**query), self.encode(**passages)
-        doc_mask = passages["scoring_mask"]
+        queries, (documents, doc_mask) = self.encode(**query), self.encode_inputs(passages)
         if all_pairs:
             batch = queries.shape[0]
             documents = documents.unsqueeze(0).expand(batch, *documents.shape)

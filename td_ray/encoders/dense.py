@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from td_ray import devices
+from td_ray.encoders.buckets import is_bucketed
 from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,19 @@ class DualEncoder(nn.Module):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1) if self.similarity == "cosine" else pooled
 
-    def forward(self, query: dict[str, torch.Tensor], passages: dict[str, torch.Tensor],
+    def encode_inputs(self, inputs: dict) -> torch.Tensor:
+        """`encode` over tokenizer inputs, or over length buckets (`td_ray.encoders.buckets`) put back in order."""
+        if is_bucketed(inputs):
+            parts = [self.encode(part["input_ids"], part["attention_mask"]) for part in inputs["buckets"]]
+            return torch.cat(parts)[inputs["restore"]]
+        return self.encode(inputs["input_ids"], inputs["attention_mask"])
+
+    def forward(self, query: dict[str, torch.Tensor], passages: dict,
                 all_pairs: bool = False) -> torch.Tensor:
         """Scores [batch, nway] of `batch` queries against their `batch * nway` passages (grouped per query);
         with `all_pairs`, [batch, batch * nway]: every query against every passage (in-batch negatives)."""
         queries = self.encode(query["input_ids"], query["attention_mask"])
-        encoded = self.encode(passages["input_ids"], passages["attention_mask"])
+        encoded = self.encode_inputs(passages)
         if all_pairs:
             return queries @ encoded.T
         if encoded.shape[0] % queries.shape[0]:
