@@ -307,8 +307,12 @@ class TranslateConfig(ActorPoolConfig):
     )
     compute_type: Literal["auto", "default", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
                           "float16", "bfloat16", "float32"] = Field(
-        "default", description="CTranslate2 precision: default keeps the model's own (converted to what the device "
-        "supports); auto takes the fastest the device supports, int8 included.")
+        "auto", description="CTranslate2 precision. auto: bfloat16 (else float16) on a GPU; int8 on a CPU (3.2x HF "
+        "generate against 1.2x for float32) when a sample of each actor's first block is flagged by the quality "
+        "checks as often as in float32, else float32. default keeps the converted model's own.")
+    blocks_in_flight: int = Field(
+        2, ge=1, description="Blocks each translator actor works on at once: one block's retries, checks and commit "
+        "overlap the next one's translation (CTranslate2 queues both); 1 runs them in series.")
     intra_threads: int = Field(1, ge=0, description="CTranslate2 threads per batch within an actor (0 = all cores).")
     inter_threads: int = Field(1, ge=1, description="Batches an actor's translator runs in parallel.")
 

@@ -529,3 +529,44 @@ def test_manifests_of_runs_within_one_second_read_back_oldest_first(tmp_path):
     for run_id in ("zz-first", "aa-second", "mm-third"):  # run ids sort the other way round
         store.write_manifest(workspace, run_id, [])
     assert [m["run_id"] for m in store.read_manifests(workspace)] == ["zz-first", "aa-second", "mm-third"]
+
+
+def test_auto_precision_is_int8_on_a_cpu_and_bf16_else_fp16_on_a_gpu(monkeypatch):
+    from td_ray.translate import actor
+
+    assert actor.auto_compute_type("cpu") == "int8"  # what this CPU's CTranslate2 supports
+    offered = {"cuda": {"float32", "int8_float16", "float16", "bfloat16"}}
+    monkeypatch.setattr(ctranslate2, "get_supported_compute_types", lambda device: offered[device])
+    assert actor.auto_compute_type("cuda") == "bfloat16"
+    offered["cuda"] = {"float32", "int8_float16", "float16"}  # before Ampere: no bf16
+    assert actor.auto_compute_type("cuda") == "float16"
+    offered["cuda"] = {"float32"}
+    assert actor.auto_compute_type("cuda") == "float32"
+
+
+def test_auto_keeps_int8_on_a_cpu_only_while_its_sample_passes_the_checks(assets_root, ray_cluster, tmp_path,
+                                                                           monkeypatch):
+    from td_ray.translate import actor
+
+    def translate_block(**changes):
+        translator = actor.CT2TranslatorActor(str(assets_root.joinpath(*MARIAN)), "qaa", "tiny", None, None,
+                                              settings(**changes), str(tmp_path), f"store{len(changes)}")
+        texts = ["Balto mirek dusa. Fobe kanu lete.", "Rima sote balto.", "Kanu lete fobe."]
+        batch = pa.table({"id": ["a", "b", "c"], "text": texts, "source_hash": ["1", "2", "3"]})
+        return translator(batch)["compute_type"][0]
+
+    assert translate_block().startswith("int8")  # the random model's rows are flagged alike in int8 and float32
+    assert translate_block(compute_type="float32") == "float32"  # an explicit choice is never second-guessed
+    monkeypatch.setattr(actor, "int8_passes", lambda *counts: False)  # int8 output fails more checks than float32
+    assert translate_block() == "float32"
+
+
+def test_each_translator_actor_keeps_two_blocks_in_flight_so_retries_overlap_the_next_block():
+    from td_ray.translate.actor import translate_map_args
+
+    pool = translate_map_args(settings(num_actors=2))["compute"]
+    assert (pool.min_size, pool.max_size, pool.max_concurrent_calls_per_actor) == (2, 2, 2)
+    assert pool.enable_true_multi_threading  # the second call runs while the first waits on CTranslate2
+    autoscaled = translate_map_args(settings(num_actors=1, max_actors=3))["compute"]
+    assert (autoscaled.min_size, autoscaled.max_size, autoscaled.max_concurrent_calls_per_actor) == (1, 3, 2)
+    assert translate_map_args(settings(blocks_in_flight=1))["compute"].max_concurrent_calls_per_actor is None

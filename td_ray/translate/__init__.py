@@ -30,6 +30,7 @@ from td_ray.translate.actor import (
     CT2TranslatorActor,
     PretranslatedCheckActor,
     plan_task,
+    translate_map_args,
     view_task,
 )
 from td_ray.translate.core import SentencePieceCodec, resolve_ct2_model
@@ -144,7 +145,7 @@ def _translate_missing(context: StageContext, part: _Part, totals: _Totals) -> d
                 "source_prefix": target.source_prefix, "target_prefix": target.target_prefix,
                 "settings": options, "workspace": workspace.uri, "directory": directory,
             },
-            **actor_map_args(options),
+            **translate_map_args(options),
         )
         started = time.perf_counter()
         for block in dataset.iter_rows():
