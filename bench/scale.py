@@ -191,7 +191,7 @@ def base_config(workspace: Path, data: Path, models: Path, steps: int) -> dict:
             "translate_queries": False, "decoding": {"max_decoding_length": 16}, "quality": {"retry": None},
             "batch_size": 2000, "num_actors": 1, "max_actors": 2,
         },
-        "score": {"teacher": str(models / "cross_encoder"), "top_k": 50, "max_length": 64, "batch_size": 500},
+        "score": {"teacher": str(models / "cross_encoder"), "top_k": 50, "max_length": 64},
         "distill": {"student": str(models / "student"), "passage_lang": ["zh", "qaa"], "mixing": "mix-passages",
                     "nway": 6, "batch_size": 8, "steps": steps, "lr": 1e-4, "checkpoint_every": steps,
                     "num_workers": 1, "cpus_per_worker": 1, "passage_maxlen": 64, "query_maxlen": 16},
@@ -245,7 +245,7 @@ def seed_score_blocks(config: dict) -> int:
                   (config.data.candidates, config.data.train_queries, config.data.passages)]
     directory = f"{score.BLOCKS}/{score.inputs_key(config.score, identities)}"
     seeded = skipped = 0
-    for batch in workspace.iter_batches(SCORES, batch_size=20_000):  # the stage commits one per 500-pair batch
+    for batch in workspace.iter_batches(SCORES, batch_size=20_000):  # the stage commits one per score.batch_size pairs
         drop = max(0, min(batch.num_rows, TEACHER_SLICE - skipped))
         skipped += drop
         if batch.num_rows > drop:
