@@ -76,8 +76,9 @@ def thread_count(default: int | None = None) -> int:
 
 
 def use_reserved_threads(default: int | None = None) -> int:
-    """Set torch's and FAISS's thread pools to `thread_count`; returns it. Outside Ray and without `default` the
-    pools are left as the process set them (torch's physical cores, OMP_NUM_THREADS, a script's own choice)."""
+    """Set torch's and FAISS's thread pools, and the Rust pool of HF's fast tokenizers (RAYON_NUM_THREADS, read when
+    the process first tokenizes a batch), to `thread_count`; returns it. Outside Ray and without `default` the pools
+    are left as the process set them (torch's physical cores, OMP_NUM_THREADS, a script's own choice)."""
     import faiss
     import torch
 
@@ -87,6 +88,7 @@ def use_reserved_threads(default: int | None = None) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # else a tokenizer batch runs on every core of the node
     return threads
 
 

@@ -41,6 +41,26 @@ def actor_map_args(pool: ActorPoolConfig) -> dict:
     return arguments
 
 
+READ_CPUS = 1.0
+"""CPUs a stage's pools must leave free on a cluster: Ray Data's read tasks reserve one each to stream the input."""
+
+
+def check_read_room(what: str, reserved: float, fix: str, joined: bool) -> None:
+    """Stop before the work when a stage's pools (`what`, `reserved` CPUs in all) would leave a local cluster (`joined`
+    False) less than a read task's CPU: the input could never be read, and the stage would wait forever. On a joined
+    cluster, which may autoscale, only warn."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    left = total - reserved
+    if left < READ_CPUS:
+        message = (f"{what} leave {left:g} of the cluster's {total:g} CPUs free, but Ray Data needs {READ_CPUS:g} to "
+                   f"stream the input; {fix}")
+        if not joined:
+            raise ValueError(message)
+        logger.warning("%s (continuing: an autoscaling cluster may add CPUs)", message)
+
+
 def write_stream(dataset, workspace: Workspace, relative: str, schema: pa.Schema, keys: list[str],
                  expected: KeyBatches | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
                  metadata: dict[str, str] | Callable[[], dict[str, str]] | None = None) -> int:

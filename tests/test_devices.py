@@ -49,7 +49,8 @@ def _probe_class() -> type:
                     choices["encoder"] = StudentEncoder(student).device
                 else:
                     devices.use_reserved_threads()
-            return {**choices, "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads()}
+            return {**choices, "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+                    "tokenizer_threads": int(os.environ.get("RAYON_NUM_THREADS", "0"))}
 
     return Probe
 
@@ -71,7 +72,7 @@ def test_a_ray_actor_without_a_gpu_stays_on_the_cpu_and_computes_on_its_reserved
         ray.kill(probe)
     assert seen["visible"] == "0" and seen["reserved_gpus"] == 0  # Ray left the GPU visible, reserved none
     assert (seen["torch"], seen["faiss_on_gpu"], seen["ctranslate2"]) == ("cpu", False, "cpu")
-    assert seen["thread_count"] == seen["torch_threads"] == seen["faiss_threads"] == cpus
+    assert seen["thread_count"] == seen["torch_threads"] == seen["faiss_threads"] == seen["tokenizer_threads"] == cpus
     assert with_encoder["encoder"] == "cpu" and with_encoder["torch_threads"] == with_encoder["faiss_threads"] == cpus
 
 

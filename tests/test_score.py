@@ -226,3 +226,25 @@ def test_a_teacher_is_read_straight_onto_the_gpu_it_reserved(kind, assets_root, 
         Seq2SeqTeacher(str(build_tiny_t5(tmp_path)), max_length=64)
         assert str(loaded["dtype"]) == "torch.bfloat16"  # read in bf16: the host never holds fp32 weights
     assert loaded["device_map"] == "cuda:0"  # no whole copy in host RAM first
+
+
+def test_only_the_teacher_step_reserves_gpus_and_the_cpu_step_cuts_the_same_blocks(make_workspace):
+    from td_ray.raydata import actor_map_args
+    from td_ray.score.actor import tokenizer_map_args
+
+    options = make_workspace(score={"num_gpus_per_actor": 1, "num_actors": 8, "tokenizers": 4,
+                                    "num_cpus_per_tokenizer": 1}).score
+    teacher, tokenizer = actor_map_args(options), tokenizer_map_args(options)
+    assert teacher["num_gpus"] == 1 and teacher["compute"].min_size == 8
+    assert "num_gpus" not in tokenizer and tokenizer["num_cpus"] == 1 and tokenizer["compute"].min_size == 4
+    assert tokenizer["batch_size"] == teacher["batch_size"] == options.batch_size  # one block a teacher call
+
+
+def test_pools_that_would_leave_no_cpu_to_read_the_work_list_are_refused(make_workspace, ray_cluster):
+    from td_ray.ray_session import ensure_ray
+
+    config = make_workspace(score={"num_cpus_per_actor": 1, "tokenizers": 1, "num_cpus_per_tokenizer": 0.5})
+    ensure_ray(config.ray)  # the session's 2 CPUs: 1.5 reserved leave 0.5, and a read task takes 1
+    with pytest.raises(ValueError, match=r"score: 1 teachers x 1.0 CPUs and 1 tokenizers x 0.5 CPUs leave 0.5 of the "
+                                         r"cluster's 2 CPUs free.*lower score.num_cpus_per_actor"):
+        score.run(config)

@@ -166,6 +166,11 @@ def test_tracking_failures_are_retried_at_the_next_flush_and_never_raised(tmp_pa
 def _average(rank: int, world: int, address: str, out) -> None:
     torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
     out[rank] = mean_over_workers(float(rank + 1), torch.device("cpu"))
+    metrics = StepMetrics()  # as the training loop logs: each rank's loss on its device, averaged at the interval
+    for step in (1, 2):
+        metrics.add(step, 0.1, torch.tensor(float(rank + step)), torch.tensor(float(rank)))
+    out[f"steps of {rank}"] = [(step, values["loss"], values["grad_norm"]) for step, values in
+                               metrics.collect(torch.device("cpu"))]
     torch.distributed.destroy_process_group()
 
 
@@ -177,7 +182,9 @@ def test_the_logged_loss_is_averaged_over_the_workers(tmp_path):
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
-    assert dict(out) == {0: 2.0, 1: 2.0, 2: 2.0}
+    assert {rank: out[rank] for rank in range(3)} == {0: 2.0, 1: 2.0, 2: 2.0}
+    for rank in range(3):  # the loss is the workers' mean at each step; the gradient norm stays the rank's own
+        assert out[f"steps of {rank}"] == [(1, 2.0, float(rank)), (2, 3.0, float(rank))]
     assert mean_over_workers(5.0, torch.device("cpu")) == 5.0  # one process: the value itself
 
 

@@ -17,7 +17,7 @@ from td_ray.distill.data import ExampleFilter, group_scores, read_positives
 from td_ray.distill.registry import register_student
 from td_ray.distill.train import HF_DIR, train_loop
 from td_ray.fingerprint import digest
-from td_ray.raydata import in_task, read_table_dataset
+from td_ray.raydata import check_read_room, in_task, read_table_dataset
 from td_ray.result import StageResult
 from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
 from td_ray.textjoin import check_coverage, export_text, open_lookup
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAGE", "run", "train_loop"]
 
 EXAMPLES = "distill/examples.parquet"
-DATA_CPUS = 1.0
-"""CPUs the training workers must leave free: Ray Data reads the example shards with them while training runs."""
 
 
 def make_trainer(options: DistillConfig, workspace: Workspace, dataset, examples: int, run_id: str | None,
@@ -95,19 +93,10 @@ def export_texts(options: DistillConfig, workspace: Workspace) -> dict:
 
 
 def check_free_cpus(options: DistillConfig, joined: bool) -> None:
-    """Stop before training when the workers would take every CPU of a local cluster (`joined` False): the example
-    shards could then never be read and training would wait forever."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    left = total - options.num_workers * options.cpus_per_worker
-    if left < DATA_CPUS:
-        message = (f"distill: {options.num_workers} workers x {options.cpus_per_worker} CPUs leave {left:g} of the "
-                   f"cluster's {total:g} CPUs free, but Ray Data needs {DATA_CPUS:g} to stream the examples; lower "
-                   "distill.cpus_per_worker (fractions are fine) or distill.num_workers")
-        if not joined:
-            raise ValueError(message)
-        logger.warning("%s (continuing: an autoscaling cluster may add CPUs)", message)
+    """Stop before training when the workers would take every CPU of a local cluster (`check_read_room`)."""
+    check_read_room(f"distill: {options.num_workers} workers x {options.cpus_per_worker} CPUs",
+                    options.num_workers * options.cpus_per_worker,
+                    "lower distill.cpus_per_worker (fractions are fine) or distill.num_workers", joined)
 
 
 def build_examples(options: DistillConfig, workspace: Workspace) -> tuple[int, int]:
@@ -236,6 +225,8 @@ class DistillStage(Stage):
                    "examples": float(examples), "skipped_queries": float(skipped), "model_version": float(version)}
         if "loss" in result.metrics:  # absent when a finished run was resumed and trained no further
             metrics["final_loss"] = float(result.metrics["loss"])
+        metrics |= {name: float(result.metrics[name]) for name in ("steps_per_s", "host_syncs_per_step",
+                                                                  "host_wait_ms_per_step") if name in result.metrics}
         model = f"models:/{registry.registered_model}@{registry.alias}"
         return Outcome(examples, {"student": STUDENT_DIR}, metrics, record={"version": version, "model": model})
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from td_ray import devices
 from td_ray.config import DistillConfig
 from td_ray.distill.data import TextSource
 from td_ray.distill.losses import ContrastiveLoss, KLDistillationLoss, MarginMSELoss
@@ -453,7 +454,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    devices.use_reserved_threads(max(1, int(config.cpus_per_worker)))  # torch, FAISS and the tokenizer's pool
     device = ray.train.torch.get_device()
 
     workspace, files = Workspace(loop_config["workspace"]), loop_config["texts"]
@@ -512,22 +513,30 @@ def train_loop(loop_config: dict) -> None:
                 prepared = prepare(student, texts, next(stream), config, rng, upcoming, torch_seed)
                 yield to_device(prepared, device, pin=True) if pin else prepared
 
+    steady_from: tuple[int, float] | None = None  # (step, time) once the first step is done: start-up is not pace
+
     def log_interval() -> dict[str, float]:
         latest = metrics
         for logged_step, values in step_metrics.collect(device):
             latest = values | {"step": float(logged_step), "start_step": float(start_step)}
             if step_logger is not None:
                 step_logger.log(logged_step, latest)
-        return latest
+        timed_steps, seconds = step - steady_from[0], time.perf_counter() - steady_from[1]
+        return latest | {"steps_per_s": timed_steps / seconds if timed_steps and seconds > 0 else 0.0,
+                         "host_syncs_per_step": step_metrics.host_syncs / max(step - start_step, 1),
+                         "host_wait_ms_per_step": 1000 * waited / max(timed_steps, 1)}
 
-    prefetched = Prefetcher(produce())
+    prefetched, waited = Prefetcher(produce()), 0.0  # waited: seconds the training thread waited for a micro-batch
     model.train()
     try:
         while step < config.steps:
             optimizer.zero_grad()
             loss_sum = torch.zeros((), device=device)
             for micro in range(config.grad_accum_steps):
+                asked = time.perf_counter()
                 prepared = next(prefetched)
+                if steady_from is not None:  # the first micro-batch waits out the start-up: not pace
+                    waited += time.perf_counter() - asked
                 last = micro == config.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
@@ -539,6 +548,7 @@ def train_loop(loop_config: dict) -> None:
             scheduler.step()
             step += 1
             step_metrics.add(step, scheduler.get_last_lr()[0], loss_sum, grad_norm)
+            steady_from = steady_from or (step, time.perf_counter())
             checkpoint_due = step % config.checkpoint_every == 0 or step == config.steps
             if step % config.log_every == 0 or checkpoint_due:
                 metrics = log_interval()

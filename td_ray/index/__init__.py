@@ -277,9 +277,9 @@ def _build_dense(context: StageContext, model: str, key: str) -> tuple[dict, dic
     build.clear()  # an interrupted build of the same key
     context.ray()
     numbering = PassageNumbering(options.num_shards)
-    _encode_documents(workspace, build, options, EncoderActor,
-                      {"model": workspace.share(model), "workspace": workspace.uri}, EMBEDDINGS_TABLE,
-                      schemas.EMBEDDINGS, numbering)
+    pace = _encode_documents(workspace, build, options, EncoderActor,
+                             {"model": workspace.share(model), "workspace": workspace.uri}, EMBEDDINGS_TABLE,
+                             schemas.EMBEDDINGS, numbering)
     passages = numbering.next_id
     faiss_index.check_training_points(plan, passages, options.train_sample, f"the {passages} passages")
     files, digests, trained_on = build_from_table(build, plan, passages, options.num_shards, options.train_sample,
@@ -296,7 +296,7 @@ def _build_dense(context: StageContext, model: str, key: str) -> tuple[dict, dic
     metrics = {"dim": float(plan.dim), "shards": float(options.num_shards), "passages": float(passages),
                "encoded_documents": float(docs),
                "passages_per_doc": passages / max(docs, 1), "index_bytes": float(size),
-               "bytes_per_vector": size / max(passages, 1)}
+               "bytes_per_vector": size / max(passages, 1)} | pace
     return meta, metrics | {f"shard_{i}_size": float(s.rows) for i, s in enumerate(digests)}
 
 
@@ -336,10 +336,10 @@ def build_from_table(build: Mirror, plan: faiss_index.IndexPlan, vectors: int, s
 
 def _encode_documents(workspace: Workspace, build: Mirror, options: IndexConfig, actor: type, actor_kwargs: dict,
                       table: str, schema: pa.Schema, numbering, documents: str = EVAL_DOCS,
-                      passage_map: str = PASSAGE_MAP) -> None:
+                      passage_map: str = PASSAGE_MAP) -> dict[str, float]:
     """Stream every document of `documents` (a workspace table) through the encoder `actor` pool into the build's
     `table` (rows numbered and cut into row groups by `numbering`, a PassageNumbering or TokenNumbering) and its
-    `passage_map`.
+    `passage_map`; returns the encoding's pace (passages a second, after the first batch: start-up is not pace).
 
     Checked before anything is committed: every document gave exactly one first passage, and nothing else.
     """
@@ -356,13 +356,19 @@ def _encode_documents(workspace: Workspace, build: Mirror, options: IndexConfig,
             workspace.exactly_once_writer(f"{build.relative}/{table}", schema, ["docid"],
                                           expected=workspace.key_batches(documents, ["id"]),
                                           select=lambda rows: rows.filter(pc.equal(rows["passage"], 0))) as writer:
+        started, encoded, first = time.perf_counter(), 0, None
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in numbering(batch):  # one row group each
                 writer.write(part)
                 passage_rows.write_table(part.select(["docid", "passage"]))
+            encoded += batch.num_rows
+            first = first or (time.perf_counter(), encoded)
+        ended = time.perf_counter()
     write_passage_map(_read_ipc(rows_path), build.folder / passage_map)
     build.commit(passage_map)
     rows_path.unlink()
+    steady = (encoded - first[1]) / (ended - first[0]) if first and encoded > first[1] and ended > first[0] else 0.0
+    return {"encode_seconds": ended - started, "encode_steady_passages_per_s": steady}
 
 
 def _read_ipc(path: Path):

@@ -15,9 +15,9 @@ import time
 from td_ray import schemas
 from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.raydata import actor_map_args, in_task, read_table_dataset
+from td_ray.raydata import actor_map_args, check_read_room, in_task, read_table_dataset
 from td_ray.result import StageResult
-from td_ray.score.actor import PairTokenizer, TeacherActor, plan_task
+from td_ray.score.actor import PairTokenizer, TeacherActor, plan_task, tokenizer_map_args
 from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
@@ -46,6 +46,7 @@ class ScoreStage(Stage):
     """
 
     name = "score"
+    sections = ("ray",)
     temporaries = ("inputs", "score", "text")
 
     def check(self, options: ScoreConfig) -> None:
@@ -88,6 +89,12 @@ class ScoreStage(Stage):
             return Outcome(summary.rows, {"scores": SCORES}, {"queries": float(summary.queries)})
         directory = f"{BLOCKS}/{key}"
         context.ray()
+        check_read_room(f"score: {options.num_actors} teachers x {options.num_cpus_per_actor} CPUs and "
+                        f"{options.tokenizers} tokenizers x {options.num_cpus_per_tokenizer} CPUs",
+                        options.num_actors * options.num_cpus_per_actor
+                        + options.tokenizers * options.num_cpus_per_tokenizer,
+                        "lower score.num_cpus_per_actor or score.num_cpus_per_tokenizer (fractions are fine)",
+                        joined=context.section("ray").address is not None)
         todo = in_task(plan_task, workspace, directory, options.top_k)
         queries_table, passages_table = translated("queries", options.query_lang), translated("passages",
                                                                                              options.passage_lang)
@@ -115,16 +122,13 @@ def run(config: PipelineConfig) -> StageResult:
 def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, queries_table: str,
                 passages_table: str, todo: int) -> dict[str, float]:
     """Run the teacher actors over the work list; returns the teacher's throughput."""
-    import ray.data
-
     lookups = {name: in_task(export_text, workspace, table)
                for name, table in (("queries", queries_table), ("passages", passages_table))}
     logger.info("score: %d pairs to score with %s", todo, options.teacher)
     teacher = workspace.share(options.teacher)
     # Lookups and tokenizing on CPUs, beside the teacher's pool, so its device only runs forward passes.
     dataset = read_table_dataset(workspace, TODO).map_batches(
-        PairTokenizer, batch_format="pyarrow", batch_size=options.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=options.tokenizers), num_cpus=options.num_cpus_per_tokenizer,
+        PairTokenizer, batch_format="pyarrow", **tokenizer_map_args(options),
         fn_constructor_kwargs={"options": options, "teacher": teacher, "queries": lookups["queries"],
                                "passages": lookups["passages"], "workspace": workspace.uri},
     ).map_batches(
@@ -133,16 +137,34 @@ def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, quer
                                "directory": directory},
         **actor_map_args(options),
     )
-    started, scored = time.perf_counter(), 0
+    started, scored, host_seconds, finished = time.perf_counter(), 0, 0.0, []
     for block in dataset.iter_rows():
         if block["missing"]:
             raise MissingTextError(
                 f"score: {block['missing']}; the candidates, the training queries ({options.query_lang}) and the "
                 f"passages ({options.passage_lang}) must come from the same collection (translate them first)"
             )
-        scored += block["rows"]
+        scored, host_seconds = scored + block["rows"], host_seconds + block["host_seconds"]
+        finished.append((block["finished"], block["rows"]))
     seconds = time.perf_counter() - started
-    return {"teacher_pairs_per_s": scored / seconds if seconds else 0.0}
+    return {"teacher_pairs_per_s": scored / seconds if seconds else 0.0,
+            "teacher_steady_pairs_per_s": steady_pace(finished),
+            "host_ms_per_block": 1000 * host_seconds / max(len(finished), 1)}
+
+
+def steady_pace(finished: list[tuple[float, int]]) -> float:
+    """Pairs a second from the first block's end to the last's (the teachers' clocks): start-up is not pace.
+
+    >>> steady_pace([(10.0, 4096), (12.0, 4096), (14.0, 4096), (15.0, 1000)])
+    1838.4
+    >>> steady_pace([(10.0, 4096)])
+    0.0
+    """
+    if len(finished) < 2:
+        return 0.0
+    ordered = sorted(finished)
+    seconds = ordered[-1][0] - ordered[0][0]
+    return sum(rows for _, rows in ordered[1:]) / seconds if seconds > 0 else 0.0
 
 
 def provenance(options: ScoreConfig) -> dict:

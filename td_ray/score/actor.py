@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from td_ray import schemas
+from td_ray import devices, schemas
 from td_ray.config import ScoreConfig
 from td_ray.score.core import CrossEncoderPairs, CrossEncoderTeacher, write_todo
 from td_ray.score.seq2seq import Seq2SeqPairs, Seq2SeqTeacher
@@ -19,6 +19,15 @@ from td_ray.workspace import Workspace
 INPUT_COLUMNS = ("qid", "pid")
 #: Token columns the tokenizing step adds (`token_type_ids` only for models that have them).
 TOKEN_COLUMNS = ("input_ids", "token_type_ids")
+
+
+def tokenizer_map_args(options: ScoreConfig) -> dict:
+    """`map_batches` arguments of the CPU step: `tokenizers` actors on `num_cpus_per_tokenizer` CPUs each and no
+    GPU, cutting the work list into the teacher's blocks."""
+    import ray.data
+
+    return {"compute": ray.data.ActorPoolStrategy(size=options.tokenizers), "num_cpus": options.num_cpus_per_tokenizer,
+            "batch_size": options.batch_size}
 
 
 def load_pairs(options: ScoreConfig) -> CrossEncoderPairs | Seq2SeqPairs:
@@ -47,6 +56,7 @@ class PairTokenizer:
     """
 
     def __init__(self, options: ScoreConfig, teacher: str, queries: str, passages: str, workspace: str):
+        devices.use_reserved_threads()
         self.workspace = Workspace(workspace)
         self.pairs = load_pairs(options.model_copy(update={"teacher": self.workspace.resolve(teacher)}))
         self.queries = open_lookup(self.workspace, queries, f"training queries ({options.query_lang})")
@@ -80,14 +90,16 @@ class TeacherActor:
         started = time.perf_counter()
         missing = pc.max(batch["missing"]).as_py() if batch.num_rows else ""
         if missing:
-            return {"block": [""], "rows": [0], "seconds": [0.0], "missing": [missing]}
+            return {"block": [""], "rows": [0], "seconds": [0.0], "finished": [time.time()], "host_seconds": [0.0],
+                    "missing": [missing]}
         encoded = {name: batch[name].to_pylist() for name in TOKEN_COLUMNS if name in batch.column_names}
         scores = self.teacher.score_encoded(encoded, self.options.max_batch_tokens)
         block = pa.table({"qid": batch["qid"], "pid": batch["pid"], "score": np.asarray(scores, np.float32),
                           "teacher": pa.array([self.options.teacher] * batch.num_rows, pa.string())})
         name = self.workspace.commit_block(self.directory, block, schemas.SCORES, ["qid", "pid"])
-        return {"block": [name], "rows": [batch.num_rows], "seconds": [time.perf_counter() - started],
-                "missing": [""]}
+        seconds = time.perf_counter() - started
+        return {"block": [name], "rows": [batch.num_rows], "seconds": [seconds], "finished": [time.time()],
+                "host_seconds": [seconds - self.teacher.model_seconds], "missing": [""]}
 
 
 def plan_task(workspace: Workspace, directory: str, top_k: int) -> int:

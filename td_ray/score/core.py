@@ -5,6 +5,7 @@ Scores are the raw logit (never squashed by a sigmoid), so any later softmax see
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list
     """Indices grouped longest first, each group's count x longest length within the budget (one over it alone).
 
     >>> token_budget_batches([3, 9, 4, 8], 16)
-    [[1], [3], [2, 0]]
+    [[1], [3, 2], [0]]
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -98,6 +99,7 @@ class CrossEncoderTeacher:
             model, revision=revision, trust_remote_code=trust_remote_code, device_map=self.device
         ).eval()
         self.pad = self.pairs.tokenizer.pad_token_id or 0
+        self.model_seconds = 0.0  # of the last `score_encoded`
 
     def score(self, queries: list[str], passages: list[str], max_batch_tokens: int | None = None) -> np.ndarray:
         """The relevance logit of each (query, passage) pair, as float32 in input order."""
@@ -105,32 +107,44 @@ class CrossEncoderTeacher:
 
     def score_encoded(self, encoded: dict[str, list[list[int]]], max_batch_tokens: int | None = None) -> np.ndarray:
         """Scores of pairs `CrossEncoderPairs.encode` made, in their order (see `score_in_budget`)."""
-        def forward(batch: list[int]):
+        def inputs(batch: list[int]) -> dict:
             ids, mask = padded([encoded["input_ids"][i] for i in batch], self.pad)
-            inputs = {"input_ids": ids, "attention_mask": mask}
+            made = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in encoded:
-                inputs["token_type_ids"] = padded([encoded["token_type_ids"][i] for i in batch], 0)[0]
-            inputs = {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+                made["token_type_ids"] = padded([encoded["token_type_ids"][i] for i in batch], 0)[0]
+            return {name: tensor.to(self.device, non_blocking=True) for name, tensor in made.items()}
+
+        def forward(batch_inputs: dict):
             with devices.autocast(self.device):
-                return self.model(**inputs).logits[:, 0].float()
+                return self.model(**batch_inputs).logits[:, 0].float()
 
-        return score_in_budget(encoded["input_ids"], max_batch_tokens, forward)
+        scores, self.model_seconds = score_in_budget(encoded["input_ids"], max_batch_tokens, inputs, forward)
+        return scores
 
 
-def score_in_budget(rows: list[list[int]], max_batch_tokens: int | None, forward) -> np.ndarray:
-    """Run `forward` (token-budget batch of row indices -> float scores on the model's device) over `rows` longest
-    first, so little of each pass is padding; the scores come back to the host once, in the rows' order, so the
-    GPU queues every pass without waiting for the CPU."""
+def score_in_budget(rows: list[list[int]], max_batch_tokens: int | None, inputs, forward) -> tuple[np.ndarray, float]:
+    """Run the model over `rows` longest first in token-budget batches, so little of each pass is padding: `inputs`
+    makes a batch's device tensors from its row indices, `forward` turns them into float scores on the device. The
+    scores come back to the host once, in the rows' order, so the GPU queues every pass without waiting for the CPU.
+    Returns them and the seconds spent in `forward` and the read-back (the rest of a call is host work in series)."""
     import torch
 
     if not rows:
-        return np.empty(0, dtype=np.float32)
+        return np.empty(0, dtype=np.float32), 0.0
     batches = token_budget_batches([len(row) for row in rows], max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS)
+    model_seconds, outputs = 0.0, []
     with torch.inference_mode():
-        scores = torch.cat([forward(batch) for batch in batches]).cpu().numpy()
+        for batch in batches:
+            made = inputs(batch)
+            started = time.perf_counter()
+            outputs.append(forward(made))
+            model_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        scores = torch.cat(outputs).cpu().numpy()
+        model_seconds += time.perf_counter() - started
     ordered = np.empty(len(rows), dtype=np.float32)
     ordered[np.concatenate([np.asarray(batch) for batch in batches])] = scores
-    return ordered
+    return ordered, model_seconds
 
 
 BLOCKS = "score/blocks"

@@ -148,6 +148,7 @@ class Seq2SeqTeacher:
         if start is None:
             raise ModelError(f"teacher {model!r} defines no decoder_start_token_id")
         self.decoder_start_token_id = int(start)
+        self.model_seconds = 0.0  # of the last `score_encoded`
         logger.info("seq2seq teacher %s on %s (%s): true=%r (%d), false=%r (%d)", model, self.device, dtype,
                     true_word, self.true_id, false_word, self.false_id)
 
@@ -167,13 +168,16 @@ class Seq2SeqTeacher:
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked out anyway
 
-        def forward(batch: list[int]):
+        def inputs(batch: list[int]) -> dict:
             ids, mask = padded([encoded["input_ids"][i] for i in batch], pad)
             start = torch.full((len(batch), 1), self.decoder_start_token_id, dtype=torch.long)
-            logits = self.model(input_ids=ids.to(self.device, non_blocking=True),
-                                attention_mask=mask.to(self.device, non_blocking=True),
-                                decoder_input_ids=start.to(self.device, non_blocking=True)).logits
-            pair = logits[:, 0, [self.false_id, self.true_id]].float()
+            return {"input_ids": ids.to(self.device, non_blocking=True),
+                    "attention_mask": mask.to(self.device, non_blocking=True),
+                    "decoder_input_ids": start.to(self.device, non_blocking=True)}
+
+        def forward(batch_inputs: dict):
+            pair = self.model(**batch_inputs).logits[:, 0, [self.false_id, self.true_id]].float()
             return torch.log_softmax(pair, dim=-1)[:, 1]
 
-        return score_in_budget(encoded["input_ids"], max_batch_tokens, forward)
+        scores, self.model_seconds = score_in_budget(encoded["input_ids"], max_batch_tokens, inputs, forward)
+        return scores
