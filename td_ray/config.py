@@ -653,6 +653,16 @@ class EvaluateConfig(_Strict):
         return self
 
 
+class CostConfig(_Strict):
+    """Prices of the machines a run uses: each stage's summary and the report turn CPU- and GPU-hours into a cost,
+    and project the paper's job. No price is built in; without one only the hours are shown."""
+
+    cpu_hour: float | None = Field(None, ge=0, description="Price of one reserved CPU for one hour (e.g. a cloud "
+                                   "vCPU-hour), in `currency`.")
+    gpu_hour: float | None = Field(None, ge=0, description="Price of one reserved GPU for one hour, in `currency`.")
+    currency: str = Field("USD", min_length=1, description="The prices' currency, as summaries and the report show it.")
+
+
 class PipelineConfig(_Strict):
     """The whole Translate-Distill pipeline: inputs, the five stages, Ray and MLflow."""
 
@@ -674,6 +684,7 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = Field(description="distill stage.")
     index: IndexConfig = Field(IndexConfig(), description="index stage.")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="evaluate stage.")
+    cost: CostConfig = Field(CostConfig(), description="Prices per CPU-hour and GPU-hour, for what a run costs.")
 
     @model_validator(mode="after")
     def _languages_exist(self) -> PipelineConfig:

@@ -170,15 +170,29 @@ def _run_untrained(config: PipelineConfig) -> list[StageResult]:
     return results
 
 
+def _cost(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"
+
+
 def format_summary(results: list[StageResult], config: PipelineConfig) -> str:
     """A table of rows, throughput and headline metrics per stage, the evaluation beside its references, then where
     the outputs are."""
-    lines = [f"{'stage':<20} {'rows':>8} {'seconds':>8} {'rows/s':>9}  metrics"]
+    currency = config.cost.currency
+    lines = [f"{'stage':<20} {'rows':>8} {'seconds':>8} {'rows/s':>9} {'CPU-h':>8} {'GPU-h':>8} "
+             f"{'cost ' + currency:>10}  metrics"]
+    totals = {"cpu_hours": 0.0, "gpu_hours": 0.0, "cost": 0.0}
     for result in results:
         shown = {} if result.stage.startswith("evaluate") else {
             name: value for name, value in result.metrics.items() if name in ("final_loss", "steps", "model_version", "dim")}
         metrics = "  ".join(f"{name}={value:.4g}" for name, value in shown.items())
-        lines.append(f"{result.stage:<20} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f}  {metrics}")
+        used = result.usage
+        for name in totals:
+            totals[name] += used.get(name, float("nan") if name == "cost" else 0.0)
+        lines.append(f"{result.stage:<20} {result.rows:>8} {result.seconds:>8.1f} {result.throughput:>9.1f} "
+                     f"{used.get('cpu_hours', 0.0):>8.4f} {used.get('gpu_hours', 0.0):>8.4f} "
+                     f"{_cost(used.get('cost')):>10}  {metrics}")
+    lines.append(f"{'all stages':<48} {totals['cpu_hours']:>8.4f} {totals['gpu_hours']:>8.4f} {_cost(totals['cost']):>10}"
+                 + ("" if config.cost.cpu_hour is not None else "  (set cost.cpu_hour and cost.gpu_hour to price it)"))
     by_stage = {result.stage: result for result in results}
     if "evaluate" in by_stage or UNTRAINED_EVALUATE in by_stage:
         measures = config.evaluate.measures

@@ -138,7 +138,8 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
     options = getattr(config, stage.name)
     stage.check(options)
     workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, stage.name) as run_id:
+    with tracking.stage_run(config, stage.name) as run:
+        run_id = run.run_id
         previous = read_record(workspace, stage.name)
         context = StageContext(stage.name, workspace, options, run_id, previous,
                                {name: getattr(config, name) for name in stage.sections},
@@ -166,6 +167,7 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
         tracking.log_result(result)
         for name in stage.artifacts:
             tracking.log_workspace_artifact(workspace, result.outputs[name])
+    result.usage, result.currency = run.usage, config.cost.currency
     logger.info(result.summary())
     return result
 

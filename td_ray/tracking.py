@@ -8,11 +8,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from td_ray.config import ConfigError, PipelineConfig
+from td_ray.cost import usage_cost
 from td_ray.result import StageResult
 from td_ray.usage import StageUsage
 from td_ray.workspace import Workspace, redacted
@@ -105,9 +107,19 @@ def pipeline_run(config: PipelineConfig) -> Iterator[str]:
         yield run.info.run_id
 
 
+@dataclass
+class StageRun:
+    """A stage's MLflow run; once it ends, `usage` holds what the stage used (CPU-, GPU-seconds and -hours, start-up)
+    and, with prices in the config's `cost`, what that cost."""
+
+    run_id: str
+    usage: dict[str, float] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
-    """A run for one stage: a child of the pipeline run when there is one. Logs the stage's config as params."""
+def stage_run(config: PipelineConfig, stage: str) -> Iterator[StageRun]:
+    """A run for one stage: a child of the pipeline run when there is one. Logs the stage's config as params, and
+    what the stage used (`StageRun.usage`) when it ends."""
     import mlflow
 
     experiment_id = configure(config)
@@ -122,12 +134,15 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[str]:
         mlflow.set_tags({"td_ray.stage": stage, "td_ray.config_hash": config.fingerprint()})
         mlflow.log_text(yaml.safe_dump({stage: section}, sort_keys=False), f"{stage}_config.yaml")
         mlflow.set_tag("td_ray.workspace", redacted(config.workspace))
-        usage = StageUsage().start()
+        usage, handle = StageUsage().start(), StageRun(run.info.run_id)
         try:
-            yield run.info.run_id
+            yield handle
         finally:
             usage.stop()
-        mlflow.log_metrics(usage.metrics())
+            measured = usage.metrics()
+            handle.usage = measured | usage_cost(measured["cpu_seconds"], measured["gpu_seconds"],
+                                                 config.cost.model_dump())
+        mlflow.log_metrics(handle.usage)
 
 
 def log_result(result: StageResult) -> None:

@@ -121,6 +121,9 @@ def test_summary_names_every_stage_its_metrics_and_outputs(demo_job):
         assert any(line.strip().startswith(system) for line in lines), system
     assert f"workspace: {workspace}" in logs and "evaluate.run:" in logs
     assert f"report: {workspace}/report/report.html" in logs
+    used = next(line for line in lines if line.startswith("all stages")).split()[2:5]  # the run's CPU-h, GPU-h, cost
+    cpu_hours, gpu_hours, cost = (float(value) for value in used)
+    assert cpu_hours > 0 and cost == pytest.approx(cpu_hours * 0.05 + gpu_hours * 3.0, abs=2e-4)
 
 
 def test_mlflow_holds_parent_and_five_children_per_run_and_the_registered_model(demo_job, monkeypatch):

@@ -67,6 +67,7 @@ def test_the_report_loads_with_every_image_and_mlflows_numbers(pipeline_run, bro
     for stage in ("translate", "score", "distill", "index", "evaluate", "index (untrained)", "evaluate (untrained)"):
         assert (stage, "seconds") in checked and (stage, "cpu_seconds") in checked, stage
     assert {("evaluate", "nDCG_20"), ("evaluate (untrained)", "nDCG_20"), ("evaluate", "bm25_nDCG_20")} <= checked
+    assert {("score", "cpu_hours"), ("score", "cost"), ("distill", "gpu_hours")} <= checked
     # the evaluation table holds the stage's results, before and after training
     table = browser.execute_script(
         "return Array.from(document.querySelectorAll('#evaluation tr')).slice(1).map(r => "
@@ -76,6 +77,10 @@ def test_the_report_loads_with_every_image_and_mlflows_numbers(pipeline_run, bro
     assert float(table[1][1]) == pytest.approx(results["evaluate (untrained)"].metrics["nDCG@20"], abs=5e-5)
     text = browser.find_element("tag name", "body").text
     assert "models:/td-ray-student/" in text and "config hash" in text and "passages → qaa" in text
+    # the reference job, projected from this run's rates, which were measured on CPUs and say so
+    assert "Projected: the reference job" in text and "not GPU figures" in text
+    for stage, work in (("score", "26,500,000 teacher pairs"), ("distill", "200,000 steps")):
+        assert work in text, stage
     # the whole report is an artifact of the pipeline's MLflow run
     parent = client.search_runs([client.get_experiment_by_name("td-ray").experiment_id],
                                 "attributes.run_name = 'pipeline'")[-1]

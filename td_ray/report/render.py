@@ -10,6 +10,7 @@ import os
 import uuid
 from pathlib import Path
 
+from td_ray.cost import project
 from td_ray.report.collect import ReportData, StageRow
 from td_ray.workspace import untrained_label
 
@@ -71,6 +72,35 @@ def _stage_table(stages: list[StageRow]) -> str:
     return ("<table>" + head + "".join(body) + "</table><p>CPU-seconds: the driver and the local Ray node's "
             "processes; GPU-seconds: GPUs reserved by the stage's tasks and actors. Start-up: to the first output "
             "row (distill: to the first optimizer step).</p>")
+
+
+def _cost_section(data: ReportData) -> str:
+    """This run's CPU- and GPU-hours and cost per stage, then the reference job projected from its measured rates."""
+    prices = (data.config or {}).get("cost") or {}
+    currency = _escape(prices.get("currency", "USD"))
+    if not data.stages:
+        return _missing("No stage has run in this workspace.")
+    body = "".join(f"<tr><td>{_escape(row.label)}</td>{_number(row.metrics.get('cpu_hours'), 4, 'cpu_hours', row.run_id)}"
+                   f"{_number(row.metrics.get('gpu_hours'), 4, 'gpu_hours', row.run_id)}"
+                   f"{_number(row.metrics.get('cost'), 4, 'cost', row.run_id)}</tr>" for row in data.stages)
+    table = (f"<table><tr><th>stage</th><th>CPU-hours</th><th>GPU-hours</th><th>cost ({currency})</th></tr>{body}"
+             "</table>")
+    if prices.get("cpu_hour") is None and prices.get("gpu_hour") is None:
+        table += _missing("No prices in the config: set cost.cpu_hour and cost.gpu_hour to see costs.")
+    projected = project(data.config or {}, {row.label: row.metrics for row in data.stages}, prices)
+    if not projected:
+        return table + _missing("No stage measured a rate in this run: nothing to project.")
+    rows = "".join(
+        f"<tr><td>{_escape(item.stage)}</td><td style='text-align:left'>{_escape(item.work)}</td>"
+        f"{_number(item.rate, 2)}<td>{_escape(item.unit)}</td><td>{_escape(item.measured_on)}</td>"
+        f"{_number(item.hours, 2)}{_number(item.cpu_hours, 1)}{_number(item.gpu_hours, 1)}{_number(item.cost, 2)}</tr>"
+        for item in projected)
+    on_cpu = any(item.measured_on == "CPU" for item in projected)
+    return (table + "<h3>Projected: the reference job</h3><p>MS MARCO into one language, 200 k distillation steps, "
+            "NeuCLIR Chinese indexed, at the rates this run measured with this run's pools. " +
+            ("Rates measured on CPU project a CPU run: they are not GPU figures. " if on_cpu else "") +
+            "</p><table><tr><th>stage</th><th>work</th><th>rate</th><th>unit</th><th>measured on</th><th>hours</th>"
+            f"<th>CPU-hours</th><th>GPU-hours</th><th>cost ({currency})</th></tr>{rows}</table>")
 
 
 def _qa_table(data: ReportData) -> str:
@@ -169,6 +199,7 @@ def render(data: ReportData, directory: Path, title: str = "td-ray report") -> P
                       for label, value in data.lineage)
     sections = [
         ("Stages", _stage_table(data.stages)),
+        ("Cost", _cost_section(data)),
         ("Translation quality flags", _qa_table(data)),
         ("Teacher scores", _scores_section(data, directory)),
         ("Training", _training_section(data, directory)),
