@@ -173,3 +173,37 @@ def write_report(report: dict, path: Path) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     os.replace(temporary, path)
+
+
+def search_against_bare(build: Path, files: list[str], params: str | None, dim: int, queries, k: int) -> dict:
+    """Search `queries` with td-ray's `Searcher` over an index's files, then with bare FAISS on the same index (one
+    file: `index.search`; shards: FAISS's own IndexShards, all in memory), each warmed first. Returns both times and
+    td-ray's ids."""
+    import faiss
+
+    from td_ray.retrieval.faiss_index import Searcher
+
+    searcher = Searcher([build / name for name in files], params)
+    searcher.search(queries[:10], k)  # warm the mapped pages
+    started = time.perf_counter()
+    _, ids = searcher.search(queries, k)
+    ours = time.perf_counter() - started
+    here = os.getcwd()
+    os.chdir(build)  # an on-disk IVF index names its lists file relative to its folder
+    try:
+        if len(files) == 1:
+            index = faiss.read_index(files[0], faiss.IO_FLAG_READ_ONLY)
+        else:
+            index = faiss.IndexShards(dim, True, False)
+            shards = [faiss.read_index(name) for name in files]
+            for shard in shards:
+                index.add_shard(shard)
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        index.search(queries[:10], k)
+        started = time.perf_counter()
+        index.search(queries, k)
+        bare = time.perf_counter() - started
+    finally:
+        os.chdir(here)
+    return {"seconds": ours, "bare_seconds": bare, "ids": ids}

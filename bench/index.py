@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import RESULTS, ROOT, ProcessTree, contention, machine_info, meets, write_report
+from common import RESULTS, ROOT, ProcessTree, contention, machine_info, meets, search_against_bare, write_report
 
 logger = logging.getLogger("bench.index")
 
@@ -99,33 +99,13 @@ def build_worker(spec: dict) -> dict:
 
 def search_worker(spec: dict) -> dict:
     """Process body: search the queries with td-ray's Searcher and with bare `index.search` on the same index."""
-    import faiss
+    from td_ray.retrieval.faiss_index import default_search_params, plan_index
 
-    from td_ray.retrieval.faiss_index import Searcher, default_search_params, plan_index
-
-    build = Path(spec["build"])
-    queries = np.load(spec["queries"])
     params = default_search_params(plan_index(spec["factory"], spec["dim"]))
-    searcher = Searcher([build / name for name in spec["files"]], params)
-    searcher.search(queries[:10], 100)  # warm the mapped pages
-    started = time.perf_counter()
-    _, ids = searcher.search(queries, 100)
-    ours = time.perf_counter() - started
-    if len(spec["files"]) == 1:
-        index = faiss.read_index(str(build / spec["files"][0]), faiss.IO_FLAG_READ_ONLY)
-    else:  # FAISS's own way to search shards together: IndexShards over every shard, all in memory
-        index = faiss.IndexShards(spec["dim"], True, False)
-        shards = [faiss.read_index(str(build / name)) for name in spec["files"]]
-        for shard in shards:
-            index.add_shard(shard)
-    if params:
-        faiss.ParameterSpace().set_index_parameters(index, params)
-    index.search(queries[:10], 100)
-    started = time.perf_counter()
-    index.search(queries, 100)
-    bare_seconds = time.perf_counter() - started
-    np.save(spec["out_ids"], ids)
-    return {"seconds": ours, "bare_seconds": bare_seconds, "params": params}
+    searched = search_against_bare(Path(spec["build"]), spec["files"], params, spec["dim"], np.load(spec["queries"]),
+                                   100)
+    np.save(spec["out_ids"], searched.pop("ids"))
+    return searched | {"params": params}
 
 
 def run_worker(kind: str, spec: dict, work: Path) -> tuple[dict, ProcessTree]:

@@ -117,14 +117,15 @@ def _write_run(path: Path, qids: np.ndarray, pids: np.ndarray, append: bool) -> 
         pacsv.write_csv(table, handle, options)
 
 
-def generate(folder: Path, fraction: float, max_eval_docs: int, seed: int = 0) -> dict:
-    """Write the collection at `fraction` of full size into `folder`; returns its sizes."""
+def generate(folder: Path, fraction: float, max_eval_docs: int, seed: int = 0, eval_docs: int | None = None) -> dict:
+    """Write the collection at `fraction` of full size into `folder` (`eval_docs` evaluation documents when given);
+    returns its sizes."""
     rng = np.random.default_rng(seed)
     words = Words(rng)
     sizes = {name: max(1, round(count * fraction)) for name, count in FULL.items() if name != "candidates"}
     sizes["candidates"] = FULL["candidates"]
     sizes["topics"] = FULL["topics"]
-    sizes["eval_docs"] = min(sizes["eval_docs"], max_eval_docs)
+    sizes["eval_docs"] = min(eval_docs or sizes["eval_docs"], max_eval_docs)
     folder.mkdir(parents=True, exist_ok=True)
     chunk = 200_000
     english_bytes = chinese_bytes = 0
