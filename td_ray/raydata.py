@@ -25,15 +25,17 @@ def read_table_dataset(workspace: Workspace, relative: str, rows_per_block: int 
     return dataset.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else dataset
 
 
-def actor_map_args(pool: ActorPoolConfig) -> dict:
+def actor_map_args(pool: ActorPoolConfig, calls_per_actor: int = 1) -> dict:
     """`map_batches` arguments for a callable-class stage: a pool of actors (fixed, or autoscaling between
-    num_actors and max_actors), each loading its model once."""
+    num_actors and max_actors), each loading its model once and running `calls_per_actor` calls at once (above 1,
+    in threads: for a thread-safe engine that queues work, such as a CTranslate2 translator)."""
     import ray.data
 
-    if pool.max_actors is None:
-        strategy = ray.data.ActorPoolStrategy(size=pool.num_actors)
-    else:
-        strategy = ray.data.ActorPoolStrategy(min_size=pool.num_actors, max_size=pool.max_actors)
+    sizes = ({"size": pool.num_actors} if pool.max_actors is None
+             else {"min_size": pool.num_actors, "max_size": pool.max_actors})
+    threads = ({"max_concurrent_calls_per_actor": calls_per_actor, "enable_true_multi_threading": True}
+               if calls_per_actor > 1 else {})
+    strategy = ray.data.ActorPoolStrategy(**sizes, **threads)
     arguments = {"compute": strategy, "num_cpus": pool.num_cpus_per_actor,
                  "batch_size": pool.batch_size}
     if pool.num_gpus_per_actor:
@@ -59,6 +61,22 @@ def check_read_room(what: str, reserved: float, fix: str, joined: bool) -> None:
         if not joined:
             raise ValueError(message)
         logger.warning("%s (continuing: an autoscaling cluster may add CPUs)", message)
+
+
+def steady_pace(finished: list[tuple[float, int]]) -> float:
+    """Rows a second from the first output's end to the last's, given each output's (end time, rows): start-up is
+    not pace.
+
+    >>> steady_pace([(10.0, 4096), (12.0, 4096), (14.0, 4096), (15.0, 1000)])
+    1838.4
+    >>> steady_pace([(10.0, 4096)])
+    0.0
+    """
+    if len(finished) < 2:
+        return 0.0
+    ordered = sorted(finished)
+    seconds = ordered[-1][0] - ordered[0][0]
+    return sum(rows for _, rows in ordered[1:]) / seconds if seconds > 0 else 0.0
 
 
 def write_stream(dataset, workspace: Workspace, relative: str, schema: pa.Schema, keys: list[str],

@@ -55,7 +55,7 @@ from td_ray.index.actor import (
 )
 from td_ray.index.core import PassageNumbering, TokenNumbering
 from td_ray.keys import Digest
-from td_ray.raydata import actor_map_args, in_task, read_table_dataset
+from td_ray.raydata import actor_map_args, in_task, read_table_dataset, steady_pace
 from td_ray.result import StageResult
 from td_ray.retrieval import faiss_index, plaid
 from td_ray.retrieval.layout import (
@@ -356,19 +356,17 @@ def _encode_documents(workspace: Workspace, build: Mirror, options: IndexConfig,
             workspace.exactly_once_writer(f"{build.relative}/{table}", schema, ["docid"],
                                           expected=workspace.key_batches(documents, ["id"]),
                                           select=lambda rows: rows.filter(pc.equal(rows["passage"], 0))) as writer:
-        started, encoded, first = time.perf_counter(), 0, None
+        started, arrived = time.perf_counter(), []
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in numbering(batch):  # one row group each
                 writer.write(part)
                 passage_rows.write_table(part.select(["docid", "passage"]))
-            encoded += batch.num_rows
-            first = first or (time.perf_counter(), encoded)
+            arrived.append((time.perf_counter(), batch.num_rows))
         ended = time.perf_counter()
     write_passage_map(_read_ipc(rows_path), build.folder / passage_map)
     build.commit(passage_map)
     rows_path.unlink()
-    steady = (encoded - first[1]) / (ended - first[0]) if first and encoded > first[1] and ended > first[0] else 0.0
-    return {"encode_seconds": ended - started, "encode_steady_passages_per_s": steady}
+    return {"encode_seconds": ended - started, "encode_steady_passages_per_s": steady_pace(arrived)}
 
 
 def _read_ipc(path: Path):

@@ -15,7 +15,7 @@ import time
 from td_ray import schemas
 from td_ray.config import PipelineConfig, ScoreConfig
 from td_ray.fingerprint import digest, path_fingerprint
-from td_ray.raydata import actor_map_args, check_read_room, in_task, read_table_dataset
+from td_ray.raydata import actor_map_args, check_read_room, in_task, read_table_dataset, steady_pace
 from td_ray.result import StageResult
 from td_ray.score.actor import PairTokenizer, TeacherActor, plan_task, tokenizer_map_args
 from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
@@ -150,21 +150,6 @@ def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, quer
     return {"teacher_pairs_per_s": scored / seconds if seconds else 0.0,
             "teacher_steady_pairs_per_s": steady_pace(finished),
             "host_ms_per_block": 1000 * host_seconds / max(len(finished), 1)}
-
-
-def steady_pace(finished: list[tuple[float, int]]) -> float:
-    """Pairs a second from the first block's end to the last's (the teachers' clocks): start-up is not pace.
-
-    >>> steady_pace([(10.0, 4096), (12.0, 4096), (14.0, 4096), (15.0, 1000)])
-    1838.4
-    >>> steady_pace([(10.0, 4096)])
-    0.0
-    """
-    if len(finished) < 2:
-        return 0.0
-    ordered = sorted(finished)
-    seconds = ordered[-1][0] - ordered[0][0]
-    return sum(rows for _, rows in ordered[1:]) / seconds if seconds > 0 else 0.0
 
 
 def provenance(options: ScoreConfig) -> dict:

@@ -165,18 +165,9 @@ class PretranslatedCheckActor:
 
 
 def translate_map_args(settings: TranslateConfig) -> dict:
-    """`map_batches` arguments of the translator pool: `actor_map_args`, with `blocks_in_flight` calls running at
-    once in each actor (the translator is thread-safe)."""
-    import ray.data
-
-    arguments = actor_map_args(settings)
-    if settings.blocks_in_flight > 1:
-        pool = arguments["compute"]
-        sizes = ({"size": pool.min_size} if pool.min_size == pool.max_size
-                 else {"min_size": pool.min_size, "max_size": pool.max_size})
-        arguments["compute"] = ray.data.ActorPoolStrategy(
-            **sizes, max_concurrent_calls_per_actor=settings.blocks_in_flight, enable_true_multi_threading=True)
-    return arguments
+    """`map_batches` arguments of the translator pool: `blocks_in_flight` calls run at once in each actor (the
+    translator is thread-safe and queues their batches)."""
+    return actor_map_args(settings, calls_per_actor=settings.blocks_in_flight)
 
 
 def plan_task(workspace: Workspace, english: str, directory: str, todo: str, keys: str) -> tuple[int, int]:
