@@ -181,16 +181,14 @@ def search_against_bare(build: Path, files: list[str], params: str | None, dim: 
     td-ray's ids."""
     import faiss
 
-    from td_ray.retrieval.faiss_index import Searcher
+    from td_ray.retrieval.faiss_index import Searcher, _in_folder
 
     searcher = Searcher([build / name for name in files], params)
     searcher.search(queries[:10], k)  # warm the mapped pages
     started = time.perf_counter()
     _, ids = searcher.search(queries, k)
     ours = time.perf_counter() - started
-    here = os.getcwd()
-    os.chdir(build)  # an on-disk IVF index names its lists file relative to its folder
-    try:
+    with _in_folder(build):  # an on-disk IVF index names its lists file relative to its folder
         if len(files) == 1:
             index = faiss.read_index(files[0], faiss.IO_FLAG_READ_ONLY)
         else:
@@ -200,10 +198,8 @@ def search_against_bare(build: Path, files: list[str], params: str | None, dim: 
                 index.add_shard(shard)
         if params:
             faiss.ParameterSpace().set_index_parameters(index, params)
-        index.search(queries[:10], k)
-        started = time.perf_counter()
-        index.search(queries, k)
-        bare = time.perf_counter() - started
-    finally:
-        os.chdir(here)
+    index.search(queries[:10], k)
+    started = time.perf_counter()
+    index.search(queries, k)
+    bare = time.perf_counter() - started
     return {"seconds": ours, "bare_seconds": bare, "ids": ids}

@@ -185,24 +185,19 @@ def bench_distill(config, args: argparse.Namespace) -> dict:
     rows = [(qid, pids, values) for qid, (pids, values) in grouped.items() if len(pids) >= options.nway]
     torch.set_num_threads(int(options.cpus_per_worker))
     student = Student(options, options.student)
-    micro, timed_tokens = [], 0
+    micro, timed_tokens, prepare_seconds = [], 0, 0.0
     for step in range(options.steps):  # made ready off the clock: the bare loop is the model's work alone
         chosen = [rows[(step * options.batch_size + i) % len(rows)] for i in range(options.batch_size)]
         batch = {"qid": [r[0] for r in chosen], "pids": [r[1] for r in chosen], "teacher_scores": [r[2] for r in chosen],
                  "positives": [[] for _ in chosen]}
         rng, seed = seeded(options, 0, step, 0)
+        started = time.perf_counter()
         made = prepare(student, texts, batch, options, rng, step, seed)
+        prepare_seconds += time.perf_counter() - started  # what a loop without the prefetch thread adds in series
         micro.append(made)
         buckets = made.passages["buckets"] if "buckets" in made.passages else [made.passages]
         timed_tokens += made.query["input_ids"].numel() + sum(part["input_ids"].numel() for part in buckets)
-    started_prepare = time.perf_counter()
-    for step in range(20):  # what a loop without the prefetch thread would add in series
-        chosen = [rows[(step * options.batch_size + i) % len(rows)] for i in range(options.batch_size)]
-        rng, seed = seeded(options, 0, step, 0)
-        prepare(student, texts, {"qid": [r[0] for r in chosen], "pids": [r[1] for r in chosen],
-                                 "teacher_scores": [r[2] for r in chosen], "positives": [[] for _ in chosen]},
-                options, rng, step, seed)
-    prepare_ms = 1000 * (time.perf_counter() - started_prepare) / 20
+    prepare_ms = 1000 * prepare_seconds / len(micro)
     model, loss_fn, device = student.model, make_loss(options), torch.device("cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     precision = Precision(options.mixed_precision, device)
