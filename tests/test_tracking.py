@@ -30,7 +30,8 @@ def test_store_is_the_workspace_sqlite_unless_env_or_config_say_otherwise(make_w
     assert tracking.tracking_uri(configured) == "sqlite:////tmp/other.db"
 
 
-def test_usage_counts_an_exited_child_once_in_full_and_the_wait_for_the_first_row():
+def _measure_a_child(out) -> None:
+    """In a process of its own: no Ray node of the test session descends from it, so only the child's CPU counts."""
     usage = StageUsage().start()
     burn = "import time\nend = time.process_time() + 2.0\nwhile time.process_time() < end: pass"
     subprocess.run([sys.executable, "-c", burn], check=True)  # sampled while it runs, then exits and is reaped
@@ -38,11 +39,22 @@ def test_usage_counts_an_exited_child_once_in_full_and_the_wait_for_the_first_ro
     mark_first_row()
     mark_first_row()  # only the first counts
     usage.stop()
-    metrics = usage.metrics()
-    assert len(usage.cpu_last) > len(usage.cpu_at_start)  # the child was seen alive, so it could be counted twice
-    assert 2.0 <= metrics["cpu_seconds"] <= 2.0 + 0.6  # in full (not up to its last sample), and once
-    assert 2.0 <= metrics["startup_seconds"] <= usage.seconds and metrics["gpu_seconds"] == 0.0
     mark_first_row()  # no stage running: nothing to note, no error
+    out.put({"seen_alive": len(usage.cpu_last) > len(usage.cpu_at_start), "seconds": usage.seconds} | usage.metrics())
+
+
+def test_usage_counts_an_exited_child_once_in_full_and_the_wait_for_the_first_row():
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(target=_measure_a_child, args=(out,))
+    process.start()
+    metrics = out.get(timeout=120)
+    process.join(timeout=60)
+    assert metrics["seen_alive"]  # the child was seen alive, so it could be counted twice
+    assert 2.0 <= metrics["cpu_seconds"] <= 2.0 + 0.6  # in full (not up to its last sample), and once
+    assert 2.0 <= metrics["startup_seconds"] <= metrics["seconds"] and metrics["gpu_seconds"] == 0.0
 
 
 def test_metric_names_drop_the_at_sign():
