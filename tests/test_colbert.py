@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from td_ray.encoders.colbert import (
-    COLBERT_SPEC_FILE,
-    ColBERTSpec,
-    ColBERTStudentEncoder,
-    is_colbert,
-    load_colbert,
-    maxsim,
-    score,
-)
+from td_ray.encoders.colbert import ColBERTStudentEncoder, load_colbert, maxsim, score
+from td_ray.encoders.spec import COLBERT_SPEC_FILE, ColBERTSpec, is_colbert
 from td_ray.distill.losses import KLDistillationLoss
 
 QUERIES = ["bright river stone", "quiet mountain lake"]

@@ -21,7 +21,8 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
     """`predict` takes texts (a list, or a DataFrame whose first column holds them) and returns vectors."""
 
     def load_context(self, context) -> None:
-        from td_ray.encoders.colbert import ColBERTStudentEncoder, is_colbert
+        from td_ray.encoders.colbert import ColBERTStudentEncoder
+        from td_ray.encoders.spec import is_colbert
         from td_ray.encoders.dense import StudentEncoder
 
         path = context.artifacts["student"]
@@ -52,7 +53,7 @@ def register_student(student_dir: Path, name: str, alias: str, tags: dict[str, s
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     import td_ray
-    from td_ray.encoders.colbert import is_colbert
+    from td_ray.encoders.spec import is_colbert
 
     if is_colbert(student_dir):
         signature = ModelSignature(inputs=Schema([ColSpec("string")]),

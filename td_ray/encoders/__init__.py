@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from td_ray.encoders.colbert import is_colbert
+from td_ray.encoders.spec import is_colbert
 
 
 def student_kind(model: str | Path) -> str:

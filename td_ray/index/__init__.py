@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 from td_ray import schemas
 from td_ray.config import IndexConfig, PipelineConfig
 from td_ray.encoders import student_kind
-from td_ray.encoders.colbert import ColBERTSpec
+from td_ray.encoders.spec import ColBERTSpec
 from td_ray.errors import ExactlyOnceError
 from td_ray.index.actor import (
     INPUT_COLUMNS,
