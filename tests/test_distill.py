@@ -30,7 +30,6 @@ from td_ray.distill.train import (
     make_loss,
     train_step,
 )
-from td_ray.raydata import read_table_dataset
 from td_ray.workspace import STUDENT_DIR, Workspace
 
 
@@ -282,7 +281,6 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
 
     config, _ = pipeline_run
     workspace = Workspace(config.workspace)
-    examples = workspace.read_table(EXAMPLES).num_rows
     client = MlflowClient(tracking.tracking_uri(config))
     experiment = client.get_experiment_by_name(config.mlflow.experiment).experiment_id
     marker = tmp_path / "failed-once"
@@ -304,8 +302,7 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
         "max_failures": 1, "run_name": "restart", "student_kind": "colbert", "colbert_dim": 16, "pooling": "cls",
         "passage_lang": ["syn", "qaa"], "mixing": "mix-passages", "lr": 1e-3})
     run_id = client.create_run(experiment, run_name="restart").info.run_id
-    dataset = read_table_dataset(workspace, EXAMPLES)
-    result = make_trainer(run_config.distill, workspace, dataset, examples, run_id, tracking.tracking_uri(config),
+    result = make_trainer(run_config.distill, workspace, run_id, tracking.tracking_uri(config),
                           train_fn=crash_once_at_step_4).fit()
     assert marker.exists() and result.metrics["step"] == 4
     assert result.metrics["start_step"] == 2  # resumed from the step-2 checkpoint
@@ -314,14 +311,3 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint_and_replays_the_same_l
     first, replayed = (value for step, value in history if step == 3)
     assert replayed == pytest.approx(first, rel=1e-5, abs=1e-6)
     assert len({value for step, value in history if step != 3} | {first}) == 4  # the steps differ: not trivial
-
-
-def test_workers_that_would_take_every_cpu_are_refused_before_training(make_workspace, ray_cluster):
-    from td_ray.distill import check_free_cpus
-    from td_ray.ray_session import ensure_ray
-
-    config = make_workspace(distill={"num_workers": 2, "cpus_per_worker": 1})
-    ensure_ray(config.ray)  # test_demo shuts the session's cluster down to start a head of its own
-    with pytest.raises(ValueError, match=r"leave 0 of the cluster's 2 CPUs free.*lower distill.cpus_per_worker"):
-        check_free_cpus(config.distill, joined=False)
-    check_free_cpus(make_workspace(distill={"num_workers": 2, "cpus_per_worker": 0.5}).distill, joined=False)

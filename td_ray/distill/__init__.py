@@ -13,11 +13,9 @@ from pathlib import Path
 
 from td_ray import schemas
 from td_ray.config import OPERATIONAL_DISTILL_FIELDS, DistillConfig, PipelineConfig
-from td_ray.distill.data import ExampleFilter, group_scores, read_positives
-from td_ray.distill.registry import register_student
-from td_ray.distill.train import HF_DIR, train_loop
+from td_ray.distill.data import EXAMPLE_ROW_GROUP, ExampleFilter, group_scores, read_positives
 from td_ray.fingerprint import digest
-from td_ray.raydata import check_read_room, in_task, read_table_dataset
+from td_ray.raydata import in_task
 from td_ray.result import StageResult
 from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
 from td_ray.textjoin import check_coverage, export_text, open_lookup
@@ -33,29 +31,30 @@ from td_ray.workspace import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGE", "run", "train_loop"]
+__all__ = ["STAGE", "run"]
 
 EXAMPLES = "distill/examples.parquet"
 
 
-def make_trainer(options: DistillConfig, workspace: Workspace, dataset, examples: int, run_id: str | None,
-                 tracking_uri: str, train_fn=train_loop, texts: dict | None = None):
+def make_trainer(options: DistillConfig, workspace: Workspace, run_id: str | None, tracking_uri: str,
+                 train_fn=None, texts: dict | None = None):
     """The TorchTrainer for this config. Its run is named by `run_name` and the training identity
     (`training_key`): the same identity resumes from the last checkpoint, a changed input or training setting
-    starts a new run. The examples are read in order, so one worker's shard is the same on every restart."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    starts a new run. Each worker reads its share of the examples table from the workspace itself
+    (`ExampleShard`): no Ray Data pipeline to start, and the same share on every restart."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ingest_options = DataConfig.default_ingest_options()
-    ingest_options.preserve_order = True
+    from td_ray.distill.train import train_loop
+
     return TorchTrainer(
-        train_fn,
+        train_fn or train_loop,
         train_loop_config={
             "distill": options.model_dump(mode="json"),
             "student": workspace.share(options.student),
             "workspace": workspace.uri,
+            "examples": EXAMPLES,
             "texts": texts or export_texts(options, workspace),
-            "examples_per_worker": examples // options.num_workers,
             "tracking_uri": tracking_uri,
             "run_id": run_id,
         },
@@ -68,8 +67,6 @@ def make_trainer(options: DistillConfig, workspace: Workspace, dataset, examples
                              storage_filesystem=None if workspace.is_local else workspace.fs,
                              failure_config=FailureConfig(max_failures=options.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=options.checkpoint_keep)),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest_options),
     )
 
 
@@ -92,13 +89,6 @@ def export_texts(options: DistillConfig, workspace: Workspace) -> dict:
                          for lang in options.passage_langs}}
 
 
-def check_free_cpus(options: DistillConfig, joined: bool) -> None:
-    """Stop before training when the workers would take every CPU of a local cluster (`check_read_room`)."""
-    check_read_room(f"distill: {options.num_workers} workers x {options.cpus_per_worker} CPUs",
-                    options.num_workers * options.cpus_per_worker,
-                    "lower distill.cpus_per_worker (fractions are fine) or distill.num_workers", joined)
-
-
 def build_examples(options: DistillConfig, workspace: Workspace) -> tuple[int, int]:
     """Write ``distill/examples.parquet`` in a Ray task (`write_examples`), off the driver; returns the rows written
     and the number of queries skipped as too short."""
@@ -112,7 +102,7 @@ def write_examples(workspace: Workspace, options) -> tuple[int, int]:
     keep = ExampleFilter(options.nway, options.short_list_policy, positives)
     with workspace.exactly_once_writer(EXAMPLES, schemas.EXAMPLES, ["qid"]) as writer:
         for examples in group_scores(workspace, SCORES, "distill/.groups", options.top_k):
-            writer.write(keep(examples))
+            writer.write(keep(examples), row_group_size=EXAMPLE_ROW_GROUP)
     keep.report()
     return writer.rows, len(keep.skipped)
 
@@ -202,17 +192,18 @@ class DistillStage(Stage):
         return True
 
     def work(self, context: StageContext, key: str) -> Outcome:
+        from td_ray.distill.registry import register_student  # torch and MLflow: not in the tasks that import this
+        from td_ray.distill.train import HF_DIR
+
         options, workspace, registry = context.options, context.workspace, context.section("mlflow")
         context.ray()
-        check_free_cpus(options, joined=context.section("ray").address is not None)
         examples, skipped = build_examples(options, workspace)
-        if examples < options.batch_size * options.num_workers:
+        if examples // options.num_workers < options.batch_size:
             raise ValueError(f"only {examples} training examples for batch_size {options.batch_size} x "
                              f"{options.num_workers} workers; lower them or score more queries")
         texts = export_texts(options, workspace)
         check_texts(options, workspace, texts)
-        result = make_trainer(options, workspace, read_table_dataset(workspace, EXAMPLES), examples, context.run_id,
-                              context.tracking_uri, texts=texts).fit()
+        result = make_trainer(options, workspace, context.run_id, context.tracking_uri, texts=texts).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
         with result.checkpoint.as_directory() as directory:

@@ -21,7 +21,8 @@ from td_ray.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExampleFilter", "ShortListError", "TextSource", "group_by_query", "group_scores", "read_positives"]
+__all__ = ["ExampleFilter", "ExampleShard", "ShortListError", "TextSource", "group_by_query", "group_scores",
+           "read_positives"]
 
 
 def group_by_query(scores: pa.Table, top_k: int | None = None) -> pa.Table:
@@ -78,6 +79,75 @@ def group_scores(workspace: Workspace, scores: str, folder: str, top_k: int | No
 
 BUCKET_ROWS = 1_000_000
 """Score rows per bucket when grouping by query (about 40 MB of ids and scores)."""
+
+EXAMPLE_ROW_GROUP = 8_192
+"""Example rows per Parquet row group: the unit a training worker reads (a few MB, whatever the table's size)."""
+
+
+class ExampleShard:
+    """One training worker's share of the examples table, read straight from the workspace.
+
+    The share is rows ``[rank * n, (rank + 1) * n)`` with ``n = rows // world``: it depends on the rank and the
+    world size only, so a restarted worker reads the rows it read before, and every worker holds as many rows, so
+    the DDP ranks step in lockstep (the last ``rows % world`` rows are left out). An epoch reads the share one
+    row group at a time, never the whole table.
+
+    >>> import tempfile, pyarrow.parquet as pq
+    >>> folder = tempfile.mkdtemp()
+    >>> pq.write_table(pa.table({"qid": [f"q{i}" for i in range(10)]}), f"{folder}/e.parquet", row_group_size=4)
+    >>> [ExampleShard(Workspace(folder), "e.parquet", rank, 3).pieces for rank in range(3)]
+    [[(0, 0, 3)], [(0, 3, 1), (1, 0, 2)], [(1, 2, 2), (2, 0, 1)]]
+    >>> [batch["qid"] for batch in ExampleShard(Workspace(folder), "e.parquet", 1, 2).batches(2, 0, seed=0)]
+    [['q5', 'q6'], ['q7', 'q8']]
+    """
+
+    def __init__(self, workspace: Workspace, table: str, rank: int, world: int):
+        import pyarrow.parquet as pq
+
+        self.workspace, self.table = workspace, table
+        with workspace.fs.open_input_file(workspace.path(table)) as handle:
+            metadata = pq.read_metadata(handle)
+        self.rows = metadata.num_rows // world
+        first, last = rank * self.rows, (rank + 1) * self.rows
+        self.pieces: list[tuple[int, int, int]] = []  # (row group, first row in it, rows)
+        start = 0
+        for group in range(metadata.num_row_groups):
+            count = metadata.row_group(group).num_rows
+            low, high = max(first, start), min(last, start + count)
+            if low < high:
+                self.pieces.append((group, low - start, high - low))
+            start += count
+
+    def batches(self, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, list]]:
+        """One epoch of full batches (columns as lists). With a `shuffle_buffer`, the row groups come in an order
+        drawn from `seed` and the rows through a buffer of that many, shuffled by the same generator; without one,
+        in the table's order."""
+        import pyarrow.parquet as pq
+
+        rng = np.random.default_rng(seed) if shuffle_buffer else None
+        pieces = [self.pieces[i] for i in rng.permutation(len(self.pieces))] if rng is not None else self.pieces
+        held: list[pa.Table] = []
+        with self.workspace.fs.open_input_file(self.workspace.path(self.table)) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group, offset, rows in pieces:
+                held.append(parquet.read_row_group(group).slice(offset, rows))
+                if sum(part.num_rows for part in held) >= max(shuffle_buffer, batch_size):
+                    held = yield from _drain(held, batch_size, shuffle_buffer // 2, rng)
+        yield from _drain(held, batch_size, 0, rng)
+
+
+def _drain(held: list[pa.Table], batch_size: int, keep: int, rng: np.random.Generator | None):
+    """Yield full batches from the rows `held` (shuffled by `rng` when given), leaving at least `keep` rows;
+    returns what is left, to be topped up."""
+    if not held:
+        return []
+    buffer = pa.concat_tables(held)
+    if rng is not None:
+        buffer = buffer.take(pa.array(rng.permutation(buffer.num_rows)))
+    ready = max(0, buffer.num_rows - keep) // batch_size * batch_size
+    for start in range(0, ready, batch_size):
+        yield buffer.slice(start, batch_size).to_pydict()
+    return [buffer.slice(ready)] if ready < buffer.num_rows else []
 
 
 def read_positives(qrels: pa.Table) -> pa.Table:

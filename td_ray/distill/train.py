@@ -4,7 +4,7 @@ the teacher, gradient accumulation, mixed precision on GPU, checkpoints, and a r
 Every random draw of a step (passages, languages, dropout) is seeded by (seed, rank, step, micro-batch), each
 epoch is shuffled by (seed, epoch), and a resumed worker skips the micro-batches its epoch had already consumed.
 With one worker a restart from a checkpoint therefore repeats the losses an uninterrupted run would have had;
-with several, each worker may be dealt other examples after a restart (see `micro_batches`).
+each worker reads a fixed share of the examples, so that holds with several workers too.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from td_ray import devices
 from td_ray.config import DistillConfig
-from td_ray.distill.data import TextSource
+from td_ray.distill.data import ExampleShard, TextSource
 from td_ray.distill.losses import ContrastiveLoss, KLDistillationLoss, MarginMSELoss
 from td_ray.distill.sampling import (
     TrainingEntry,
@@ -372,29 +372,21 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def micro_batches(shard, config: DistillConfig, start: int, per_epoch: int, rank: int) -> Iterator[dict]:
-    """Full batches of the worker's shard, epoch after epoch, each epoch read through a local shuffle buffer seeded
-    by (seed, epoch); the first `start` micro-batches of the run are passed over (a resume).
-
-    With one worker the shard holds the same examples in the same order every time (the dataset preserves its
-    order), so a resumed run reads exactly the batches an uninterrupted one would have. With several, Ray Data
-    may deal the blocks to the workers differently after a restart: each worker then skips the right number of
-    batches, but of its new share.
-    """
+def micro_batches(shard: ExampleShard, config: DistillConfig, start: int) -> Iterator[dict]:
+    """Full batches of the worker's shard, epoch after epoch, each epoch shuffled by (seed, epoch); the first
+    `start` micro-batches of the run are passed over (a resume reads exactly the batches an uninterrupted run
+    would have read, whatever the number of workers)."""
+    per_epoch = shard.rows // config.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"a worker's share of the examples ({shard.rows}) holds no full batch of {config.batch_size}; "
+                         "lower distill.batch_size or distill.num_workers, or train on more queries")
     epoch, skip = divmod(start, per_epoch)
     while True:
-        shuffle = ({"local_shuffle_buffer_size": config.shuffle_buffer, "local_shuffle_seed": epoch_seed(config.seed, epoch)}
-                   if config.shuffle_buffer else {})
-        count = 0
-        for batch in shard.iter_batches(batch_size=config.batch_size, drop_last=True, batch_format="numpy", **shuffle):
-            count += 1
+        for batch in shard.batches(config.batch_size, config.shuffle_buffer, epoch_seed(config.seed, epoch)):
             if skip:
                 skip -= 1
                 continue
             yield batch
-        if count == 0:
-            raise ValueError(f"worker {rank} got no full batch of {config.batch_size} examples; lower "
-                             "distill.batch_size or distill.num_workers, or train on more queries")
         epoch += 1
 
 
@@ -442,8 +434,8 @@ def mean_over_workers(value, device: torch.device):
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train entry point. ``loop_config``: the DistillConfig, the student path, the text files
-    (``texts``: queries and passages per language), ``examples_per_worker`` and the MLflow ids."""
+    """Ray Train entry point. ``loop_config``: the DistillConfig, the student path, the examples table and the text
+    files (``texts``: queries and passages per language) in the workspace, and the MLflow ids."""
     import ray.train
     import ray.train.torch
 
@@ -477,9 +469,8 @@ def train_loop(loop_config: dict) -> None:
         logger.info("rank %d resumed at step %d", rank, step)
     loss_fn = make_loss(config)
     step_logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
-    per_epoch = max(1, loop_config["examples_per_worker"] // config.batch_size)
-    stream = micro_batches(ray.train.get_dataset_shard("train"), config, step * config.grad_accum_steps, per_epoch,
-                           rank)
+    shard = ExampleShard(workspace, loop_config["examples"], rank, context.get_world_size())
+    stream = micro_batches(shard, config, step * config.grad_accum_steps)
 
     def report(metrics: dict[str, float], final: bool) -> None:
         # Every rank calls report (it synchronises them); only rank 0 writes the checkpoint. Checkpoints upload in
