@@ -6,6 +6,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from td_ray import distill, evaluate, index, score, tracking, translate
 from td_ray.config import ConfigError, PipelineConfig, parse_config
 from td_ray.fingerprint import digest
 from td_ray.node_cache import cache_root
+from td_ray.ray_session import ensure_ray
 from td_ray.result import StageResult
 from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text, redacted, untrained_label
 
@@ -49,13 +51,26 @@ def demo_config(workspace: str | None = None) -> PipelineConfig:
     return parse_config(yaml.safe_load(text), source="td_ray/configs/demo.yaml", workspace=workspace)
 
 
-def prepare_demo_assets(config: PipelineConfig) -> None:
-    """Build the tiny models and the demo collection (`demo_assets_root`), once (both are cached)."""
+def prepare_demo_assets(config: PipelineConfig, meanwhile: Callable[[], object] | None = None) -> None:
+    """Build the tiny models and the demo collection (`demo_assets_root`), once (both are cached). When the models
+    must be built, `meanwhile` runs on this thread as they build on another: the seconds of importing transformers
+    and fine-tuning the teacher then overlap, e.g., Ray's start-up."""
+    from td_ray.assets.build import COMPLETE_MARKER
     from td_ray.assets.demo_data import write_demo_collection
-    from td_ray.assets.tiny_models import build_tiny_models
+
+    def build_models() -> None:
+        from td_ray.assets.tiny_models import build_tiny_models
+
+        build_tiny_models(root / "tiny-models")
 
     root = demo_assets_root(config.workspace)
-    build_tiny_models(root / "tiny-models")
+    if meanwhile is not None and not (root / "tiny-models" / COMPLETE_MARKER).is_file():
+        with ThreadPoolExecutor(1) as pool:
+            building = pool.submit(build_models)
+            meanwhile()
+            building.result()
+    else:
+        build_models()
     data_dir = root / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
     marker = data_dir / ".complete"
@@ -73,7 +88,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     if config.demo_assets:
-        prepare_demo_assets(config)
+        prepare_demo_assets(config, meanwhile=lambda: (ensure_ray(config.ray), tracking.configure(config)))
     missing = config.missing_paths()
     if missing:
         raise ConfigError("input paths not found (fix them in the config):\n  " + "\n  ".join(missing))
