@@ -166,6 +166,60 @@ def test_save_then_load_gives_identical_scores(student_dir, tmp_path):
         load_colbert(tmp_path / "colbert")
 
 
+def _plaidx_hf_colbert(dim: int):
+    """HF_ColBERT as PLAID-X (and Stanford ColBERT's class_factory) defines it: the backbone under its HF prefix, and
+    a bias-free `linear` projection."""
+    from transformers import BertModel, BertPreTrainedModel
+
+    class HF_ColBERT(BertPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.bert = BertModel(config, add_pooling_layer=False)
+            self.linear = torch.nn.Linear(config.hidden_size, dim, bias=False)
+            self.post_init()
+
+    return HF_ColBERT
+
+
+def test_students_are_saved_in_the_plaid_x_layout_and_plaid_x_checkpoints_load_with_the_same_vectors(student_dir,
+                                                                                                     tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    spec = ColBERTSpec(dim=32, query_maxlen=16, doc_maxlen=48)
+    model, tokenizer = fresh(student_dir, dim=32, query_maxlen=16, doc_maxlen=48)
+    model.save_pretrained(tmp_path / "td", tokenizer)
+    with safe_open(str(tmp_path / "td" / "model.safetensors"), framework="pt") as weights:
+        keys = set(weights.keys())
+    assert "linear.weight" in keys and all(key.startswith("bert.") for key in keys - {"linear.weight"})
+    metadata = json.loads((tmp_path / "td" / "artifact.metadata").read_text())
+    assert {key: metadata[key] for key in ("dim", "query_maxlen", "doc_maxlen", "query_token_id", "doc_token_id")} == {
+        "dim": 32, "query_maxlen": 16, "doc_maxlen": 48, "query_token_id": "[unused0]", "doc_token_id": "[unused1]"}
+
+    plaid, loading = _plaidx_hf_colbert(32).from_pretrained(tmp_path / "td", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # PLAID-X finds every weight
+    inputs = tokenizer.documents([text for group in PASSAGES for text in group])
+    with torch.no_grad():
+        ours = model.encode(**inputs)
+        hidden = plaid.eval().bert(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        theirs = torch.nn.functional.normalize(plaid.linear(hidden.last_hidden_state), dim=-1)
+    mask = inputs["scoring_mask"].bool()
+    torch.testing.assert_close(ours[mask], theirs[mask], rtol=0, atol=1e-5)
+
+    released = tmp_path / "plaidx"  # as PLAID-X saves a checkpoint: pytorch_model.bin, its metadata, its defaults
+    plaid.config.save_pretrained(released)
+    torch.save(plaid.state_dict(), released / "pytorch_model.bin")
+    tokenizer.hf.save_pretrained(released)
+    (released / "artifact.metadata").write_text(json.dumps({"dim": 32, "query_maxlen": 16, "doc_maxlen": 48}))
+    assert is_colbert(released)
+    loaded, loaded_tokenizer = load_colbert(released)
+    assert loaded_tokenizer.spec == ColBERTSpec(dim=32, query_maxlen=16, doc_maxlen=48, mask_punctuation=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode(**inputs)[mask], ours[mask], rtol=0, atol=1e-5)
+    assert spec == ColBERTSpec.load(tmp_path / "td")
+
+
 def test_a_kl_gradient_step_lowers_the_loss(student_dir):
     model, tokenizer = fresh(student_dir, query_maxlen=12, doc_maxlen=32)
     teacher = torch.tensor([[5.0, 1.0, 0.0], [4.0, 2.0, -1.0]])

@@ -1,7 +1,6 @@
 """distill: the KL loss, example building, DDP training on Ray Train, checkpoints and resume."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from td_ray.distill.data import (
     read_positives,
 )
 from td_ray.distill.losses import KLDistillationLoss
-from td_ray.encoders.dense import DualEncoder, StudentEncoder
+from td_ray.encoders.dense import DualEncoder, StudentEncoder, saved_pooling
 from td_ray.distill.train import (
     STATE_FILE,
     Student,
@@ -222,8 +221,8 @@ def test_pipeline_trained_saved_and_checkpoint_loads_back_into_the_same_scores(p
     assert 0 < metrics["host_syncs_per_step"] <= intervals / config.distill.steps < 0.1
     assert metrics["steps_per_s"] > 0 and metrics["host_wait_ms_per_step"] >= 0
     student_dir = Path(workspace.path(STUDENT_DIR))
-    assert json.loads((student_dir / "td_ray_student.json").read_text()) == {"pooling": config.distill.pooling,
-                                                                             "similarity": config.distill.similarity}
+    assert (student_dir / "modules.json").is_file()  # the sentence-transformers layout holds the pooling
+    assert saved_pooling(student_dir) == (config.distill.pooling, config.distill.similarity)
     initial = StudentEncoder(config.distill.student).encode(["balto mirek"])
     trained = StudentEncoder(str(student_dir)).encode(["balto mirek"])
     assert not np.allclose(initial, trained)  # training changed the weights

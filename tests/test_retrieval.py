@@ -15,7 +15,7 @@ from conftest import with_updates
 
 from td_ray import evaluate, index
 from td_ray.config import ConfigError, parse_config
-from td_ray.encoders.dense import StudentEncoder
+from td_ray.encoders.dense import StudentEncoder, write_sentence_transformers_layout
 from td_ray.encoders.passages import split_passages, window_starts
 from td_ray.retrieval.bm25 import TooManyDocumentsError, bm25_rankings
 from td_ray.retrieval import faiss_index
@@ -187,7 +187,8 @@ def bag_of_words_student(assets_root, tmp_path_factory) -> Path:
     from td_ray.assets.tiny_models import build_lexical_student
 
     out = build_lexical_student(assets_root / "tiny-models" / "student", tmp_path_factory.mktemp("bow-student"))
-    (out / "td_ray_student.json").write_text(json.dumps({"pooling": "mean", "similarity": "cosine"}))
+    hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+    write_sentence_transformers_layout(out, hidden, "mean", "cosine", max_length=512)
     return out
 
 

@@ -146,7 +146,10 @@ class Student:
         return to_device(self.tokenize(queries, passages), device)
 
     def save(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, self.tokenizer)
+        if self.config.student_kind == "colbert":
+            self.model.save_pretrained(directory, self.tokenizer)
+        else:  # sentence-transformers reads passages up to the length they were trained at
+            self.model.save_pretrained(directory, self.tokenizer, max_length=self.config.passage_maxlen)
 
 
 def save_untrained_student(config: DistillConfig, directory: Path) -> None:

@@ -18,7 +18,6 @@ Swapped in for :class:`td_ray.encoders.dense.DualEncoder`: ``ColBERTEncoder.forw
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import string
@@ -31,12 +30,14 @@ from torch import nn
 from td_ray import devices
 from td_ray.encoders.buckets import is_bucketed, pad_length
 from td_ray.encoders.dense import load_encoder
-from td_ray.encoders.spec import COLBERT_SPEC_FILE, ColBERTSpec
+from td_ray.encoders.spec import PLAIDX_METADATA, ColBERTSpec
 
 logger = logging.getLogger(__name__)
 
+PROJECTION_KEY = "linear.weight"
+"""The projection to ``dim`` ([dim, hidden]) in a PLAID-X checkpoint, beside the backbone's weights."""
 PROJECTION_FILE = "colbert_linear.safetensors"
-"""The projection to ``dim`` (tensor ``weight``, [dim, hidden]), beside the HF weights."""
+"""Where students saved before the PLAID-X layout kept their projection (still read)."""
 MASKED_SIMILARITY = -9999.0
 """Similarity given to masked document tokens before the max (PLAID-X's value; cosines are >= -1)."""
 _WORD_START_PREFIXES = ("", "\u2581", "\u0120")
@@ -173,11 +174,9 @@ class ColBERTEncoder(nn.Module):
             logger.info("resized the student's embeddings from %d to %d tokens for the ColBERT markers",
                         rows, len(tokenizer))
         colbert = cls(encoder, tokenizer.spec.dim)
-        path = Path(model) / PROJECTION_FILE
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            weight = load_file(str(path))["weight"]
+        found = saved_projection(Path(model))
+        if found is not None:
+            path, weight = found
             if weight.shape != colbert.linear.weight.shape:
                 raise ValueError(f"{path} projects {weight.shape[1]} to {weight.shape[0]} dims, but dim="
                                  f"{tokenizer.spec.dim} was asked; set the ColBERT dim to the saved one")
@@ -217,7 +216,9 @@ class ColBERTEncoder(nn.Module):
         return maxsim(queries, query["scoring_mask"], documents, doc_mask)
 
     def save_pretrained(self, directory: Path, tokenizer: ColBERTTokenizer) -> None:
-        """An HF folder (backbone, tokenizer with markers) plus the projection and the spec td-ray loads back."""
+        """The PLAID-X (HF_ColBERT) layout, which PLAID-X, Stanford ColBERT and PyLate load: one checkpoint holding
+        the backbone under its prefix (`bert.`, `roberta.`) and the projection as `linear.weight`, the HF config, the
+        tokenizer with its markers, and the spec as `artifact.metadata`."""
         from safetensors.torch import save_file
 
         if tokenizer.spec.dim != self.dim:
@@ -225,11 +226,35 @@ class ColBERTEncoder(nn.Module):
                              f"{self.dim}; build both from the same ColBERTSpec")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(directory)
+        self.encoder.config.save_pretrained(directory)
         tokenizer.hf.save_pretrained(directory)
-        save_file({"weight": self.linear.weight.detach().cpu().contiguous()}, str(directory / PROJECTION_FILE))
-        (directory / COLBERT_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(tokenizer.spec), indent=1),
-                                                   encoding="utf-8")
+        prefix = self.encoder.base_model_prefix
+        weights = {f"{prefix}.{name}": tensor.detach().cpu().clone().contiguous()
+                   for name, tensor in self.encoder.state_dict().items()}
+        weights[PROJECTION_KEY] = self.linear.weight.detach().cpu().contiguous()
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / PLAIDX_METADATA).write_text(json.dumps(tokenizer.spec.metadata(), indent=1), encoding="utf-8")
+
+
+def saved_projection(directory: Path) -> tuple[Path, torch.Tensor] | None:
+    """The projection saved with a ColBERT model, and where: `linear.weight` in its checkpoint (PLAID-X layout:
+    model.safetensors or pytorch_model.bin), or an older td-ray student's projection file; None for a bare encoder."""
+    from safetensors import safe_open
+
+    legacy = directory / PROJECTION_FILE
+    if legacy.is_file():
+        from safetensors.torch import load_file
+
+        return legacy, load_file(str(legacy))["weight"]
+    checkpoint = directory / "model.safetensors"
+    if checkpoint.is_file():
+        with safe_open(str(checkpoint), framework="pt") as weights:
+            return (checkpoint, weights.get_tensor(PROJECTION_KEY)) if PROJECTION_KEY in weights.keys() else None
+    checkpoint = directory / "pytorch_model.bin"
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return (checkpoint, state[PROJECTION_KEY]) if PROJECTION_KEY in state else None
+    return None
 
 
 def load_colbert(model: str | Path, spec: ColBERTSpec | None = None) -> tuple[ColBERTEncoder, ColBERTTokenizer]:
@@ -261,8 +286,8 @@ class ColBERTStudentEncoder:
                  batch_size: int = 64):
         spec = ColBERTSpec.load(model)
         if spec is None:
-            raise ValueError(f"{model} holds no {COLBERT_SPEC_FILE}: it is not a td-ray ColBERT student; "
-                             "index it as a dense student")
+            raise ValueError(f"{model} holds no {PLAIDX_METADATA}: it is not a ColBERT model; index it as a dense "
+                             "student")
         self.device = devices.resolve_device(device)
         devices.use_reserved_threads()
         self.model, self.tokenizer = load_colbert(model, spec)

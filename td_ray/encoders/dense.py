@@ -15,7 +15,61 @@ from td_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-STUDENT_SPEC_FILE = "td_ray_student.json"
+LEGACY_SPEC_FILE = "td_ray_student.json"
+"""Where students saved before the sentence-transformers layout kept their pooling and similarity."""
+POOLING_DIR = "1_Pooling"
+NORMALIZE_DIR = "2_Normalize"
+
+
+def write_sentence_transformers_layout(directory: Path, hidden: int, pooling: str, similarity: str,
+                                       max_length: int) -> None:
+    """The files that make an HF folder a sentence-transformers model with td-ray's pooling and similarity:
+    `modules.json` (Transformer at the root, Pooling, and Normalize for cosine), the Pooling config, and the
+    similarity function, so `SentenceTransformer(directory)` gives td-ray's vectors."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"}]
+    if similarity == "cosine":
+        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": "sentence_transformers.models.Normalize"})
+        (directory / NORMALIZE_DIR).mkdir(exist_ok=True)
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length,
+                                                                     "do_lower_case": False}))
+    (directory / POOLING_DIR).mkdir(exist_ok=True)
+    (directory / POOLING_DIR / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False, "include_prompt": True}, indent=2))
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(
+        {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+         "similarity_fn_name": "cosine" if similarity == "cosine" else "dot"}, indent=2))
+
+
+def saved_pooling(model: str | Path) -> tuple[str | None, str | None]:
+    """(pooling, similarity) saved with a model: a sentence-transformers folder's Pooling and Normalize modules (any
+    such model, td-ray's students included), else an older student's td_ray_student.json; (None, None) for a bare
+    HF model. A pooling td-ray cannot reproduce is refused."""
+    directory = Path(model)
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        modules = {module["type"].rsplit(".", 1)[-1]: module["path"]
+                   for module in json.loads(modules_file.read_text(encoding="utf-8"))}
+        pooling = None
+        if "Pooling" in modules:
+            config = json.loads((directory / modules["Pooling"] / "config.json").read_text(encoding="utf-8"))
+            chosen = [name for name, on in config.items() if name.startswith("pooling_mode_") and on]
+            if chosen not in (["pooling_mode_cls_token"], ["pooling_mode_mean_tokens"]):
+                raise ModelError(f"{directory} pools with {chosen}; td-ray reproduces CLS or mean pooling only")
+            pooling = "cls" if chosen == ["pooling_mode_cls_token"] else "mean"
+        settings = directory / "config_sentence_transformers.json"
+        named = json.loads(settings.read_text(encoding="utf-8")).get("similarity_fn_name") if settings.is_file() else None
+        similarity = "cosine" if "Normalize" in modules or named == "cosine" else "dot"
+        return pooling, similarity
+    legacy = directory / LEGACY_SPEC_FILE
+    if legacy.is_file():
+        saved = json.loads(legacy.read_text(encoding="utf-8"))
+        return saved.get("pooling"), saved.get("similarity")
+    return None, None
 
 
 def load_encoder(model: str):
@@ -45,11 +99,10 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: str, pooling: str | None = None, similarity: str | None = None) -> DualEncoder:
-        """Load a student; `pooling` and `similarity` default to the ones saved with it, else CLS and dot."""
-        spec_path = Path(model) / STUDENT_SPEC_FILE
-        saved = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-        return cls(load_encoder(model), pooling or saved.get("pooling") or "cls",
-                   similarity or saved.get("similarity") or "dot")
+        """Load a student; `pooling` and `similarity` default to the ones saved with it (`saved_pooling`), else CLS
+        and dot."""
+        saved_pool, saved_similarity = saved_pooling(model)
+        return cls(load_encoder(model), pooling or saved_pool or "cls", similarity or saved_similarity or "dot")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One vector per sequence: [batch, hidden]."""
@@ -83,12 +136,15 @@ class DualEncoder(nn.Module):
             )
         return torch.einsum("bh,bnh->bn", queries, encoded.view(queries.shape[0], -1, encoded.shape[-1]))
 
-    def save_pretrained(self, directory: Path, tokenizer) -> None:
-        """An HF folder (weights, config, tokenizer) plus the pooling td-ray needs to load it back."""
+    def save_pretrained(self, directory: Path, tokenizer, max_length: int = 512) -> None:
+        """An HF folder (weights, config, tokenizer) in the sentence-transformers layout, which holds the pooling and
+        similarity: td-ray and `SentenceTransformer(directory)` load the same model from it."""
+        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        (directory / STUDENT_SPEC_FILE).write_text(json.dumps({"pooling": self.pooling, "similarity": self.similarity}))
+        write_sentence_transformers_layout(directory, int(self.encoder.config.hidden_size), self.pooling,
+                                           self.similarity, max_length)
 
 
 class StudentEncoder:
