@@ -21,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--demo", action="store_true", help="the embedded demo config")
     parser.add_argument("--workspace", help="override the workspace (use storage every node can reach)")
     parser.add_argument("--stages", help="comma-separated subset of stages")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set distill.steps=100 (repeatable)")
     args = parser.parse_args(argv)
+    overrides = [part for override in args.overrides for part in ("--set", override)]
     logging.getLogger(__name__).info("td-ray job starting")
     if args.demo:
-        return cli_main(["demo"] + (["--workspace", args.workspace] if args.workspace else []))
+        return cli_main(["demo"] + (["--workspace", args.workspace] if args.workspace else []) + overrides)
     command = ["run", "--config", args.config]
     command += ["--workspace", args.workspace] if args.workspace else []
     command += ["--stages", args.stages] if args.stages else []
+    command += overrides
     return cli_main(command)
 
 

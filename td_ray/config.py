@@ -714,7 +714,8 @@ class PipelineConfig(_Strict):
         (a ColBERT student's, a local student's config.json), and train_sample can train it."""
         from td_ray.retrieval.faiss_index import plan_index
 
-        plan = plan_index(self.index.factory, self.student_dim() or _dimension_fitting(self.index.factory))
+        dim = self.student_dim()
+        plan = plan_index(self.index.factory, dim or _dimension_fitting(self.index.factory), dim_known=dim is not None)
         if plan.needs_training and self.index.train_sample < plan.min_train:
             raise ValueError(f"index.train_sample ({self.index.train_sample}) is below the {plan.min_train} vectors "
                              f"FAISS needs to train {self.index.factory!r} (39 per IVF list); raise it or use fewer "
@@ -743,10 +744,6 @@ class PipelineConfig(_Strict):
                 if source is not None and hasattr(source, "path"):
                     found.append((f"translate.targets[{target.lang}].{kind}", source))
         return found
-
-    def missing_paths(self) -> list[str]:
-        """`field: path` for each local input that does not exist."""
-        return [f"{field}.path: {source.path}" for field, source in self.local_sources() if not Path(source.path).exists()]
 
     def fingerprint(self) -> str:
         """Short hash of the config, recorded as lineage on everything the pipeline registers."""
@@ -781,11 +778,36 @@ def _expand(value: object, workspace: str) -> object:
     return value
 
 
+def _field_names() -> list[str]:
+    """Every field name of every config section and source."""
+    names, pending = set(), [_Strict]
+    while pending:
+        model = pending.pop()
+        names.update(model.model_fields)
+        pending += model.__subclasses__()
+    return sorted(names)
+
+
+def _did_you_mean(item: dict) -> str:
+    """A suggestion for a misspelt field name or choice, from the closest known one."""
+    import difflib
+    import re
+
+    if item["type"] == "extra_forbidden":
+        given, choices = str(item["loc"][-1]), _field_names()
+    elif item["type"] == "literal_error" and isinstance(item.get("input"), str):
+        given, choices = item["input"], re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+    else:
+        return ""
+    close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  - {where}: {item['msg']}")
+        lines.append(f"  - {where}: {item['msg']}{_did_you_mean(item)}")
     lines.append("Fix these fields (see `td-ray config-schema` for every field and its meaning).")
     return "\n".join(lines)
 
@@ -808,8 +830,36 @@ def parse_config(raw: object, source: str = "<dict>", workspace: str | None = No
         raise ConfigError(_format_errors(error, source)) from None
 
 
-def load_config(path: str | Path, workspace: str | None = None) -> PipelineConfig:
-    """Read a YAML config with ``yaml.safe_load`` and validate it."""
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` with each ``section.field=value`` of `overrides` set (`--set`); a value is read as YAML, so numbers,
+    booleans and lists keep their type.
+
+    >>> apply_overrides({"distill": {"steps": 200}}, ["distill.steps=10", "evaluate.measures=[nDCG@20, R@100]"])
+    {'distill': {'steps': 10}, 'evaluate': {'measures': ['nDCG@20', 'R@100']}}
+    """
+    import copy
+
+    result = copy.deepcopy(raw)
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        parts = key.strip().split(".")
+        if not equals or not all(parts):
+            raise ConfigError(f"--set {override!r}: write KEY=VALUE with a dotted key, e.g. --set distill.steps=100")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override!r}: {'.'.join(parts[:depth + 1])} is a value, not a section; set "
+                                  "it whole, e.g. --set 'translate.targets=[{lang: zh, model: ...}]'")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: the value is not valid YAML ({error})") from None
+    return result
+
+
+def load_config(path: str | Path, workspace: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config with ``yaml.safe_load``, apply `overrides` (``section.field=value``), and validate it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass --config with a YAML file; see configs/)")
@@ -817,4 +867,9 @@ def load_config(path: str | Path, workspace: str | None = None) -> PipelineConfi
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    return parse_config(raw, source=str(path), workspace=workspace)
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"invalid config {path}: the top level must be a mapping of sections")
+        raw = apply_overrides(raw, overrides)
+    return parse_config(raw, source=str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""),
+                        workspace=workspace)

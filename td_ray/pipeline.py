@@ -14,9 +14,10 @@ from pathlib import Path
 import yaml
 
 from td_ray import distill, evaluate, index, score, tracking, translate
-from td_ray.config import ConfigError, PipelineConfig, parse_config
+from td_ray.config import ConfigError, PipelineConfig, apply_overrides, parse_config
 from td_ray.fingerprint import digest
 from td_ray.node_cache import cache_root
+from td_ray.preflight import check_config
 from td_ray.ray_session import ensure_ray
 from td_ray.result import StageResult
 from td_ray.workspace import UNTRAINED, Workspace, atomic_write_text, redacted, untrained_label
@@ -42,13 +43,15 @@ def demo_assets_root(workspace: str) -> Path:
     return cache_root() / "demo-assets" / digest(workspace)
 
 
-def demo_config(workspace: str | None = None) -> PipelineConfig:
-    """The embedded demo config, with its workspace set to `workspace` (default ./td-ray-workspace)."""
+def demo_config(workspace: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """The embedded demo config, with its workspace set to `workspace` (default ./td-ray-workspace) and `overrides`
+    (``section.field=value``) applied."""
     workspace = workspace or DEMO_WORKSPACE
     text = resources.files("td_ray").joinpath("configs/demo.yaml").read_text(encoding="utf-8")
     if "://" in workspace:
         text = text.replace("{workspace}/", f"{demo_assets_root(workspace)}/")
-    return parse_config(yaml.safe_load(text), source="td_ray/configs/demo.yaml", workspace=workspace)
+    raw = apply_overrides(yaml.safe_load(text), overrides or [])
+    return parse_config(raw, source="td_ray/configs/demo.yaml", workspace=workspace)
 
 
 def prepare_demo_assets(config: PipelineConfig, meanwhile: Callable[[], object] | None = None) -> None:
@@ -79,6 +82,17 @@ def prepare_demo_assets(config: PipelineConfig, meanwhile: Callable[[], object] 
         atomic_write_text(marker, "ok\n")
 
 
+def stop_on_findings(config: PipelineConfig) -> None:
+    """Log the config's warnings (`preflight.check_config`) and stop on its errors, before anything runs."""
+    findings = check_config(config)
+    for finding in findings:
+        if finding.severity == "warning":
+            logger.warning("%s", finding)
+    errors = [str(finding) for finding in findings if finding.severity == "error"]
+    if errors:
+        raise ConfigError("the config cannot run as it is:\n  " + "\n  ".join(errors))
+
+
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> list[StageResult]:
     """Run `stages` (default all five) in order, each as a child run of one pipeline run."""
     import mlflow
@@ -89,9 +103,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     if config.demo_assets:
         prepare_demo_assets(config, meanwhile=lambda: (ensure_ray(config.ray), tracking.configure(config)))
-    missing = config.missing_paths()
-    if missing:
-        raise ConfigError("input paths not found (fix them in the config):\n  " + "\n  ".join(missing))
+    stop_on_findings(config)
     started = time.perf_counter()
     results = []
     with tracking.pipeline_run(config) as parent_run_id:

@@ -53,9 +53,11 @@ def test_real_config_loads_and_follows_the_recipe(path: Path, tmp_path: Path):
     assert config.distill.use_gpu and config.distill.num_workers == 8 and config.distill.batch_size == 8
     assert config.score.num_gpus_per_actor > 0 and config.index.num_gpus_per_actor > 0
     # Inputs: English MS MARCO for training, the NeuCLIR 2022 collection of the student's language for evaluation.
-    for field in ("passages", "train_queries", "candidates"):
+    for field in ("passages", "train_queries"):
         source = getattr(config.data, field)
         assert isinstance(source, IrDatasetsSource) and source.id == "msmarco-passage/train", field
+    # Candidates: a first-stage TREC run (ColBERTv2), never ir_datasets' unranked BM25 scoreddocs.
+    assert isinstance(config.data.candidates, TrecRunSource)
     lang = config.distill.passage_lang
     for field in ("eval_docs", "eval_topics", "eval_qrels"):
         source = getattr(config.data, field)

@@ -55,8 +55,9 @@ def _divisors(dim: int) -> list[int]:
     return [m for m in range(1, dim + 1) if dim % m == 0]
 
 
-def plan_index(factory: str, dim: int) -> IndexPlan:
-    """Check `factory` at `dim` and say what it builds; raises IndexSettingsError naming the fix."""
+def plan_index(factory: str, dim: int, dim_known: bool = True) -> IndexPlan:
+    """Check `factory` at `dim` and say what it builds; raises IndexSettingsError naming the fix. `dim_known` False:
+    `dim` only stands in for a dimension not known yet, and messages do not name it."""
     for match in re.finditer(r"(?<![A-Za-z])(OPQ|PQ)(\d+)", factory):
         size = int(match.group(2))
         if match.group(1) == "PQ" and dim % size:
@@ -69,7 +70,8 @@ def plan_index(factory: str, dim: int) -> IndexPlan:
     except RuntimeError as error:
         reason = re.split(r"failed:|\.cpp:\d+: ", str(error).splitlines()[-1])[-1].strip()[:160]
         raise IndexSettingsError(
-            f"index.factory {factory!r} is not a FAISS factory string at dimension {dim} ({reason}); use one such "
+            f"index.factory {factory!r} is not a FAISS factory string{f' at dimension {dim}' if dim_known else ''} "
+            f"({reason}); use one such "
             f"as {', '.join(FACTORY_EXAMPLES)}"
         ) from None
     ivf = faiss.try_extract_index_ivf(index)
