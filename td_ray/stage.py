@@ -147,7 +147,9 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
                                config.fingerprint())
         workspace.remove_temporaries(*stage.temporaries)
         for source in stage.sources(config):
-            ingest(workspace, source.config, source.role, source.name, source.field)
+            table = ingest(workspace, source.config, source.role, source.name, source.field)
+            tracking.log_input(source.config, source.name, source.role,
+                               workspace.file_metadata(table).get("td_ray_source", ""))
         for table, columns in stage.reads(context):
             schemas.require_columns(workspace.read_schema(table), columns, table)
         key = stage.key(context)

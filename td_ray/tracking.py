@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from td_ray.config import ConfigError, PipelineConfig
+from td_ray.config import ConfigError, DataSource, IrDatasetsSource, PipelineConfig
 from td_ray.cost import usage_cost
 from td_ray.result import StageResult
 from td_ray.usage import StageUsage
@@ -104,6 +104,9 @@ def pipeline_run(config: PipelineConfig) -> Iterator[str]:
         mlflow.set_tags({"td_ray.config_hash": config.fingerprint(), "td_ray.workspace": redacted(config.workspace)})
         shown = config.model_dump(mode="json") | {"workspace": redacted(config.workspace)}
         mlflow.log_text(yaml.safe_dump(shown, sort_keys=False), "config.yaml")
+        params: dict[str, str] = {}
+        _flatten("", shown, params)
+        mlflow.log_params(params)  # the whole config, so runs compare and filter by any setting in the UI
         yield run.info.run_id
 
 
@@ -143,6 +146,31 @@ def stage_run(config: PipelineConfig, stage: str) -> Iterator[StageRun]:
             handle.usage = measured | usage_cost(measured["cpu_seconds"], measured["gpu_seconds"],
                                                  config.cost.model_dump())
         mlflow.log_metrics(handle.usage)
+
+
+def log_input(source: DataSource, name: str, role: str, identity: str) -> None:
+    """Log an input table on the active run (`mlflow.log_input`): its name, a digest of what identifies its
+    content (`sources.fingerprint`, as recorded in the ingested table), and where it comes from: the ir_datasets
+    page of its id, or its file."""
+    import hashlib
+
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(source, IrDatasetsSource):
+        origin = HTTPDatasetSource(f"https://ir-datasets.com/{source.id.split('/')[0]}.html#{source.id}")
+    else:
+        location = source.path if "://" in source.path else str(Path(source.path).absolute())
+        try:
+            origin = resolve_dataset_source(location)
+        except MlflowException:  # a scheme MLflow has no source type for
+            origin = CodeDatasetSource({"path": location})
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    mlflow.log_input(MetaDataset(origin, name=name, digest=digest), context=role)
 
 
 def log_result(result: StageResult) -> None:

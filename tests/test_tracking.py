@@ -118,3 +118,40 @@ def test_runs_a_killed_job_left_running_are_ended_as_failed_by_the_next_run(make
     assert client.get_run(alive).info.status == "RUNNING"
     assert client.get_run(run_id).info.status == "FINISHED"
     client.set_terminated(alive)
+
+
+def test_the_runs_and_the_model_version_carry_params_inputs_evaluation_and_lineage(pipeline_run):
+    """What MLflow users look for: the whole config as the parent run's params, each ingested table as a run
+    input (name, digest, source), and a model version with its evaluation, a description, an input example and
+    requirements an index can install."""
+    import yaml
+
+    config, results = pipeline_run
+    tracking.configure(config)  # the registry too: models:/ URIs resolve there
+    client = mlflow.MlflowClient()
+    translate_run = client.get_run(results["translate"].run_id)
+    parent = client.get_run(translate_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.params["distill.nway"] == str(config.distill.nway)
+    assert parent.data.params["data.passages.path"] == config.data.passages.path
+    assert parent.data.params["evaluate.measures"] == str(config.evaluate.measures)
+    inputs = {item.dataset.name: item for item in translate_run.inputs.dataset_inputs}
+    assert set(inputs) == {"passages", "train_queries", "pretranslated_passages.syn"}
+    passages = inputs["passages"]
+    assert config.data.passages.path in passages.dataset.source and len(passages.dataset.digest) == 12
+    assert [tag.value for tag in passages.tags if tag.key == "mlflow.data.context"] == ["docs"]
+    evaluate_inputs = client.get_run(results["evaluate"].run_id).inputs.dataset_inputs
+    assert {item.dataset.name for item in evaluate_inputs} == {"eval_topics", "eval_qrels"}
+
+    name, number = config.mlflow.registered_model, str(int(results["distill"].metrics["model_version"]))
+    version = client.get_model_version(name, number)
+    assert version.description.startswith("A dense student distilled by td-ray (loss kl) from the teacher ")
+    assert version.tags["td_ray.training_key"][:12] in version.description
+    assert float(version.tags["td_ray.eval.nDCG_20"]) == pytest.approx(results["evaluate"].metrics["nDCG@20"])
+    model = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{number}"))
+    requirements = (model / "requirements.txt").read_text().split()
+    assert not any("+" in line for line in requirements)
+    from packaging.specifiers import SpecifierSet
+
+    [torch_pin] = [line for line in requirements if line.startswith("torch")]
+    assert SpecifierSet(torch_pin.removeprefix("torch")) == SpecifierSet(">=2.13.0,<3")
+    assert "saved_input_example_info" in yaml.safe_load((model / "MLmodel").read_text())

@@ -97,17 +97,31 @@ def _registered_student(uri: str, workspace: Workspace) -> str:
                          f"({str(error).splitlines()[0][:160]}); register the student (the distill stage does), or "
                          "name a version or alias that exists") from None
     target = workspace.local_dir(REGISTERED) / f"{name}-v{version.version}"
-    student = target / "artifacts" / "student"
-    if not student.is_dir():
+    student = student_in_model(target)
+    if student is None:
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(temporary))
-        if not (temporary / "artifacts" / "student").is_dir():
-            raise ModelError(f"{uri} (version {version.version}) holds no td-ray student (artifacts/student); "
-                             "register it with td-ray's distill stage")
+        if student_in_model(temporary) is None:
+            raise ModelError(f"{uri} (version {version.version}) holds no td-ray student (the pyfunc's `student` "
+                             "artifact); register it with td-ray's distill stage")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(temporary, target)
+        student = student_in_model(target)
     return str(student)
+
+
+def student_in_model(folder: Path) -> Path | None:
+    """The student folder inside a downloaded td-ray model version: the pyfunc's `student` artifact, where its
+    MLmodel file says it is (MLflow names the folder after the directory that was logged); None when absent."""
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    flavor = (yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}).get("flavors", {}).get("python_function", {})
+    path = (flavor.get("artifacts") or {}).get("student", {}).get("path")
+    return folder / path if path and (folder / path).is_dir() else None
 
 
 def index_key(workspace: Workspace, model: str, index_settings: dict) -> str:
