@@ -6,7 +6,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -54,37 +54,53 @@ def demo_config(workspace: str | None = None, overrides: list[str] | None = None
     return parse_config(raw, source="td_ray/configs/demo.yaml", workspace=workspace)
 
 
-def prepare_demo_assets(config: PipelineConfig, meanwhile: Callable[[], object] | None = None) -> None:
-    """Build the tiny models and the demo collection (`demo_assets_root`), once (both are cached). When the models
-    must be built, `meanwhile` runs on this thread as they build on another: the seconds of importing transformers
-    and fine-tuning the teacher then overlap, e.g., Ray's start-up."""
+def prepare_demo_assets(config: PipelineConfig, meanwhile: Callable[[], object] | None = None) -> Future | None:
+    """Build the tiny models and the demo collection (`demo_assets_root`), once (both are cached).
+
+    With `meanwhile`, when the models must be built: they build on another thread while `meanwhile` runs on this one
+    (Ray's start-up, say), and this returns once the MT model and the student exist, with the teacher's fine-tuning
+    (seconds) still going on: the future it returns ends with it, and only the score stage needs to wait for it.
+    Without, everything is built before it returns None."""
     from td_ray.assets.build import COMPLETE_MARKER
     from td_ray.assets.demo_data import write_demo_collection
 
-    def build_models() -> None:
-        from td_ray.assets.tiny_models import build_tiny_models
+    def build_base() -> None:
+        from td_ray.assets.tiny_models import build_tiny_base
 
-        build_tiny_models(root / "tiny-models")
+        build_tiny_base(root / "tiny-models")
+
+    def build_teacher(after: Future | None = None) -> None:
+        from td_ray.assets.tiny_models import build_tiny_teacher
+
+        if after is not None:
+            after.result()  # no teacher over a base that failed
+        build_tiny_teacher(root / "tiny-models")
 
     root = demo_assets_root(config.workspace)
-    if meanwhile is not None and not (root / "tiny-models" / COMPLETE_MARKER).is_file():
-        with ThreadPoolExecutor(1) as pool:
-            building = pool.submit(build_models)
-            meanwhile()
-            building.result()
-    else:
-        build_models()
     data_dir = root / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
     marker = data_dir / ".complete"
     if not marker.exists():
         write_demo_collection(data_dir)
         atomic_write_text(marker, "ok\n")
+    teacher_built = (root / "tiny-models" / "cross_encoder" / COMPLETE_MARKER).is_file()
+    if meanwhile is None or teacher_built:
+        build_base()
+        build_teacher()
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="demo-assets")
+    base = pool.submit(build_base)
+    teacher = pool.submit(build_teacher, base)
+    pool.shutdown(wait=False)
+    meanwhile()
+    base.result()
+    return teacher
 
 
-def stop_on_findings(config: PipelineConfig) -> None:
-    """Log the config's warnings (`preflight.check_config`) and stop on its errors, before anything runs."""
-    findings = check_config(config)
+def stop_on_findings(config: PipelineConfig, building: list[str | None] = ()) -> None:
+    """Log the config's warnings (`preflight.check_config`) and stop on its errors, before anything runs; the model
+    directories in `building` are being built now."""
+    findings = check_config(config, building)
     for finding in findings:
         if finding.severity == "warning":
             logger.warning("%s", finding)
@@ -101,13 +117,15 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> lis
     unknown = [stage for stage in chosen if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    if config.demo_assets:
-        prepare_demo_assets(config, meanwhile=lambda: (ensure_ray(config.ray), tracking.configure(config)))
-    stop_on_findings(config)
+    teacher = (prepare_demo_assets(config, meanwhile=lambda: (ensure_ray(config.ray), tracking.configure(config)))
+               if config.demo_assets else None)
+    stop_on_findings(config, building=[config.score.teacher] if teacher else [])
     started = time.perf_counter()
     results = []
     with tracking.pipeline_run(config) as parent_run_id:
         for stage in chosen:
+            if stage == "score" and teacher is not None:
+                teacher.result()  # the demo's teacher, fine-tuned while translate ran
             results.append(STAGES[stage](config))
         if config.compare_untrained and "evaluate" in chosen:
             results += _run_untrained(config)

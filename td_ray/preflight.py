@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,9 +39,10 @@ class Finding:
         return f"{self.severity}: {self.field}: {self.message}"
 
 
-def check_config(config: PipelineConfig) -> list[Finding]:
-    """Every finding for `config`, errors and warnings, in the config's order."""
-    findings = _missing_inputs(config) + _models(config)
+def check_config(config: PipelineConfig, building: Iterable[str | None] = ()) -> list[Finding]:
+    """Every finding for `config`, errors and warnings, in the config's order; the model directories in `building`
+    are being built (the demo's teacher) and need not exist yet."""
+    findings = _missing_inputs(config) + _models(config, set(building))
     for field, source in _ir_datasets_sources(config):
         findings += _ir_dataset(field, source)
     return findings + _measures(config) + _nway(config)
@@ -85,14 +87,14 @@ def _missing_inputs(config: PipelineConfig) -> list[Finding]:
             for field, source in config.local_sources() if not Path(source.path).expanduser().exists()]
 
 
-def _models(config: PipelineConfig) -> list[Finding]:
+def _models(config: PipelineConfig, building: set[str | None]) -> list[Finding]:
     """Model references: a local one must exist, any other must be a hub id."""
     references = [(f"translate.targets[{target.lang}].model", target.model) for target in config.translate.targets]
     references += [("score.teacher", config.score.teacher), ("distill.student", config.distill.student),
                    ("index.model", config.index.model)]
     findings = []
     for field, value in references:
-        if value is None or value.startswith("models:/"):
+        if value is None or value.startswith("models:/") or value in building:
             continue
         if is_local_reference(value):
             if not Path(value).expanduser().exists():

@@ -215,7 +215,10 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(tiny_models, "_fine_tune_cross_encoder", boom)
     with pytest.raises(RuntimeError, match="killed"):
         build_tiny_models(tmp_path / "tiny")
-    assert list(tmp_path.iterdir()) == []
+    # the base (MT model, student) is whole; the teacher's failed build left nothing, not even a temp dir
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny"]
+    assert sorted(path.name for path in (tmp_path / "tiny").iterdir()) == sorted(
+        [COMPLETE_MARKER, "marian_ct2", "marian_hf", "student"])
 
 
 def test_models_load(models: TinyModels) -> None:
@@ -392,3 +395,31 @@ def test_teacher_generalises_to_eval_collection(teacher, random_teacher, demo: d
     # The scores spread, so a softmax over them (the distillation target) is far from uniform.
     spread, random_spread = torch.tensor(scores).std().item(), torch.tensor(random_scores).std().item()
     assert spread > 1.0 and spread > 20 * random_spread, f"score std {spread:.3f} vs random-init {random_spread:.4f}"
+
+
+def test_the_demo_fine_tunes_its_teacher_while_the_pipeline_goes_on(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare_demo_assets` with work to overlap returns once the MT model and the student exist, the teacher still
+    training; its future ends with the teacher; a second call finds everything built."""
+    import threading
+
+    from td_ray.pipeline import demo_config, prepare_demo_assets
+
+    monkeypatch.setattr(tiny_models, "TEACHER_TRAINING", replace(tiny_models.TEACHER_TRAINING, steps=3))
+    release, original = threading.Event(), tiny_models._build_cross_encoder
+
+    def held(*args: object) -> None:
+        assert release.wait(120)
+        original(*args)
+
+    monkeypatch.setattr(tiny_models, "_build_cross_encoder", held)
+    calls: list[str] = []
+    config = demo_config(str(tmp_path / "ws"))
+    teacher = prepare_demo_assets(config, meanwhile=lambda: calls.append("ray starts"))
+    models = TinyModels.under(tmp_path / "ws" / "tiny-models")
+    assert calls == ["ray starts"] and (models.student / "model.safetensors").is_file()
+    assert teacher is not None and not teacher.done() and not models.cross_encoder.exists()
+    release.set()
+    teacher.result(timeout=120)
+    assert (models.cross_encoder / COMPLETE_MARKER).is_file()
+    assert prepare_demo_assets(config, meanwhile=lambda: calls.append("again")) is None and calls == ["ray starts"]

@@ -389,10 +389,18 @@ def _build_student(out: Path, tokenizer: BertTokenizerFast, seed: int) -> None:
 
 
 def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> TinyModels:
-    """Build the tiny models under ``out_dir`` unless a complete build with the same key is there.
+    """Build the tiny models under ``out_dir`` unless complete builds with the same key are there: the MT model and
+    the student (`build_tiny_base`), then the teacher (`build_tiny_teacher`)."""
+    models = build_tiny_base(out_dir, seed, force)
+    build_tiny_teacher(out_dir, seed, force)
+    return models
 
-    The build happens in a temp directory next to ``out_dir`` and is renamed into place at the end,
-    so a killed build leaves nothing half-made under the final name.
+
+def build_tiny_base(out_dir: Path, seed: int = 0, force: bool = False) -> TinyModels:
+    """The Marian MT model (and its CTranslate2 conversion) and the student under ``out_dir``: a second or so.
+
+    The build happens in a temp directory next to ``out_dir`` and is renamed into place at the end, so a killed build
+    leaves nothing half-made under the final name (a rebuilt base drops the teacher, which is rebuilt after it).
     """
     def build(staged_dir: Path) -> None:
         staged = TinyModels.under(staged_dir)
@@ -401,12 +409,19 @@ def build_tiny_models(out_dir: Path, seed: int = 0, force: bool = False) -> Tiny
         _build_marian(staged.marian_hf, sentences, seed)
         logger.info("converting Marian model to CTranslate2")
         _convert_marian(staged.marian_hf, staged.marian_ct2)
-        logger.info("training WordPiece tokenizer and building BERT models")
-        bert_tokenizer = _train_wordpiece(sentences)
-        _build_cross_encoder(staged.cross_encoder, bert_tokenizer, seed)
-        _build_student(staged.student, bert_tokenizer, seed)
+        logger.info("training WordPiece tokenizer and building the student")
+        _build_student(staged.student, _train_wordpiece(sentences), seed)
 
     return TinyModels.under(cached_build(out_dir, _build_key(seed), build, "tiny models", force))
+
+
+def build_tiny_teacher(out_dir: Path, seed: int = 0, force: bool = False) -> Path:
+    """The cross-encoder teacher, fine-tuned (seconds) into ``out_dir/cross_encoder`` once the base is built: its own
+    cached build, so the demo can train it while the translate stage runs."""
+    def build(staged_dir: Path) -> None:
+        _build_cross_encoder(staged_dir, _train_wordpiece(corpus_sentences(seed)), seed)
+
+    return cached_build(TinyModels.under(out_dir).cross_encoder, _build_key(seed), build, "tiny teacher", force)
 
 
 def build_lexical_student(tokenizer_dir: Path, out: Path, hidden_size: int = 64, seed: int = 3) -> Path:
