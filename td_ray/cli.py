@@ -135,12 +135,12 @@ def _download_registered(args: argparse.Namespace, folder: Path) -> tuple[Path, 
 
     from td_ray.config import load_config
     from td_ray.retrieval.layout import student_in_model
-    from td_ray.tracking import tracking_uri
+    from td_ray.tracking import configure, tracking_uri
 
-    uri = tracking_uri(load_config(args.config, overrides=args.overrides)) if args.config else None
-    if uri:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    config = load_config(args.config, overrides=args.overrides) if args.config else None
+    uri = tracking_uri(config) if config else None
+    if config:
+        configure(config)  # the registry too, without leaving its URI in the environment
     client = mlflow.MlflowClient()
     name = args.model.removeprefix("models:/")
     try:

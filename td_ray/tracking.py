@@ -153,6 +153,7 @@ def log_input(source: DataSource, name: str, role: str, identity: str) -> None:
     content (`sources.fingerprint`, as recorded in the ingested table), and where it comes from: the ir_datasets
     page of its id, or its file."""
     import hashlib
+    import warnings
 
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -164,9 +165,11 @@ def log_input(source: DataSource, name: str, role: str, identity: str) -> None:
     if isinstance(source, IrDatasetsSource):
         origin = HTTPDatasetSource(f"https://ir-datasets.com/{source.id.split('/')[0]}.html#{source.id}")
     else:
-        location = source.path if "://" in source.path else str(Path(source.path).absolute())
+        location = source.path if "://" in source.path else Path(source.path).absolute().as_uri()
         try:
-            origin = resolve_dataset_source(location)
+            with warnings.catch_warnings():  # MLflow registers the local source type twice and says so each time
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                origin = resolve_dataset_source(location)
         except MlflowException:  # a scheme MLflow has no source type for
             origin = CodeDatasetSource({"path": location})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]

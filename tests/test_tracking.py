@@ -137,7 +137,7 @@ def test_the_runs_and_the_model_version_carry_params_inputs_evaluation_and_linea
     inputs = {item.dataset.name: item for item in translate_run.inputs.dataset_inputs}
     assert set(inputs) == {"passages", "train_queries", "pretranslated_passages.syn"}
     passages = inputs["passages"]
-    assert config.data.passages.path in passages.dataset.source and len(passages.dataset.digest) == 12
+    assert Path(config.data.passages.path).as_uri() in passages.dataset.source and len(passages.dataset.digest) == 12
     assert [tag.value for tag in passages.tags if tag.key == "mlflow.data.context"] == ["docs"]
     evaluate_inputs = client.get_run(results["evaluate"].run_id).inputs.dataset_inputs
     assert {item.dataset.name for item in evaluate_inputs} == {"eval_topics", "eval_qrels"}

@@ -306,8 +306,8 @@ def test_every_id_once_per_language_with_flags_and_manifest(pipeline_run):
     mt = workspace.read_table(translated("passages", "qaa"))
     assert all(text.strip() for text in mt["text"].to_pylist())
     manifest = store.read_manifests(workspace)[-1]
-    assert {(e["kind"], e["lang"]) for e in manifest["entries"]} == {
-        ("passages", "qaa"), ("queries", "qaa"), ("passages", "syn")}
+    assert {(e["kind"], e["lang"]) for e in manifest["entries"]} == {("passages", "qaa"), ("passages", "syn")}
+    assert not workspace.exists(translated("queries", "qaa"))  # the demo translates no query (translate_queries)
     metrics = results["translate"].metrics
     assert metrics["translated_target_tokens"] > 0 and 0 <= metrics["padding_ratio"] < 0.5
 
