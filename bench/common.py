@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FAST_PLAID = "fast-plaid==1.7.0.2110"
 """The peer of `bench/colbert_index.py`: it needs its own torch (2.11), so it lives in a venv of its own."""
+PYLATE = "pylate==1.6.0"
+"""The peer of `bench/pylate_check.py`: it pins transformers<=5.3 and sentence-transformers 5.3, so it lives in a venv
+of its own."""
 
 logger = logging.getLogger("bench.common")
 
@@ -107,22 +110,28 @@ def bench_cache() -> Path:
 
 
 def fast_plaid_python() -> Path:
-    """The python of a venv with fast-plaid, created under `bench_cache()` on first use (about 70 s and 4.8 GB:
-    PyPI's CUDA build of torch 2.11, which also runs on CPU) and reused while ``import fast_plaid`` works there."""
-    venv = bench_cache() / FAST_PLAID.replace("==", "-")
+    """The python of a venv with fast-plaid (`peer_python`; about 70 s and 4.8 GB the first time: PyPI's CUDA build
+    of torch 2.11, which also runs on CPU)."""
+    return peer_python([FAST_PLAID], "fast_plaid")
+
+
+def peer_python(requirements: list[str], module: str) -> Path:
+    """The python of a venv under `bench_cache()` holding `requirements` (a peer whose pins clash with td-ray's),
+    created on first use and reused while ``import module`` works there."""
+    venv = bench_cache() / "-".join(requirement.replace("==", "-") for requirement in requirements)
     python = venv / "bin" / "python"
-    works = python.exists() and subprocess.run([python, "-c", "import fast_plaid"], capture_output=True,
+    works = python.exists() and subprocess.run([python, "-c", f"import {module}"], capture_output=True,
                                                check=False).returncode == 0
     if works:
-        logger.info("fast-plaid: reusing %s", venv)
+        logger.info("%s: reusing %s", module, venv)
         return python
-    logger.info("fast-plaid: creating %s and installing %s (about 70 s and 4.8 GB)", venv, FAST_PLAID)
+    logger.info("%s: creating %s and installing %s", module, venv, " ".join(requirements))
     started = time.perf_counter()
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", FAST_PLAID],
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
                    check=True)
-    logger.info("fast-plaid: installed in %.0f s", time.perf_counter() - started)
+    logger.info("%s: installed in %.0f s", module, time.perf_counter() - started)
     return python
 
 

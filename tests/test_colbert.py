@@ -193,6 +193,7 @@ def test_students_are_saved_in_the_plaid_x_layout_and_plaid_x_checkpoints_load_w
     with safe_open(str(tmp_path / "td" / "model.safetensors"), framework="pt") as weights:
         keys = set(weights.keys())
     assert "linear.weight" in keys and all(key.startswith("bert.") for key in keys - {"linear.weight"})
+    assert json.loads((tmp_path / "td" / "config.json").read_text())["architectures"] == ["HF_ColBERT"]
     metadata = json.loads((tmp_path / "td" / "artifact.metadata").read_text())
     assert {key: metadata[key] for key in ("dim", "query_maxlen", "doc_maxlen", "query_token_id", "doc_token_id")} == {
         "dim": 32, "query_maxlen": 16, "doc_maxlen": 48, "query_token_id": "[unused0]", "doc_token_id": "[unused1]"}

@@ -18,6 +18,7 @@ Swapped in for :class:`td_ray.encoders.dense.DualEncoder`: ``ColBERTEncoder.forw
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import string
@@ -226,7 +227,9 @@ class ColBERTEncoder(nn.Module):
                              f"{self.dim}; build both from the same ColBERTSpec")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.config.save_pretrained(directory)
+        config = copy.deepcopy(self.encoder.config)
+        config.architectures = ["HF_ColBERT"]  # as PLAID-X saves it; PyLate reads a Stanford checkpoint by this name
+        config.save_pretrained(directory)
         tokenizer.hf.save_pretrained(directory)
         prefix = self.encoder.base_model_prefix
         weights = {f"{prefix}.{name}": tensor.detach().cpu().clone().contiguous()
