@@ -26,7 +26,15 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- sources
-class _TextPolicies(_Strict):
+class _Source(_Strict):
+    limit: int | None = Field(
+        None, ge=1, description="Read only the first N records, for a small real run: rows of docs, queries and "
+        "qrels; for data.candidates, the first N queries with all their candidates, and then only the passages and "
+        "training queries (and their pre-translations) those candidates name.",
+    )
+
+
+class _TextPolicies(_Source):
     """What ingest does with the defects real collections carry; applies when the source gives docs or queries."""
 
     duplicates: Literal["error", "keep_first"] = Field(
@@ -74,14 +82,14 @@ class ParquetSource(_LocalTextPolicies):
     text_column: str = Field("text", description="Column holding the text.")
 
 
-class TrecRunSource(_Strict):
+class TrecRunSource(_Source):
     """A TREC run file (``qid Q0 docid rank score tag``), used for first-stage candidates."""
 
     format: Literal["trec_run"] = Field(description="TREC run file: qid Q0 docid rank score tag.")
     path: str = Field(description="Path to the run file; `{workspace}` is replaced.")
 
 
-class TrecQrelsSource(_Strict):
+class TrecQrelsSource(_Source):
     """A TREC qrels file (``qid iter docid relevance``)."""
 
     format: Literal["trec_qrels"] = Field(description="TREC qrels file: qid 0 docid relevance.")

@@ -6,6 +6,7 @@ An ingested table remembers the source it came from and is reused while that sou
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -370,34 +371,65 @@ class _Repeated(Exception):
         self.ids = ids
 
 
-def ingest(workspace: Workspace, source: DataSource, role: Role, name: str, field: str | None = None) -> str:
+def ingest(workspace: Workspace, source: DataSource, role: Role, name: str, field: str | None = None,
+           within: tuple[str, str] | None = None) -> str:
     """Copy `source` into ``inputs/<name>.parquet`` (reused while the source is unchanged); returns its path.
 
     Fails on an empty source or duplicate ids, naming them and the config `field` (default ``data.<name>``),
     before any stage uses the table; a table ingested earlier is left as it was. Rows stream through: the
-    duplicate check holds one 64-bit hash a row (candidates: only the current query's rows).
+    duplicate check holds one 64-bit hash a row (candidates: only the current query's rows). The source's `limit`
+    keeps its first records (`limited`); `within` = (table, column) keeps only the ids that column of that ingested
+    table holds (a small run's passages and queries, for the candidates its limit kept).
     """
     try:
         try:
-            return _ingest(workspace, source, role, name)
+            return _ingest(workspace, source, role, name, within)
         except _Repeated as repeated:  # duplicates: keep_first
-            return _ingest(workspace, source, role, name, repeated.ids)
+            return _ingest(workspace, source, role, name, within, repeated.ids)
         except _NotGrouped:  # candidates that do not come query by query
             logger.info("input %s: candidates are not grouped by query; grouping them on disk", name)
-            return _ingest(workspace, source, role, name, grouped=False)
+            return _ingest(workspace, source, role, name, within, grouped=False)
     except SourceError as error:
         raise SourceError(f"{field or 'data.' + name}: {error}") from None
 
 
-def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, repeated: set[str] | None = None,
-            grouped: bool = True) -> str:
+def limited(rows: Iterator[tuple], role: Role, limit: int | None) -> Iterator[tuple]:
+    """The first `limit` records of `rows`: rows, or for candidates (grouped by query) the first `limit` queries'.
+
+    >>> list(limited(iter([("q1", "a"), ("q1", "b"), ("q2", "c"), ("q3", "d")]), "candidates", 2))
+    [('q1', 'a'), ('q1', 'b'), ('q2', 'c')]
+    >>> list(limited(iter([("d1",), ("d2",), ("d3",)]), "docs", 2))
+    [('d1',), ('d2',)]
+    """
+    if limit is None:
+        yield from rows
+    elif role != "candidates":
+        yield from itertools.islice(rows, limit)
+    else:
+        queries, current = 0, None
+        for row in rows:
+            if row[0] != current:
+                queries, current = queries + 1, row[0]
+                if queries > limit:
+                    return
+            yield row
+
+
+def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, within: tuple[str, str] | None,
+            repeated: set[str] | None = None, grouped: bool = True) -> str:
     relative = f"inputs/{name}.parquet"
     identity = fingerprint(source)
+    if within is not None:  # the subset follows the table it is read for
+        identity += json.dumps({"within": [*within, workspace.file_metadata(within[0]).get("td_ray_source")]})
     if workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_source") == identity:
         logger.info("input %s: reusing %s", name, workspace.path(relative))
         return relative
     keys = _key_columns(role)
     rows_in = iter_rows(source, role)
+    if within is not None:
+        table, column = within
+        wanted = set(workspace.read_table(table, [column])[column].unique().to_pylist())
+        rows_in = (row for row in rows_in if row[0] in wanted)
     policy: TextPolicy | RankedCandidates | None = None
     if role in ("docs", "queries"):
         policy = TextPolicy(source, name, repeated)
@@ -407,6 +439,7 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, rep
             rows_in = group_by_query(rows_in, workspace.path(f"inputs/.{name}.groups"))
     if policy is not None:
         rows_in = policy(rows_in)
+    rows_in = limited(rows_in, role, getattr(source, "limit", None))
     hashes: list[np.ndarray] = []
     check_keys = role != "candidates"  # candidates are checked query by query as they stream
 

@@ -22,7 +22,7 @@ from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
 from td_ray.result import StageResult
 from td_ray.sources import DataSource, Role, ingest
-from td_ray.workspace import Workspace
+from td_ray.workspace import CANDIDATES, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,21 @@ class Source:
     name: str
     field: str | None = None
     """The config field named in errors (default ``data.<name>``)."""
+    within: tuple[str, str] | None = None
+    """(table, column): keep only the ids that column of that ingested table holds (`training_sources`)."""
+
+
+def training_sources(config: PipelineConfig) -> list[Source]:
+    """The English training inputs: passages, training queries and candidates. With `data.candidates.limit` the
+    candidates come first and pick the queries; the passages and training queries are then read only for them, so a
+    small real run translates and scores only what it trains on."""
+    data = config.data
+    if data.candidates.limit is None:
+        return [Source(data.passages, "docs", "passages"), Source(data.train_queries, "queries", "train_queries"),
+                Source(data.candidates, "candidates", "candidates")]
+    return [Source(data.candidates, "candidates", "candidates"),
+            Source(data.passages, "docs", "passages", within=(CANDIDATES, "pid")),
+            Source(data.train_queries, "queries", "train_queries", within=(CANDIDATES, "qid"))]
 
 
 @dataclass
@@ -147,7 +162,7 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
                                config.fingerprint())
         workspace.remove_temporaries(*stage.temporaries)
         for source in stage.sources(config):
-            table = ingest(workspace, source.config, source.role, source.name, source.field)
+            table = ingest(workspace, source.config, source.role, source.name, source.field, source.within)
             tracking.log_input(source.config, source.name, source.role,
                                workspace.file_metadata(table).get("td_ray_source", ""))
         for table, columns in stage.reads(context):

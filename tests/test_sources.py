@@ -7,7 +7,7 @@ import json
 import ir_datasets
 import pyarrow.parquet as pq
 import pytest
-from conftest import REALDATA
+from conftest import REALDATA, with_updates
 
 from td_ray.config import (
     IrDatasetsSource,
@@ -211,3 +211,38 @@ def test_an_edit_in_place_inside_a_parquet_directory_is_noticed(tmp_path):
     assert (os.stat(folder).st_size, os.stat(folder).st_mtime_ns) == (directory.st_size, directory.st_mtime_ns)
     ingest(workspace, source, "docs", "passages")
     assert workspace.read_table("inputs/passages.parquet")["text"].to_pylist() == ["one", "TWO, edited"]
+
+
+def test_a_candidates_limit_picks_the_queries_and_the_rest_is_read_only_for_them(make_workspace):
+    """`--set data.candidates.limit=N`: the first N queries of the run with all their candidates, and only the
+    passages and training queries (and pre-translated passages) they name; a limit elsewhere keeps the first rows;
+    a changed limit re-reads the subset."""
+    from td_ray import translate
+    from td_ray.stage import training_sources
+
+    base = make_workspace()
+    candidates = base.data.candidates.model_dump() | {"limit": 25}
+    config = make_workspace(data={"candidates": candidates,
+                                  "eval_docs": base.data.eval_docs.model_dump() | {"limit": 30}})
+    workspace = Workspace(config.workspace)
+    for source in translate.STAGE.sources(config):
+        ingest(workspace, source.config, source.role, source.name, source.field, source.within)
+    ingest(workspace, config.data.eval_docs, "docs", "eval_docs")
+    run = [line.split() for line in open(config.data.candidates.path, encoding="utf-8")]
+    first = list(dict.fromkeys(row[0] for row in run))[:25]
+    kept = workspace.read_table("inputs/candidates.parquet")
+    assert list(dict.fromkeys(kept["qid"].to_pylist())) == first
+    assert sorted(kept["pid"].to_pylist()) == sorted(row[2] for row in run if row[0] in set(first))
+    assert set(workspace.read_table("inputs/passages.parquet")["id"].to_pylist()) == set(kept["pid"].to_pylist())
+    assert set(workspace.read_table("inputs/train_queries.parquet")["id"].to_pylist()) == set(first)
+    pretranslated = workspace.read_table("inputs/pretranslated_passages.syn.parquet")["id"].to_pylist()
+    assert set(pretranslated) == set(kept["pid"].to_pylist())
+    docs = [line.split("\t")[0] for line in open(config.data.eval_docs.path, encoding="utf-8")]
+    assert workspace.read_table("inputs/eval_docs.parquet")["id"].to_pylist() == docs[:30]
+    assert [source.name for source in training_sources(base)] == ["passages", "train_queries", "candidates"]
+
+    fewer = with_updates(config, data={"candidates": candidates | {"limit": 5}})  # the same workspace, re-read
+    for source in training_sources(fewer):
+        ingest(workspace, source.config, source.role, source.name, source.field, source.within)
+    assert set(workspace.read_table("inputs/train_queries.parquet")["id"].to_pylist()) == set(first[:5])
+    assert len(workspace.read_table("inputs/passages.parquet")) < len(set(kept["pid"].to_pylist()))

@@ -21,7 +21,7 @@ from td_ray.score.actor import PairTokenizer, TeacherActor, plan_task, tokenizer
 from td_ray.score.core import BLOCKS, TODO, CrossEncoderTeacher, block_batches, check_teacher, kept_candidates
 from td_ray.score.importers import import_score_file
 from td_ray.score.seq2seq import Seq2SeqTeacher, check_seq2seq_teacher
-from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage, training_sources
 from td_ray.textjoin import MissingTextError, export_text
 from td_ray.workspace import CANDIDATES, SCORES, Workspace, translated
 
@@ -62,9 +62,7 @@ class ScoreStage(Stage):
     def sources(self, config: PipelineConfig) -> list[Source]:
         if config.score.import_scores is not None:
             return []
-        data = config.data
-        return [Source(data.passages, "docs", "passages"), Source(data.train_queries, "queries", "train_queries"),
-                Source(data.candidates, "candidates", "candidates")]
+        return training_sources(config)
 
     def reads(self, context: StageContext) -> list[tuple[str, tuple[str, ...]]]:
         options = context.options

@@ -22,7 +22,7 @@ from td_ray.fingerprint import digest
 from td_ray.raydata import actor_map_args, in_task, read_table_dataset, write_stream
 from td_ray.result import StageResult
 from td_ray.sources import SourceError
-from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage
+from td_ray.stage import Outcome, Source, Stage, StageContext, run_stage, training_sources
 from td_ray.textjoin import export_text
 from td_ray.translate import store
 from td_ray.translate.actor import (
@@ -35,7 +35,7 @@ from td_ray.translate.actor import (
 )
 from td_ray.translate.core import SentencePieceCodec, resolve_ct2_model
 from td_ray.translate.quality import flag_names
-from td_ray.workspace import PASSAGES_EN, TRAIN_QUERIES_EN, Workspace, translated
+from td_ray.workspace import CANDIDATES, PASSAGES_EN, TRAIN_QUERIES_EN, Workspace, translated
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +215,16 @@ class TranslateStage(Stage):
     temporaries = ("inputs", "translate", "text")
 
     def sources(self, config: PipelineConfig) -> list[Source]:
-        found = [Source(config.data.passages, "docs", "passages"),
-                 Source(config.data.train_queries, "queries", "train_queries")]
+        limited = config.data.candidates.limit is not None  # a small run: only what its candidates name
+        found = [source for source in training_sources(config) if limited or source.name != "candidates"]
         for target in config.translate.targets:
             for kind, source in (("passages", target.pretranslated), ("queries", target.pretranslated_queries)):
                 if target.model is None and source is not None:
                     field = f"translate.targets[{target.lang}].pretranslated" + ("" if kind == "passages"
                                                                                  else "_queries")
+                    within = (CANDIDATES, "pid" if kind == "passages" else "qid") if limited else None
                     found.append(Source(source, "docs" if kind == "passages" else "queries",
-                                        f"pretranslated_{kind}.{target.lang}", field))
+                                        f"pretranslated_{kind}.{target.lang}", field, within))
         return found
 
     def key(self, context: StageContext) -> str:
