@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,9 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FAST_PLAID = "fast-plaid==1.7.0.2110"
 """The peer of `bench/colbert_index.py`: it needs its own torch (2.11), so it lives in a venv of its own."""
-PYLATE = "pylate==1.6.0"
-"""The peer of `bench/pylate_check.py`: it pins transformers<=5.3 and sentence-transformers 5.3, so it lives in a venv
-of its own."""
+PEERS = {"pylate": (["pylate==1.6.0"], "pylate", "pylate_arm.py", None),
+         "plaid-x": (["PLAID-X==0.3.3", "transformers==4.46.3"], "colbert", "plaidx_arm.py", "python3.10")}
+"""The peers of `bench/pylate_check.py`, each in a venv of its own (their pins clash with td-ray's): requirements, the
+module that shows the venv works, the arm script that runs there, and the interpreter when not td-ray's (PLAID-X's
+config dataclasses fail to import on Python 3.11: a mutable default; its HF_ColBERT calls `init_weights`, which
+transformers 5 no longer completes)."""
 
 logger = logging.getLogger("bench.common")
 
@@ -115,10 +119,16 @@ def fast_plaid_python() -> Path:
     return peer_python([FAST_PLAID], "fast_plaid")
 
 
-def peer_python(requirements: list[str], module: str) -> Path:
-    """The python of a venv under `bench_cache()` holding `requirements` (a peer whose pins clash with td-ray's),
-    created on first use and reused while ``import module`` works there."""
-    venv = bench_cache() / "-".join(requirement.replace("==", "-") for requirement in requirements)
+def peer_python(requirements: list[str], module: str, interpreter: str | None = None) -> Path:
+    """The python of a venv under `bench_cache()` holding `requirements` (a peer whose pins clash with td-ray's), made
+    with `interpreter` (a name on PATH; default this one), created on first use and reused while ``import module``
+    works there."""
+    base = shutil.which(interpreter) if interpreter else sys.executable
+    if base is None or subprocess.run([base, "-c", ""], capture_output=True, check=False).returncode:
+        raise RuntimeError(f"{' '.join(requirements)} needs {interpreter} on PATH to make its venv (with pyenv: "
+                           f"PATH=$(pyenv prefix 3.10.13)/bin:$PATH); install it first")
+    venv = bench_cache() / "-".join([*(requirement.replace("==", "-") for requirement in requirements),
+                                     *([interpreter] if interpreter else [])])
     python = venv / "bin" / "python"
     works = python.exists() and subprocess.run([python, "-c", f"import {module}"], capture_output=True,
                                                check=False).returncode == 0
@@ -128,7 +138,7 @@ def peer_python(requirements: list[str], module: str) -> Path:
     logger.info("%s: creating %s and installing %s", module, venv, " ".join(requirements))
     started = time.perf_counter()
     venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    subprocess.run([base, "-m", "venv", "--clear", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
                    check=True)
     logger.info("%s: installed in %.0f s", module, time.perf_counter() - started)

@@ -1,13 +1,13 @@
-"""Does PyLate load td-ray's ColBERT-X student and give td-ray's vectors?
+"""Do PyLate and PLAID-X load td-ray's ColBERT-X student and give td-ray's vectors?
 
 td-ray saves ColBERT-X students in PLAID-X's HF_ColBERT layout (`td_ray/encoders/colbert.py`). PyLate 1.6 pins
-transformers<=5.3 and sentence-transformers 5.3, so it runs in a venv of its own (`common.peer_python`, about
-5 GB the first time). This script saves a ColBERT-X student built on the tiny BERT, encodes the same queries and
-documents with td-ray here and with PyLate there (`bench/pylate_arm.py`), and writes
-`bench/results/pylate_check.json`: what PyLate read from the folder, the token counts each side keeps, and the
-cosine of each token vector PyLate gives with td-ray's.
+transformers<=5.3 and sentence-transformers 5.3, and PLAID-X 0.3.3 pins faiss-cpu 1.9.0, so each runs in a venv of its
+own (`common.peer_python`, about 5 GB the first time). This script saves a ColBERT-X student built on the tiny BERT,
+encodes the same queries and documents with td-ray here and with the peer there (`bench/pylate_arm.py`,
+`bench/plaidx_arm.py`), and writes `bench/results/<peer>_check.json`: what the peer read from the folder, the token
+counts each side keeps, and the cosine of each token vector the peer gives with td-ray's.
 
-    .venv/bin/python bench/pylate_check.py
+    .venv/bin/python bench/pylate_check.py [--peer pylate|plaid-x]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PYLATE, RESULTS, machine_info, peer_python, write_report
+from common import PEERS, RESULTS, machine_info, peer_python, write_report
 
 logger = logging.getLogger("bench.pylate_check")
 HERE = Path(__file__).resolve().parent
@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/td-ray-pylate-check"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "pylate_check.json")
+    parser.add_argument("--peer", choices=sorted(PEERS), default="pylate")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<peer>_check.json")
     args = parser.parse_args(argv)
+    requirements, module, arm, interpreter = PEERS[args.peer]
+    args.out = args.out or RESULTS / f"{args.peer.replace('-', '')}_check.json"
     shutil.rmtree(args.work, ignore_errors=True)
     student = build_tiny_base(args.work / "tiny-models").student
     torch.manual_seed(0)
@@ -59,29 +62,29 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = args.work / "texts.json"
     texts.write_text(json.dumps({"queries": QUERIES, "documents": DOCUMENTS}))
-    python = peer_python([PYLATE], "pylate")
-    out = args.work / "pylate.npz"
-    done = subprocess.run([python, HERE / "pylate_arm.py", "--model", folder, "--texts", texts, "--out", out],
+    python = peer_python(requirements, module, interpreter)
+    out = args.work / "peer.npz"
+    done = subprocess.run([python, HERE / arm, "--model", folder, "--texts", texts, "--out", out],
                           capture_output=True, text=True, check=False)
-    report = {"machine": machine_info(), "peer": PYLATE, "folder_files": sorted(p.name for p in folder.iterdir()),
+    report = {"machine": machine_info(), "peer": requirements, "folder_files": sorted(p.name for p in folder.iterdir()),
               "loaded": done.returncode == 0}
     if done.returncode != 0:
         report["error"] = done.stderr[-4000:]
     else:
         theirs = np.load(out)
-        report["pylate_settings"] = json.loads(str(theirs["settings"]))
+        report["peer_settings"] = json.loads(str(theirs["settings"]))
         for kind, count in (("query", len(QUERIES)), ("document", len(DOCUMENTS))):
             side = ours["queries" if kind == "query" else "documents"]
             rows = []
             for i in range(count):
                 mine, peer = side[i], theirs[f"{kind}_{i}"]
-                row = {"td_ray_shape": list(mine.shape), "pylate_shape": list(peer.shape)}
+                row = {"td_ray_shape": list(mine.shape), "peer_shape": list(peer.shape)}
                 if mine.shape[1] == peer.shape[1]:
                     values = cosines(mine, peer)
                     row |= {"min_cosine": round(min(values), 6), "mean_cosine": round(float(np.mean(values)), 6)}
                 rows.append(row)
             report[f"{kind}_vectors"] = rows
-        report["same_vectors"] = all(row["td_ray_shape"] == row["pylate_shape"] and row["min_cosine"] > 1 - 1e-5
+        report["same_vectors"] = all(row["td_ray_shape"] == row["peer_shape"] and row.get("min_cosine", 0) > 1 - 1e-5
                                      for kind in ("query", "document") for row in report[f"{kind}_vectors"])
     write_report(report, args.out)
     print(json.dumps({key: report.get(key) for key in ("loaded", "same_vectors", "query_vectors", "document_vectors")},

@@ -197,6 +197,7 @@ def test_students_are_saved_in_the_plaid_x_layout_and_plaid_x_checkpoints_load_w
     metadata = json.loads((tmp_path / "td" / "artifact.metadata").read_text())
     assert {key: metadata[key] for key in ("dim", "query_maxlen", "doc_maxlen", "query_token_id", "doc_token_id")} == {
         "dim": 32, "query_maxlen": 16, "doc_maxlen": 48, "query_token_id": "[unused0]", "doc_token_id": "[unused1]"}
+    assert metadata["model_name"] == str(student_dir)  # PLAID-X builds its model class from what training started from
 
     plaid, loading = _plaidx_hf_colbert(32).from_pretrained(tmp_path / "td", output_loading_info=True)
     assert not loading["unexpected_keys"]  # PLAID-X finds every weight; only the pooler, which ColBERT never uses,

@@ -159,6 +159,8 @@ class ColBERTEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.linear = nn.Linear(encoder.config.hidden_size, dim, bias=False)
+        self.base_model: str | None = None
+        """The model training started from (a hub id or directory): PLAID-X builds its model class from it."""
         nn.init.normal_(self.linear.weight, std=getattr(encoder.config, "initializer_range", 0.02))
 
     @property
@@ -175,6 +177,7 @@ class ColBERTEncoder(nn.Module):
             logger.info("resized the student's embeddings from %d to %d tokens for the ColBERT markers",
                         rows, len(tokenizer))
         colbert = cls(encoder, tokenizer.spec.dim)
+        colbert.base_model = base_model(Path(model)) or str(model)
         found = saved_projection(Path(model))
         if found is not None:
             path, weight = found
@@ -236,7 +239,14 @@ class ColBERTEncoder(nn.Module):
                    for name, tensor in self.encoder.state_dict().items()}
         weights[PROJECTION_KEY] = self.linear.weight.detach().cpu().contiguous()
         save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        (directory / PLAIDX_METADATA).write_text(json.dumps(tokenizer.spec.metadata(), indent=1), encoding="utf-8")
+        metadata = tokenizer.spec.metadata() | ({"model_name": self.base_model} if self.base_model else {})
+        (directory / PLAIDX_METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+
+
+def base_model(directory: Path) -> str | None:
+    """The `model_name` a PLAID-X checkpoint's metadata names (what it was trained from), or None."""
+    path = directory / PLAIDX_METADATA
+    return json.loads(path.read_text(encoding="utf-8")).get("model_name") if path.is_file() else None
 
 
 def saved_projection(directory: Path) -> tuple[Path, torch.Tensor] | None:
