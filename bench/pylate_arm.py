@@ -1,6 +1,6 @@
 """PyLate's arm of `bench/pylate_check.py`: load a ColBERT-X folder with PyLate and encode the texts.
 
-Run by the python of the venv that `common.peer_python([common.PYLATE], "pylate")` makes (PyLate 1.6 pins its own
+Run by the python of the venv that `common.peer_python` makes for `common.PEERS["pylate"]` (PyLate 1.6 pins its own
 transformers), so it imports nothing from td-ray:
 
     $PY bench/pylate_arm.py --model DIR --texts TEXTS.json --out OUT.npz
