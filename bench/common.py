@@ -145,6 +145,26 @@ def peer_python(requirements: list[str], module: str, interpreter: str | None = 
     return python
 
 
+def peer_arm(doc: str, encode) -> None:
+    """The main of a peer's arm (`pylate_arm.py`, `plaidx_arm.py`), run in the peer's venv with the standard library
+    and numpy only: reads ``--model DIR --texts TEXTS.json --out OUT.npz``; ``encode(model, queries, documents)``
+    returns each text's token vectors and the settings the peer read; writes them to OUT.npz (`query_<i>`,
+    `document_<i>`, and `settings` as a JSON string)."""
+    import argparse
+
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for name in ("--model", "--texts", "--out"):
+        parser.add_argument(name, required=True)
+    args = parser.parse_args()
+    texts = json.loads(Path(args.texts).read_text(encoding="utf-8"))
+    queries, documents, settings = encode(args.model, texts["queries"], texts["documents"])
+    arrays = {f"query_{i}": np.asarray(vectors, np.float32) for i, vectors in enumerate(queries)}
+    arrays |= {f"document_{i}": np.asarray(vectors, np.float32) for i, vectors in enumerate(documents)}
+    np.savez(args.out, settings=json.dumps(settings, default=str), **arrays)
+
+
 def contention() -> dict:
     """How busy the machine is: 1-minute load average and CPU pressure (share of time tasks waited for a CPU)."""
     pressure = Path("/proc/pressure/cpu")
