@@ -776,6 +776,39 @@ def _dimension_fitting(factory: str) -> int:
     return math.lcm(8, *(int(size) for size in re.findall(r"PQ(\d+)", factory)))
 
 
+MAX_CONFIG_BYTES = 1_000_000
+"""The largest config file read: a real one is a few kilobytes, and PyYAML's loader takes about a minute on 100 MB."""
+MAX_CONFIG_VALUES = 100_000
+"""The most values a config may hold once its YAML aliases are expanded: a real one holds a few hundred; an alias
+bomb ("billion laughs") a few KB long, billions."""
+
+
+def check_bounded(value: object) -> None:
+    """Refuse a config that expands past MAX_CONFIG_VALUES values, counting each alias at every place it is used
+    and stopping at the bound, so a bomb is refused in milliseconds.
+
+    >>> laugh = ["lol"] * 10
+    >>> for _ in range(8):
+    ...     laugh = [laugh] * 10
+    >>> try:
+    ...     check_bounded({"a": laugh})
+    ... except ConfigError as error:
+    ...     print(error)
+    the config expands to more than 100,000 values through its YAML aliases (an alias bomb?); write the values out, or use fewer nested aliases
+    """
+    budget, pending = MAX_CONFIG_VALUES, [value]
+    while pending:
+        item = pending.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"the config expands to more than {MAX_CONFIG_VALUES:,} values through its YAML aliases "
+                              "(an alias bomb?); write the values out, or use fewer nested aliases")
+        if isinstance(item, dict):
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+
+
 def _expand(value: object, workspace: str) -> object:
     if isinstance(value, str):
         return value.replace("{workspace}", workspace)
@@ -824,6 +857,7 @@ def parse_config(raw: object, source: str = "<dict>", workspace: str | None = No
     """Validate a mapping (as read from YAML) into a PipelineConfig; `workspace` overrides the file's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    check_bounded(raw)
     raw = dict(raw)
     if workspace is not None:
         raw["workspace"] = workspace
@@ -871,6 +905,9 @@ def load_config(path: str | Path, workspace: str | None = None, overrides: list[
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass --config with a YAML file; see configs/)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is {path.stat().st_size:,} bytes, above the {MAX_CONFIG_BYTES:,} a config "
+                          "may have; a config is settings and paths: put data in files it names")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -878,6 +915,7 @@ def load_config(path: str | Path, workspace: str | None = None, overrides: list[
     if overrides:
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid config {path}: the top level must be a mapping of sections")
+        check_bounded(raw)  # before the copy the overrides make
         raw = apply_overrides(raw, overrides)
     return parse_config(raw, source=str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""),
                         workspace=workspace)

@@ -101,3 +101,21 @@ def test_score_needs_a_teacher_or_a_score_file_and_a_sound_template(raw, tmp_pat
     del raw["score"]["import_scores"]
     raw["score"].update(teacher_kind="seq2seq", template="Query: {query} Relevant:")
     assert "must contain {query} and {document}" in _error(raw, tmp_path)
+
+
+def test_an_alias_bomb_and_an_oversized_file_are_refused_at_once(tmp_path):
+    import time
+
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for this, previous in zip("bcdefghi", "abcdefgh"):
+        lines.append(f"{this}: &{this} [{', '.join(['*' + previous] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nworkspace: /tmp/x\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"expands to more than 100,000 values through its YAML aliases"):
+        load_config(bomb)
+    assert time.perf_counter() - started < 1.0
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * 1_100_000 + "\nworkspace: /tmp/x\n")
+    with pytest.raises(ConfigError, match=r"huge.yaml is 1,100,0\d\d bytes, above the 1,000,000 a config may have"):
+        load_config(huge)
