@@ -56,13 +56,15 @@ class SourceError(TdRayError):
 
 
 def _open_text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file (gzipped when it ends in .gz), numbered, without their line ends or
+    a byte-order mark (which editors on Windows write, and which would otherwise start the first id)."""
     if not os.path.isfile(path):
         raise SourceError(f"input file not found: {path} (check the path in the config's data section)")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise SourceError(
                     f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}); "

@@ -246,3 +246,21 @@ def test_a_candidates_limit_picks_the_queries_and_the_rest_is_read_only_for_them
         ingest(workspace, source.config, source.role, source.name, source.field, source.within)
     assert set(workspace.read_table("inputs/train_queries.parquet")["id"].to_pylist()) == set(first[:5])
     assert len(workspace.read_table("inputs/passages.parquet")) < len(set(kept["pid"].to_pylist()))
+
+
+@pytest.mark.parametrize(("fmt", "role", "text", "first"), [
+    ("tsv", "docs", "\ufeffd1\tfirst passage\nd2\tsecond\n", ("d1", "first passage")),
+    ("jsonl", "queries", '\ufeff{"id": "q1", "text": "a query"}\n', ("q1", "a query")),
+    ("trec_qrels", "qrels", "\ufeffq1 0 d1 2\n", ("q1", "d1", 2)),
+    ("trec_run", "candidates", "\ufeffq1 Q0 d1 1 9.5 bm25\n", ("q1", "d1", 1, 9.5)),
+])
+def test_a_byte_order_mark_does_not_start_the_first_id(tmp_path, fmt, role, text, first):
+    from pydantic import TypeAdapter
+
+    from td_ray.config import DataSource
+
+    path = tmp_path / f"input.{fmt}"
+    path.write_text(text, encoding="utf-8")
+    source = TypeAdapter(DataSource).validate_python({"format": fmt, "path": str(path)})
+    row = next(iter(iter_rows(source, role)))
+    assert row[:len(first)] == first and not str(row[0]).startswith("\ufeff")
