@@ -98,6 +98,19 @@ def test_sound_output_and_empty_source_flags():
     assert flag_names(check_translation("   ", "", quality)) == ["empty_source"]
 
 
+def test_a_sentence_repeated_in_the_output_is_flagged_unless_the_source_repeats_it():
+    """MT models repeat a whole sentence: its n-grams occur twice, under repeated_ngram_count (3)."""
+    quality = QualityConfig()
+    source = "The cat sat on the mat. It was warm."
+    flags = check_translation(source, "Le chat est assis sur le tapis. Le chat est assis sur le tapis.", quality)
+    assert flags == ["repeated_ngram: the sentence 'le chat est assis sur le tapis.' occurs 2 times"]
+    zh = check_translation(source, "猫整天坐在温暖的垫子上。猫整天坐在温暖的垫子上。天气很暖和。", quality)
+    assert flag_names(zh) == ["repeated_ngram"]  # unspaced script: sentences of 8 characters or more
+    again = "The cat sat on the mat. The cat sat on the mat."
+    assert check_translation(again, "Le chat est assis sur le tapis. Le chat est assis sur le tapis.", quality) == []
+    assert check_translation("Yes. Yes. It is.", "Oui. Oui. C'est ça.", quality) == []  # short sentences repeat
+
+
 def test_correct_chinese_is_not_flagged_short_but_a_truncated_one_is():
     """Chinese runs at 0.2-0.3 characters per English character: the plain bounds flagged correct translations
     (and each flag costs a beam-4 retry)."""

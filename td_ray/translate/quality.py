@@ -56,6 +56,27 @@ def _most_repeated(text: str, size: int) -> tuple[tuple[str, ...] | None, int]:
     return gram, count
 
 
+#: Where a sentence ends: after . ! ? and their full-width forms, before spaces or the next sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s*")
+
+
+def _repeated_sentence(text: str, size: int) -> tuple[str | None, int]:
+    """The sentence of at least `size` words (characters x2 in unspaced scripts) that occurs most often, and how
+    often: MT models repeat whole sentences, which n-grams repeated `repeated_ngram_count` times miss.
+
+    >>> _repeated_sentence("The cat sat on the mat. The cat sat on the mat. Fine.", 4)
+    ('the cat sat on the mat.', 2)
+    >>> _repeated_sentence("Yes. Yes. Yes.", 4)
+    (None, 0)
+    """
+    sentences = [part.strip().lower() for part in _SENTENCE_END.split(text) if part.strip()]
+    long_enough = Counter(sentence for sentence in sentences
+                          if len(_units(sentence, size)[0]) >= _units(sentence, size)[1])
+    if not long_enough:
+        return None, 0
+    return long_enough.most_common(1)[0]
+
+
 def check_translation(source: str, output: str, quality: QualityConfig, hit_decoding_limit: bool = False) -> list[str]:
     """Flags for one (source, output) pair; empty when the output looks sound."""
     if not source.strip():
@@ -70,8 +91,11 @@ def check_translation(source: str, output: str, quality: QualityConfig, hit_deco
     if added:
         flags.append(f"markup: output holds {added[0][:30]!r}, which the source lacks")
     gram, count = _most_repeated(output, quality.repeated_ngram_size)
+    sentence, repeats = _repeated_sentence(output, quality.repeated_ngram_size)
     if count >= quality.repeated_ngram_count and _most_repeated(source, quality.repeated_ngram_size)[1] < count:
         flags.append(f"repeated_ngram: {' '.join(gram)[:40]!r} occurs {count} times")
+    elif repeats >= 2 and _repeated_sentence(source, quality.repeated_ngram_size)[1] < repeats:
+        flags.append(f"repeated_ngram: the sentence {sentence[:40]!r} occurs {repeats} times")
     source_chars, output_chars = len(source.strip()), len(output.strip())
     if source_chars >= quality.ratio_min_source_chars:
         script = unspaced_script(output)
