@@ -829,19 +829,31 @@ def _field_names() -> list[str]:
     return sorted(names)
 
 
+def suggestion(value: str, choices: list[str], most: int = 1) -> str:
+    """`; did you mean 'x'?` for the closest (up to `most`) of `choices`, or nothing.
+
+    >>> suggestion("titel", ["doc_id", "title", "text"])
+    "; did you mean 'title'?"
+    >>> suggestion("trec-2021", ["trec-2022", "trec-2023", "train"], most=3)
+    "; did you mean 'trec-2022' or 'trec-2023'?"
+    >>> suggestion("qwerty", ["title", "text"])
+    ''
+    """
+    import difflib
+
+    close = sorted(difflib.get_close_matches(value, choices, n=most, cutoff=0.6))
+    return f"; did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
+
+
 def _did_you_mean(item: dict) -> str:
     """A suggestion for a misspelt field name or choice, from the closest known one."""
-    import difflib
     import re
 
     if item["type"] == "extra_forbidden":
-        given, choices = str(item["loc"][-1]), _field_names()
-    elif item["type"] == "literal_error" and isinstance(item.get("input"), str):
-        given, choices = item["input"], re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
-    else:
-        return ""
-    close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+        return suggestion(str(item["loc"][-1]), _field_names())
+    if item["type"] == "literal_error" and isinstance(item.get("input"), str):
+        return suggestion(item["input"], re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", ""))))
+    return ""
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

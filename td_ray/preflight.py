@@ -7,14 +7,13 @@ measure names with ir_measures' parser, hub ids by their syntax.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from td_ray.config import IrDatasetsSource, PipelineConfig
+from td_ray.config import IrDatasetsSource, PipelineConfig, suggestion
 
 __all__ = ["Finding", "check_config", "is_hub_id", "is_local_reference"]
 
@@ -46,20 +45,6 @@ def check_config(config: PipelineConfig, building: Iterable[str | None] = ()) ->
     for field, source in _ir_datasets_sources(config):
         findings += _ir_dataset(field, source)
     return findings + _measures(config) + _nway(config)
-
-
-def suggestion(value: str, choices: list[str], most: int = 1) -> str:
-    """`; did you mean 'x'?` for the closest (up to `most`) of `choices`, or nothing.
-
-    >>> suggestion("titel", ["doc_id", "title", "text"])
-    "; did you mean 'title'?"
-    >>> suggestion("trec-2021", ["trec-2022", "trec-2023", "train"], most=3)
-    "; did you mean 'trec-2022' or 'trec-2023'?"
-    >>> suggestion("qwerty", ["title", "text"])
-    ''
-    """
-    close = sorted(difflib.get_close_matches(value, choices, n=most, cutoff=0.6))
-    return f"; did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
 
 
 def is_local_reference(value: str) -> bool:
