@@ -5,6 +5,7 @@ An ingested table remembers the source it came from and is reused while that sou
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import json
@@ -201,6 +202,18 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def mojibake_only():
+    """ftfy's settings that fix only mojibake (UTF-8 read as Latin-1 or Windows-1252), as ir_datasets fixes MS MARCO:
+    quotes stay curly, ligatures, full-width letters, HTML entities, line breaks and C1 controls stay as they are
+    (controls become spaces after), and no Unicode normalisation."""
+    from ftfy import TextFixerConfig
+
+    return TextFixerConfig(unescape_html=False, remove_terminal_escapes=False, fix_c1_controls=False,
+                           fix_latin_ligatures=False, fix_character_width=False, uncurl_quotes=False,
+                           fix_line_breaks=False, fix_surrogates=False, remove_control_chars=False,
+                           normalization=None)
+
+
 class TextPolicy:
     """Applies a docs/queries source's text policies row by row: repair, invalid Unicode, controls, duplicates.
 
@@ -219,8 +232,8 @@ class TextPolicy:
         if self.repair == "ftfy":
             import ftfy
 
-            self._fix = ftfy.fix_text
-            self.repair = f"ftfy {ftfy.__version__}"
+            self._fix = functools.partial(ftfy.fix_text, config=mojibake_only())
+            self.repair = f"ftfy {ftfy.__version__} (mojibake only)"
 
     def __call__(self, rows: Iterator[tuple]) -> Iterator[tuple]:
         for doc_id, text in rows:

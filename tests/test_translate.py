@@ -111,6 +111,25 @@ def test_a_sentence_repeated_in_the_output_is_flagged_unless_the_source_repeats_
     assert check_translation("Yes. Yes. It is.", "Oui. Oui. C'est ça.", quality) == []  # short sentences repeat
 
 
+def _nasty(kind: str) -> dict:
+    rows = [json.loads(line) for line in (REALDATA / "nasty_text" / "nasty_text.jsonl").read_text().split("\n") if line]
+    return next(row for row in rows if row["kind"] == kind)
+
+
+@pytest.mark.skipif(not (REALDATA / "nasty_text").is_dir(), reason="../shared/realdata is absent")
+def test_a_real_neumarco_translation_repeating_its_first_sentence_is_flagged():
+    """neuMARCO zh:0 repeats its first sentence; the same text without the repeat passes."""
+    quality = QualityConfig()
+    output = _nasty("mt_repetition_real")["text"]
+    source = ("The presence of communication amid scientific minds was equally important to the success of the "
+              "Manhattan Project as scientific intellect was. The only cloud hanging over the impressive achievement "
+              "of the atomic researchers and engineers is what their success truly meant; hundreds of thousands of "
+              "innocent lives obliterated.")  # msmarco-passage 0
+    assert flag_names(check_translation(source, output, quality)) == ["repeated_ngram"]
+    first = output.split("。", 1)[0] + "。"
+    assert check_translation(source, output.replace(first + " ", "", 1), quality) == []
+
+
 def test_correct_chinese_is_not_flagged_short_but_a_truncated_one_is():
     """Chinese runs at 0.2-0.3 characters per English character: the plain bounds flagged correct translations
     (and each flag costs a beam-4 retry)."""
