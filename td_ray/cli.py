@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from td_ray.errors import TdRayError
+from td_ray.errors import STORAGE_ERRNOS, TdRayError, root_cause
 
 logger = logging.getLogger("td_ray")
 
@@ -87,8 +89,6 @@ def _run_stages(config, stages: list[str] | None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import os
-
     from td_ray.config import load_config
     from td_ray.report import write_report
     from td_ray.tracking import tracking_uri
@@ -233,9 +233,28 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
-    except (TdRayError, FileNotFoundError) as error:
-        print(f"td-ray: error: {error}", file=sys.stderr)
+    except Exception as error:
+        message = user_message(error)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"td-ray: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one line a user reads for `error`, found under Ray's wrappers (`root_cause`): a td-ray error's message,
+    a missing file, or a storage failure named with its fix; None for anything else (a bug: its traceback shows)."""
+    cause = root_cause(error)
+    if isinstance(cause, (TdRayError, FileNotFoundError)):
+        # Ray Data appends its retry advice to an error raised in an actor: the message is the first line
+        return str(cause) if cause is error else str(cause).split("\n", 1)[0]
+    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+        where = f" ({cause.filename})" if cause.filename else ""
+        return (f"{os.strerror(cause.errno).lower()}{where}: free space on the workspace's disk, or make it writable, "
+                "then run the same command again; it resumes from what was committed")
+    return None
 
 
 if __name__ == "__main__":

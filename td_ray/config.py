@@ -49,8 +49,9 @@ class _TextPolicies(_Source):
 
 class _LocalTextPolicies(_TextPolicies):
     repair: Literal["none", "ftfy"] = Field(
-        "none", description="Repair mojibake (double-encoded UTF-8 such as `Ã©` for `é`) and C1 controls with ftfy "
-        "before use; the repair applied is recorded with the ingested table. ir_datasets repairs MS MARCO itself.",
+        "none", description="Repair mojibake only (UTF-8 read as Latin-1 or Windows-1252, such as `Ã©` for `é`) "
+        "with ftfy before use, as ir_datasets repairs MS MARCO: quotes stay curly, and nothing else is normalised. "
+        "The repair applied is recorded with the ingested table. ir_datasets repairs MS MARCO itself.",
     )
 
 
@@ -482,7 +483,8 @@ class DistillConfig(_Strict):
         "weights and the AdamW state: about 6.7 GB for xlm-roberta-large, so 1,000 over the paper's 200 k steps "
         "writes 200 of them, uploaded in the background while training goes on.",
     )
-    checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the oldest are deleted).")
+    checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the oldest are deleted); a "
+                                 "resume whose newest checkpoint cannot be read uses the one before it.")
     log_every: int = Field(
         20, ge=1, description="Steps between flushes of the buffered per-step metrics to MLflow (also at each "
         "checkpoint and at the end): one request per flush, so a slow tracking server never holds up training.",

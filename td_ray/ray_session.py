@@ -5,6 +5,7 @@ import logging
 import os
 import uuid
 
+from td_ray import reaper
 from td_ray.config import RayConfig
 from td_ray.errors import TdRayError
 from td_ray.workspace import Workspace
@@ -28,6 +29,7 @@ def ensure_ray(config: RayConfig) -> None:
     else:
         # address="local": always a fresh cluster of our own, never one that happens to run on this machine.
         ray.init(address="local", num_cpus=config.num_cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
+        reaper.start()  # a killed driver's cluster processes end with it
         logger.info("started a local Ray cluster with %s CPUs", ray.cluster_resources().get("CPU"))
 
 

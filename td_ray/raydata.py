@@ -21,6 +21,9 @@ def read_table_dataset(workspace: Workspace, relative: str, rows_per_block: int 
     while the others wait, since an actor takes a whole block per task."""
     import ray.data
 
+    # An actor's own error (a full disk, a td-ray error) reaches the driver as itself: wrapped in Ray Data's
+    # UserCodeException it crossed as text, and the CLI could not name the file and the fix.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     dataset = ray.data.read_parquet(workspace.path(relative), filesystem=workspace.fs)
     return dataset.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else dataset
 

@@ -29,7 +29,7 @@ from td_ray.config import (
     TrecRunSource,
     TsvSource,
 )
-from td_ray.errors import TdRayError
+from td_ray.errors import CorruptTableError, TdRayError
 from td_ray.fingerprint import path_fingerprint
 from td_ray.keys import HashSet, key_hashes, repeated_hashes, string_hashes
 from td_ray.workspace import Workspace
@@ -436,7 +436,7 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, wit
     identity = fingerprint(source)
     if within is not None:  # the subset follows the table it is read for
         identity += json.dumps({"within": [*within, workspace.file_metadata(within[0]).get("td_ray_source")]})
-    if workspace.exists(relative) and workspace.file_metadata(relative).get("td_ray_source") == identity:
+    if _ingested_from(workspace, relative) == identity:
         logger.info("input %s: reusing %s", name, workspace.path(relative))
         return relative
     keys = _key_columns(role)
@@ -495,6 +495,18 @@ def _ingest(workspace: Workspace, source: DataSource, role: Role, name: str, wit
     changed = {key: value for key, value in (policy.counts if policy else {}).items() if value}
     logger.info("input %s: %d rows -> %s%s", name, rows, workspace.path(relative), f" ({changed})" if changed else "")
     return relative
+
+
+def _ingested_from(workspace: Workspace, relative: str) -> str | None:
+    """The source identity an ingested table was made from; None when there is none, or when the table is damaged
+    (it is then read again from its source)."""
+    if not workspace.exists(relative):
+        return None
+    try:
+        return workspace.file_metadata(relative).get("td_ray_source")
+    except CorruptTableError as error:
+        logger.warning("%s; reading the source again", error)
+        return None
 
 
 def _write_rows(writer, rows: list[tuple], schema: pa.Schema, keys: list[str] | None, hashes: list) -> int:

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from td_ray import schemas, tracking
 from td_ray.config import PipelineConfig
+from td_ray.errors import CorruptTableError
+from td_ray.lease import StageLease, live_holders
 from td_ray.result import StageResult
 from td_ray.sources import DataSource, Role, ingest
 from td_ray.workspace import CANDIDATES, Workspace
@@ -114,6 +116,9 @@ class Stage:
     """Workspace folders where a killed run of this stage may have left temporary files."""
     artifacts: ClassVar[tuple[str, ...]] = ()
     """Outputs logged as MLflow artifacts, whether made or reused."""
+    scratch: ClassVar[tuple[str, ...]] = ()
+    """Folders of per-key work that an unfinished run leaves (score's blocks), removed when the stage finishes: a run
+    for another key, crashed or abandoned, leaves nothing behind for good."""
 
     def check(self, options: Any) -> None:
         """Fail before any work or run starts (a missing teacher, a bad measure name)."""
@@ -153,14 +158,14 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
     options = getattr(config, stage.name)
     stage.check(options)
     workspace = Workspace(config.workspace)
-    with tracking.stage_run(config, stage.name) as run:
+    with StageLease(workspace, stage.name) as lease, tracking.stage_run(config, stage.name) as run:
         run_id = run.run_id
         previous = read_record(workspace, stage.name)
         context = StageContext(stage.name, workspace, options, run_id, previous,
                                {name: getattr(config, name) for name in stage.sections},
                                lambda: _join_ray(config, workspace), tracking.tracking_uri(config),
                                config.fingerprint())
-        workspace.remove_temporaries(*stage.temporaries)
+        _remove_temporaries(stage, workspace, lease)
         for source in stage.sources(config):
             table = ingest(workspace, source.config, source.role, source.name, source.field, source.within)
             tracking.log_input(source.config, source.name, source.role,
@@ -181,6 +186,9 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
             workspace.write_text(record_path(stage.name), json.dumps(record, indent=1) + "\n")
             result = StageResult(stage.name, outcome.rows, time.perf_counter() - started,
                                  _paths(workspace, outcome.outputs), outcome.metrics, run_id)
+        for folder in stage.scratch:
+            if workspace.exists(folder):
+                workspace.fs.delete_dir(workspace.path(folder))
         tracking.log_result(result)
         for name in stage.artifacts:
             tracking.log_workspace_artifact(workspace, result.outputs[name])
@@ -196,9 +204,26 @@ def _join_ray(config: PipelineConfig, workspace: Workspace) -> None:
     check_every_node_sees(workspace)
 
 
+def _remove_temporaries(stage: Stage, workspace: Workspace, lease: StageLease) -> None:
+    """Delete what killed writers left: everything in the stage's own folder (its lease says no other run of it is
+    alive); in shared folders (inputs, text) only what was written before every other live run started."""
+    others = [holder.since for holder in live_holders(workspace) if holder.token != lease.holder.token]
+    for folder in stage.temporaries:
+        workspace.remove_temporaries(folder, live_since=None if folder == stage.name else min(others, default=None))
+
+
 def _in_place(workspace: Workspace, record: dict[str, Any]) -> bool:
-    return all(workspace.fs.get_file_info(workspace.path(relative)).type != pafs.FileType.NotFound
-               for relative in record.get("outputs", {}).values())
+    """Whether a record's outputs are all there, its tables readable (a damaged one makes the stage run again)."""
+    for relative in record.get("outputs", {}).values():
+        if workspace.fs.get_file_info(workspace.path(relative)).type == pafs.FileType.NotFound:
+            return False
+        if relative.endswith(".parquet"):
+            try:
+                workspace.file_metadata(relative)
+            except CorruptTableError as error:
+                logger.warning("%s; the stage runs again to rebuild it", error)
+                return False
+    return True
 
 
 def _paths(workspace: Workspace, outputs: dict[str, str]) -> dict[str, str]:

@@ -50,21 +50,28 @@ def write_text_file(batches: Iterable[pa.RecordBatch], target: Path, source: dic
     hashes_path, rows_path, source_path = _companions(target)
     source_path.unlink(missing_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    hashes: list[np.ndarray] = []
-    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, TEXT_SCHEMA) as writer:
-        for batch in batches:
-            for start in range(0, batch.num_rows, LOOKUP_BATCH_ROWS):
-                part = batch.slice(start, LOOKUP_BATCH_ROWS)
-                ids = part.column(0).cast(pa.string())
-                writer.write_batch(pa.record_batch([ids, part.column(1).cast(pa.large_string())], schema=TEXT_SCHEMA))
-                hashes.append(string_hashes(ids))
-    all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    del hashes
-    order = np.argsort(all_hashes, kind="stable")
-    for path, array in ((hashes_path, all_hashes[order]), (rows_path, order.astype(np.int64))):
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(partial, array)
-        os.replace(partial, path)
+    partials = [path.with_name(f".{path.name}.{os.getpid()}.tmp.npy") for path in (hashes_path, rows_path)]
+    try:
+        hashes: list[np.ndarray] = []
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, TEXT_SCHEMA) as writer:
+            for batch in batches:
+                for start in range(0, batch.num_rows, LOOKUP_BATCH_ROWS):
+                    part = batch.slice(start, LOOKUP_BATCH_ROWS)
+                    ids = part.column(0).cast(pa.string())
+                    texts = part.column(1).cast(pa.large_string())
+                    writer.write_batch(pa.record_batch([ids, texts], schema=TEXT_SCHEMA))
+                    hashes.append(string_hashes(ids))
+        all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        del hashes
+        order = np.argsort(all_hashes, kind="stable")
+        for path, partial, array in ((hashes_path, partials[0], all_hashes[order]),
+                                     (rows_path, partials[1], order.astype(np.int64))):
+            np.save(partial, array)
+            os.replace(partial, path)
+    except BaseException:  # a full disk: no partial file stays
+        for path in (temporary, *partials):
+            path.unlink(missing_ok=True)
+        raise
     os.replace(temporary, target)
     source_path.write_text(json.dumps(source or {}), encoding="utf-8")
     return target
@@ -84,7 +91,8 @@ def export_text(workspace: Workspace, relative: str) -> str:
         return folder
     logger.info("exporting %s for text lookups -> %s", relative, workspace.location(folder))
     local = workspace.local_dir(folder)
-    write_text_file(workspace.iter_batches(relative, ["id", "text"]), local / LOOKUP_FILE, source)
+    with workspace.storage(str(local / LOOKUP_FILE)):
+        write_text_file(workspace.iter_batches(relative, ["id", "text"]), local / LOOKUP_FILE, source)
     workspace.upload(local, folder)
     return folder
 

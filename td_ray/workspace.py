@@ -6,6 +6,7 @@ only once complete, so a killed stage never leaves a half-written table under it
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -21,8 +22,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from td_ray.errors import ExactlyOnceError
+from td_ray.errors import STORAGE_ERRNOS, CorruptTableError, ExactlyOnceError, StorageError
 from td_ray.keys import Digest, KeyBatches, describe_differences, key_hashes, repeated_hashes
+from td_ray.lease import check_holder
 from td_ray.node_cache import cache_root, node_lock
 from td_ray.usage import mark_first_row
 
@@ -185,17 +187,57 @@ class Workspace:
         complete (and closing it raises a failure); on a filesystem through a hidden temporary name and a rename.
         A failed write leaves nothing under `target`."""
         folder, name = target.rsplit("/", 1)
-        self.fs.create_dir(folder, recursive=True)
         staged = target if not self.is_local else f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with self.fs.open_output_stream(staged) as sink:
-                write(sink)
-            if staged != target:
-                self.fs.move(staged, target)
+            with self.storage(target):
+                self.fs.create_dir(folder, recursive=True)
+                with self.fs.open_output_stream(staged) as sink:
+                    write(sink)
+                if staged != target:
+                    self.fs.move(staged, target)
         except BaseException:
-            if staged != target and self.fs.get_file_info(staged).type != pafs.FileType.NotFound:
-                self.fs.delete_file(staged)
+            if staged != target:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(staged)
             raise
+
+    @contextlib.contextmanager
+    def storage(self, target: str) -> Iterator[None]:
+        """Turn a failed write of `target` (a full path) into a StorageError naming it and the fix: a full disk, a
+        read-only workspace, or a workspace that is gone (deleted or unmounted: a local root is never re-created)."""
+        if self.is_local and not os.path.isdir(self.root):
+            raise StorageError(self._storage_message(errno.ENOENT, target))
+        try:
+            yield
+        except OSError as error:
+            code = error.errno if error.errno in STORAGE_ERRNOS else _errno_in(str(error))
+            if code is None:
+                raise
+            raise StorageError(self._storage_message(code, target)) from error
+
+    def _storage_message(self, code: int, target: str) -> str:
+        where = target if self.is_local else f"{self.uri.split('://', 1)[0]}://{target}"
+        again = ("then run the same command again: it resumes from what was committed, and nothing half-written "
+                 "was kept")
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return (f"no space left on the device holding the workspace, writing {where}: free space there (see "
+                    f"`df -h {self.root}`) or set a workspace on a larger disk, {again}")
+        if code == errno.ENOENT:
+            return (f"the workspace {self.location('')} is gone (deleted or unmounted) while writing {where}: mount "
+                    f"it again, or set another workspace, {again}")
+        return (f"the workspace {self.location('')} cannot be written ({os.strerror(code).lower()}), writing {where}: "
+                f"make it writable for this user or set another workspace, {again}")
+
+    @contextlib.contextmanager
+    def reading(self, relative: str) -> Iterator[None]:
+        """Turn an unreadable Parquet table (truncated, corrupt) into a CorruptTableError naming it and the fix."""
+        try:
+            yield
+        except (pa.ArrowInvalid, OSError) as error:
+            if isinstance(error, FileNotFoundError) or (isinstance(error, OSError) and error.errno is not None):
+                raise
+            raise CorruptTableError(f"the workspace table {self.location(relative)} cannot be read ({error}): it is "
+                                    f"damaged (truncated or corrupt). {rebuild_hint(relative)}", relative) from error
 
     def _download(self, path: str, local: Path) -> None:
         """Copy the workspace file at the full path `path` to the local file `local`."""
@@ -210,11 +252,12 @@ class Workspace:
             raise FileNotFoundError(
                 f"table {relative!r} not found in workspace {self.uri}; run the stage that writes it first"
             )
-        return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
+        with self.reading(relative):
+            return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
 
     def row_count(self, relative: str) -> int:
         """Rows of a Parquet table, read from its footer."""
-        with self.fs.open_input_file(self.path(relative)) as handle:
+        with self.reading(relative), self.fs.open_input_file(self.path(relative)) as handle:
             return pq.read_metadata(handle).num_rows
 
     def table_identity(self, relative: str) -> object:
@@ -229,7 +272,7 @@ class Workspace:
 
     def file_metadata(self, relative: str) -> dict[str, str]:
         """The key-value pairs in a Parquet file's footer (as written by `atomic_writer(metadata=...)`)."""
-        with self.fs.open_input_file(self.path(relative)) as handle:
+        with self.reading(relative), self.fs.open_input_file(self.path(relative)) as handle:
             pairs = pq.read_metadata(handle).metadata or {}
         return {key.decode(): value.decode() for key, value in pairs.items() if key != b"ARROW:schema"}
 
@@ -238,12 +281,13 @@ class Workspace:
             raise FileNotFoundError(
                 f"table {relative!r} not found in workspace {self.uri}; run the stage that writes it first"
             )
-        return pq.read_schema(self.path(relative), filesystem=self.fs)
+        with self.reading(relative):
+            return pq.read_schema(self.path(relative), filesystem=self.fs)
 
     def iter_batches(self, relative: str, columns: list[str] | None = None,
                      batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Stream a table's `columns` in record batches, never holding the whole table."""
-        with self.fs.open_input_file(self.path(relative)) as handle:
+        with self.reading(relative), self.fs.open_input_file(self.path(relative)) as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
 
     def key_batches(self, relative: str, columns: list[str]) -> KeyBatches:
@@ -261,25 +305,30 @@ class Workspace:
         file's footer (read back with `file_metadata`).
         """
         target = self.path(relative)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        writer = pq.ParquetWriter(temporary, schema, filesystem=self.fs)
+        with self.storage(target):
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            writer = pq.ParquetWriter(temporary, schema, filesystem=self.fs)
 
         def read(columns: list[str]) -> Iterator[pa.RecordBatch]:
             with self.fs.open_input_file(temporary) as handle:
                 yield from pq.ParquetFile(handle).iter_batches(batch_size=65_536, columns=columns)
 
         try:
-            yield writer
-            if metadata is not None:
-                writer.add_key_value_metadata(metadata())
-            writer.close()
+            with self.storage(target):
+                yield writer
+                if metadata is not None:
+                    writer.add_key_value_metadata(metadata())
+                writer.close()
             if validate is not None:
                 validate(read)
-            self._commit(temporary, target)
+            with self.storage(target):
+                self._commit(temporary, target)
         except BaseException:
-            writer.close()
-            self.fs.delete_file(temporary)
+            with contextlib.suppress(OSError):  # a full disk can fail the close too; the temporary goes either way
+                writer.close()
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(temporary)
             raise
 
     def _commit(self, temporary: str, target: str) -> None:
@@ -318,6 +367,7 @@ class Workspace:
         The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin. The
         block is encoded first, then written whole (`_put`).
         """
+        check_holder(self, directory.split("/", 1)[0])  # a worker whose driver is gone commits nothing more
         table = table.select(schema.names).cast(schema)
         digest = hashlib.sha256("\n".join("\t".join(map(str, key)) for key in
                                            zip(*(table[name].to_pylist() for name in keys))).encode())
@@ -334,16 +384,19 @@ class Workspace:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(directory)))
         return [info.base_name for info in infos if info.base_name.startswith("part-")]
 
-    def remove_temporaries(self, *relatives: str) -> int:
-        """Delete the temporary files a killed writer left under `relatives` (one job per workspace at a time);
-        returns how many. Called at the start of each stage."""
+    def remove_temporaries(self, *relatives: str, live_since: float | None = None) -> int:
+        """Delete the temporary files killed writers left under `relatives`; returns how many. Called at the start of
+        each stage, under its lease. `live_since`: the start of the earliest other run still alive on the workspace;
+        a temporary written since then may be that run's, and is kept."""
         removed = 0
         for relative in relatives:
             if not self.exists(relative):
                 continue
             for info in self.fs.get_file_info(pafs.FileSelector(self.path(relative), recursive=True)):
-                if info.type == pafs.FileType.File and _TEMPORARY.search(info.base_name):
-                    self.fs.delete_file(info.path)
+                if info.type == pafs.FileType.File and _TEMPORARY.search(info.base_name) and (
+                        live_since is None or (info.mtime_ns or 0) / 1e9 < live_since):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.delete_file(info.path)
                     removed += 1
         if removed:
             logger.info("removed %d temporary file(s) left by an interrupted run under %s", removed, relatives)
@@ -467,8 +520,37 @@ class KeyedWriter:
         )
 
 
-_TEMPORARY = re.compile(r"(\.tmp-[0-9a-f]{8}$)|(^\..+\.tmp$)")
-"""Names of files a killed writer can leave: `<target>.tmp-<8 hex>` (tables), `.<name>.<8 hex>.tmp` (whole files)."""
+def _errno_in(message: str) -> int | None:
+    """The storage errno pyarrow names only in its message ("... [errno 28] No space left on device").
+
+    >>> _errno_in("Error writing bytes to file. Detail: [errno 28] No space left on device")
+    28
+    >>> _errno_in("Invalid page header") is None
+    True
+    """
+    found = re.search(r"\[errno (\d+)\]", message)
+    return int(found.group(1)) if found and int(found.group(1)) in STORAGE_ERRNOS else None
+
+
+def rebuild_hint(relative: str) -> str:
+    """How a damaged workspace table is made again: an ingested input from its source, a stage's output by its stage.
+
+    >>> rebuild_hint("inputs/eval_docs.parquet")
+    'It is an ingested copy of a data source: the next run of any stage reads the source again into it'
+    >>> rebuild_hint("score/scores.parquet")
+    'Run `td-ray score --config <your config>` again: it finds the table damaged and rebuilds it'
+    """
+    if relative.startswith("inputs/"):
+        return "It is an ingested copy of a data source: the next run of any stage reads the source again into it"
+    if relative.startswith("text/"):
+        return "It is a text lookup exported from a table: delete it, and the next stage that reads it exports it again"
+    stage = relative.split("/", 1)[0]
+    return f"Run `td-ray {stage} --config <your config>` again: it finds the table damaged and rebuilds it"
+
+
+_TEMPORARY = re.compile(r"(\.tmp-[0-9a-f]{8}$)|(^\..+\.tmp(\.npy)?$)")
+"""Names of files a killed writer can leave: `<target>.tmp-<8 hex>` (tables), `.<name>.<8 hex>.tmp` (whole files),
+`.<name>.<pid>.tmp.npy` (a text lookup's index)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

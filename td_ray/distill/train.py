@@ -436,6 +436,28 @@ def mean_over_workers(value, device: torch.device):
     return float(total.item()) / dist.get_world_size()
 
 
+def load_state(checkpoint) -> dict | None:
+    """The training state of `checkpoint`, or, when its file cannot be read (truncated, corrupt), of the newest
+    earlier checkpoint of the same run that can (`checkpoint_keep` keeps them); None when none can, and training
+    starts over. Checkpoint folders are named by their time, so their names sort oldest first."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    folder = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    siblings = sorted((info.path for info in checkpoint.filesystem.get_file_info(pafs.FileSelector(folder))
+                       if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                       and info.path <= checkpoint.path.rstrip("/")), reverse=True)
+    for path in siblings or [checkpoint.path]:
+        try:
+            with ray.train.Checkpoint(path, checkpoint.filesystem).as_directory() as directory:
+                return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file: try the one before
+            logger.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", path,
+                           type(error).__name__, str(error)[:200])
+    logger.warning("no checkpoint of this run can be read; training starts from the student as configured")
+    return None
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train entry point. ``loop_config``: the DistillConfig, the student path, the examples table and the text
     files (``texts``: queries and passages per language) in the workspace, and the MLflow ids."""
@@ -458,11 +480,8 @@ def train_loop(loop_config: dict) -> None:
                            for lang, folder in files["passages"].items()})
     student = Student(config, workspace.resolve(loop_config["student"]))
     precision = Precision(config.mixed_precision, device)
-    state = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_state(checkpoint) if checkpoint is not None else None
     model, optimizer, scheduler = start_training(student.model, config, state, ray.train.torch.prepare_model)
     step = 0
     if state is not None:

@@ -48,6 +48,7 @@ class ScoreStage(Stage):
     name = "score"
     sections = ("ray",)
     temporaries = ("inputs", "score", "text")
+    scratch = (BLOCKS,)
 
     def check(self, options: ScoreConfig) -> None:
         if options.import_scores is not None:
