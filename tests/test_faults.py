@@ -281,29 +281,49 @@ def _config_file(config, tmp_path: Path) -> Path:
     return path
 
 
-def _driver_killed(config_file: Path, stage: str, patch: str) -> None:
+def _driver_killed(config_file: Path, stage: str, patch: str, meanwhile=None) -> None:
     """Run `td-ray <stage>` in a driver of its own, after `patch` (code that may call `kill_driver()`, from any of the
-    job's processes); wait for the driver to die of it."""
+    job's processes); wait for the driver to die of it. `meanwhile(pid)` runs beside the driver once `kill_driver`
+    is reached, before the driver dies."""
+    reached = config_file.with_name("reached")
     driver = _python(f"""
         import os, signal, sys, time
         from td_ray.cli import main
         driver = os.getpid()
 
         def kill_driver():
-            time.sleep(1)  # what the task or worker reported is registered
+            open({str(reached)!r}, "w").close()
+            time.sleep({3 if meanwhile else 1})  # what the task or worker reported is registered
             os.kill(driver, signal.SIGKILL)
 
 {textwrap.indent(textwrap.dedent(patch), " " * 8)}
         sys.exit(main(["{stage}", "--config", sys.argv[1]]))
     """, str(config_file))
+    deadline, ran = time.time() + 240, meanwhile is None
     try:
-        assert driver.wait(timeout=240) == -signal.SIGKILL, "the driver was not killed mid-stage"
+        while driver.poll() is None and time.time() < deadline:
+            if not ran and reached.exists():
+                meanwhile(driver.pid)
+                ran = True
+            time.sleep(0.05)
+        assert driver.poll() == -signal.SIGKILL and ran, "the driver was not killed mid-stage"
     finally:
         _kill(driver)
 
 
+def _refused_beside(pid: int, config) -> None:
+    """A second index run on the workspace, beside the driver `pid` running it, stops at once naming that driver."""
+    started = time.perf_counter()
+    with pytest.raises(WorkspaceBusyError, match=f"the index stage of workspace .* is being run by another td-ray "
+                                                 f"run \\(pid {pid} on host"):
+        index.run(config)
+    assert time.perf_counter() - started < 5
+
+
 def test_a_driver_killed_mid_index_and_killed_shard_and_merge_tasks_leave_every_passage_once(
         make_workspace, assets_root, ray_cluster, monkeypatch, tmp_path):
+    """A second run beside the first is refused; the first's driver is SIGKILLed as its merge starts; the rerun,
+    whose first shard task and merge task are each SIGKILLed once and retried, holds every passage once."""
     from td_ray.retrieval.layout import build_path, read_index_meta
 
     config = make_workspace(index={"model": str(assets_root / "tiny-models" / "student"), "factory": "IVF4,Flat",
@@ -319,7 +339,7 @@ def test_a_driver_killed_mid_index_and_killed_shard_and_merge_tasks_leave_every_
             return merge_task(*args)
 
         index.merge_task = merge_killing_the_driver
-    """)
+    """, meanwhile=lambda pid: _refused_beside(pid, config))
     assert not workspace.exists("stages/index.json") and workspace.exists(lease_path("index"))  # died mid-stage
 
     marker = tmp_path / "killed"
