@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from td_ray.errors import STORAGE_ERRNOS, TdRayError, root_cause
+from td_ray.errors import STORAGE_ERRNOS, TdRayError, is_out_of_memory, root_cause
 
 logger = logging.getLogger("td_ray")
 
@@ -250,6 +250,13 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(cause, (TdRayError, FileNotFoundError)):
         # Ray Data appends its retry advice to an error raised in an actor: the message is the first line
         return str(cause) if cause is error else str(cause).split("\n", 1)[0]
+    if is_out_of_memory(cause):
+        said = str(cause).split("\n", 1)[0][:200]
+        return (f"a GPU ran out of memory ({said}): lower the stage's batch (score.max_batch_tokens or batch_size, "
+                "distill.batch_size with grad_accum_steps to keep the effective batch, index.batch_size, "
+                "translate.batch_size) or give each worker more of a GPU (num_gpus_per_actor, distill.gpus_per_worker), "
+                "then run the same "
+                "command again; it resumes from what was committed")
     if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
         where = f" ({cause.filename})" if cause.filename else ""
         return (f"{os.strerror(cause.errno).lower()}{where}: free space on the workspace's disk, or make it writable, "

@@ -51,7 +51,7 @@ class CorruptTableError(TdRayError):
 def root_cause(error: BaseException) -> BaseException:
     """The error a user should read, out of the chains Ray wraps it in: a task's or actor's error (`cause`), Ray
     Data's UserCodeException (raised from it), Ray Train's worker failures. The first td-ray error found wins; else
-    an OS error of the storage (a full disk); else `error` itself.
+    an OS error (a full disk) or a GPU out of memory; else `error` itself.
 
     >>> try:
     ...     try:
@@ -63,7 +63,7 @@ def root_cause(error: BaseException) -> BaseException:
     'disk full'
     """
     seen: set[int] = set()
-    pending, found_os = [error], None
+    pending, found = [error], None
     while pending:
         current = pending.pop(0)
         if current is None or id(current) in seen:
@@ -72,9 +72,19 @@ def root_cause(error: BaseException) -> BaseException:
         cause = getattr(current, "cause", None)
         if isinstance(current, TdRayError) and not isinstance(cause, BaseException):
             return current
-        if isinstance(current, OSError) and found_os is None and current.errno is not None:
-            found_os = current
+        if found is None and (isinstance(current, OSError) and current.errno is not None
+                              or is_out_of_memory(current)):
+            found = current
         failures = getattr(current, "worker_failures", None)
         pending += [cause if isinstance(cause, BaseException) else None, current.__cause__, current.__context__,
                     *(failures.values() if isinstance(failures, dict) else ())]
-    return found_os or error
+    return found or error
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's GPU out-of-memory error (told by name: this module does not import torch).
+
+    >>> is_out_of_memory(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"))
+    True
+    """
+    return type(error).__name__ == "OutOfMemoryError"

@@ -8,7 +8,7 @@ import pytest
 
 MODULES = ["td_ray.retrieval.token_math", "td_ray.retrieval.plaid", "td_ray.index.core", "td_ray.evaluate.core",
            "td_ray.workspace", "td_ray.fingerprint", "td_ray.cost", "td_ray.score.core", "td_ray.encoders.buckets",
-           "td_ray.translate.actor", "td_ray.raydata"]
+           "td_ray.translate.actor", "td_ray.raydata", "td_ray.errors", "td_ray.lease"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -441,3 +441,20 @@ def test_the_cli_prints_one_error_line_and_the_traceback_only_with_v(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and err.endswith(
         f"td-ray: error: workspace {missing} does not exist\n")
+
+
+def test_a_gpu_out_of_memory_in_a_ray_task_is_named_with_its_fix(ray_cluster):
+    """torch's CUDA out-of-memory error, raised in a worker as a GPU raises it, reaches the user as one line that says
+    which settings to lower, and that the rerun resumes."""
+    import ray
+    import torch
+
+    def encode_on_a_full_gpu():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    with pytest.raises(Exception) as failed:
+        ray.get(ray.remote(num_cpus=0)(encode_on_a_full_gpu).remote())
+    message = user_message(failed.value)
+    assert message.startswith("a GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "score.max_batch_tokens" in message and "index.batch_size" in message and "resumes" in message
+
