@@ -92,10 +92,16 @@ def live_holders(workspace) -> list[Holder]:
     return [holder for holder in (read_holder(workspace, name) for name in names) if holder and alive(holder)]
 
 
-def check_holder(workspace, stage: str) -> None:
-    """Raise DriverGoneError when the stage's lease is held by a run that is gone: an actor calls this before each
-    commit, so a killed driver's actors stop writing. No lease (a stage run outside the runner) means no check."""
+def check_holder(workspace, stage: str, token: str | None = None) -> None:
+    """Raise DriverGoneError unless the run a worker works for still holds the stage's lease: an actor calls this
+    before each commit, so a killed driver's actors stop writing, and so do those of a run whose lease another run
+    took over. `token`: the lease the worker was started under; without one (a stage run outside the runner) only a
+    holder that is gone stops it."""
     holder = read_holder(workspace, stage)
+    if token is not None and (holder is None or holder.token != token):
+        raise DriverGoneError(f"{stage}: the run that started this work no longer holds the stage's lease ("
+                              f"{'now held by ' + holder.describe() if holder else 'released'}); this worker stops "
+                              "without committing")
     if holder is not None and not alive(holder):
         raise DriverGoneError(f"{stage}: the run that started this work ({holder.describe()}) is gone; this worker "
                               "stops without committing, and the next run resumes from what was committed")

@@ -90,6 +90,8 @@ class StageContext:
     """The whole config's fingerprint, for lineage tags."""
     memo: dict[str, Any] = field(default_factory=dict)
     """What the stage's `key` computed that its `work` reuses in the same run (translate's parts)."""
+    lease: str | None = None
+    """The token of the stage's lease: its actors commit only while this run holds it (`check_holder`)."""
 
     def section(self, name: str) -> Any:
         """Another config section the stage declared in `Stage.sections`."""
@@ -164,7 +166,7 @@ def run_stage(stage: Stage, config: PipelineConfig) -> StageResult:
         context = StageContext(stage.name, workspace, options, run_id, previous,
                                {name: getattr(config, name) for name in stage.sections},
                                lambda: _join_ray(config, workspace), tracking.tracking_uri(config),
-                               config.fingerprint())
+                               config.fingerprint(), lease=lease.holder.token)
         _remove_temporaries(stage, workspace, lease)
         for source in stage.sources(config):
             table = ingest(workspace, source.config, source.role, source.name, source.field, source.within)

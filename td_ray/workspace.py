@@ -361,13 +361,15 @@ class Workspace:
             checked.writer = writer
             yield checked
 
-    def commit_block(self, directory: str, table: pa.Table, schema: pa.Schema, keys: list[str]) -> str:
+    def commit_block(self, directory: str, table: pa.Table, schema: pa.Schema, keys: list[str],
+                     lease: str | None = None) -> str:
         """Write one block of a block store atomically into `directory`; returns its file name.
 
         The name is a hash of the block's keys, so a retried task rewrites the same file instead of adding a twin. The
-        block is encoded first, then written whole (`_put`).
+        block is encoded first, then written whole (`_put`). `lease`: the token of the stage lease the writer works
+        under (`check_holder`).
         """
-        check_holder(self, directory.split("/", 1)[0])  # a worker whose driver is gone commits nothing more
+        check_holder(self, directory.split("/", 1)[0], lease)  # a worker whose run is gone commits nothing more
         table = table.select(schema.names).cast(schema)
         digest = hashlib.sha256("\n".join("\t".join(map(str, key)) for key in
                                            zip(*(table[name].to_pylist() for name in keys))).encode())

@@ -123,8 +123,8 @@ def test_blocks_of_another_key_left_by_a_crashed_run_are_removed_when_score_fini
 
 # ------------------------------------------------------------------------------------------- nothing left behind
 def test_a_killed_drivers_processes_end_with_it_and_its_workers_stop_committing(tmp_path):
-    """The reaper ends what the driver started, even in a session of its own; a worker whose driver is gone commits
-    no block."""
+    """The reaper ends what the driver started, even in a session of its own; a worker whose driver is gone, or
+    whose run's lease another run took over, commits no block."""
     driver = _python("""
         import subprocess, sys, time
         from td_ray import reaper
@@ -140,12 +140,17 @@ def test_a_killed_drivers_processes_end_with_it_and_its_workers_stop_committing(
         lease.holder = Holder(**{**lease.holder.__dict__, "pid": driver.pid,
                                  "process_start": process_start(driver.pid)})
         lease._write()
-        assert workspace.commit_block("score/blocks/k", pa.table({"qid": ["a"]}), pa.schema([("qid", pa.string())]),
-                                      ["qid"])
+
+        def commit(qid: str, token: str | None) -> str:
+            return workspace.commit_block("score/blocks/k", pa.table({"qid": [qid]}),
+                                          pa.schema([("qid", pa.string())]), ["qid"], token)
+
+        assert commit("a", lease.holder.token)
+        with pytest.raises(DriverGoneError, match="no longer holds the stage's lease \\(now held by pid"):
+            commit("b", "the token of a run whose lease was taken over")
         _kill(driver)
         with pytest.raises(DriverGoneError, match="is gone"):
-            workspace.commit_block("score/blocks/k", pa.table({"qid": ["b"]}), pa.schema([("qid", pa.string())]),
-                                   ["qid"])
+            commit("c", lease.holder.token)
     assert len(workspace.block_names("score/blocks/k")) == 1
     deadline = time.time() + 10
     while process_start(child) and time.time() < deadline:

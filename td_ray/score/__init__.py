@@ -97,7 +97,8 @@ class ScoreStage(Stage):
         todo = in_task(plan_task, workspace, directory, options.top_k)
         queries_table, passages_table = translated("queries", options.query_lang), translated("passages",
                                                                                              options.passage_lang)
-        scored = _score_todo(options, workspace, directory, queries_table, passages_table, todo) if todo else {}
+        scored = _score_todo(options, workspace, directory, queries_table, passages_table, todo,
+                             context.lease) if todo else {}
         workspace.fs.delete_file(workspace.path(TODO))
         metadata = {"td_ray_provenance": json.dumps(provenance(options)), "td_ray_inputs": key}
         with workspace.exactly_once_writer(SCORES, schemas.SCORES, ["qid", "pid"],
@@ -119,8 +120,9 @@ def run(config: PipelineConfig) -> StageResult:
 
 
 def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, queries_table: str,
-                passages_table: str, todo: int) -> dict[str, float]:
-    """Run the teacher actors over the work list; returns the teacher's throughput."""
+                passages_table: str, todo: int, lease: str | None) -> dict[str, float]:
+    """Run the teacher actors over the work list, committing under the stage's `lease`; returns the teacher's
+    throughput."""
     lookups = {name: in_task(export_text, workspace, table)
                for name, table in (("queries", queries_table), ("passages", passages_table))}
     logger.info("score: %d pairs to score with %s", todo, options.teacher)
@@ -133,7 +135,7 @@ def _score_todo(options: ScoreConfig, workspace: Workspace, directory: str, quer
     ).map_batches(
         TeacherActor, batch_format="pyarrow",
         fn_constructor_kwargs={"options": options, "teacher": teacher, "workspace": workspace.uri,
-                               "directory": directory},
+                               "directory": directory, "lease": lease},
         **actor_map_args(options),
     )
     started, scored, host_seconds, finished = time.perf_counter(), 0, 0.0, []

@@ -80,8 +80,8 @@ class TeacherActor:
     """GPU step: scores tokenized pairs in token-budget batches (longest first) and commits each Ray Data batch as one
     block of ``{qid, pid, score, teacher}``; returns one row of counts per block."""
 
-    def __init__(self, options: ScoreConfig, teacher: str, workspace: str, directory: str):
-        self.workspace, self.directory = Workspace(workspace), directory
+    def __init__(self, options: ScoreConfig, teacher: str, workspace: str, directory: str, lease: str | None = None):
+        self.workspace, self.directory, self.lease = Workspace(workspace), directory, lease
         # `teacher`: the model as shared with the cluster; the table names it as the config does
         self.teacher = load_teacher(options.model_copy(update={"teacher": self.workspace.resolve(teacher)}))
         self.options = options
@@ -96,7 +96,7 @@ class TeacherActor:
         scores = self.teacher.score_encoded(encoded, self.options.max_batch_tokens)
         block = pa.table({"qid": batch["qid"], "pid": batch["pid"], "score": np.asarray(scores, np.float32),
                           "teacher": pa.array([self.options.teacher] * batch.num_rows, pa.string())})
-        name = self.workspace.commit_block(self.directory, block, schemas.SCORES, ["qid", "pid"])
+        name = self.workspace.commit_block(self.directory, block, schemas.SCORES, ["qid", "pid"], self.lease)
         seconds = time.perf_counter() - started
         return {"block": [name], "rows": [batch.num_rows], "seconds": [seconds], "finished": [time.time()],
                 "host_seconds": [seconds - self.teacher.model_seconds], "missing": [""]}

@@ -143,7 +143,7 @@ def _translate_missing(context: StageContext, part: _Part, totals: _Totals) -> d
             fn_constructor_kwargs={
                 "model_dir": workspace.share(str(part.model_dir)), "lang": target.lang, "mt_model": target.model,
                 "source_prefix": target.source_prefix, "target_prefix": target.target_prefix,
-                "settings": options, "workspace": workspace.uri, "directory": directory,
+                "settings": options, "workspace": workspace.uri, "directory": directory, "lease": context.lease,
             },
             **translate_map_args(options),
         )

@@ -83,10 +83,11 @@ class CT2TranslatorActor:
     """
 
     def __init__(self, model_dir: str, lang: str, mt_model: str, source_prefix: str | None,
-                 target_prefix: str | None, settings: TranslateConfig, workspace: str, directory: str):
+                 target_prefix: str | None, settings: TranslateConfig, workspace: str, directory: str,
+                 lease: str | None = None):
         import ray
 
-        self.workspace, self.directory = Workspace(workspace), directory
+        self.workspace, self.directory, self.lease = Workspace(workspace), directory, lease
         model_dir = self.workspace.resolve(model_dir)  # a reference to the converted model: on this node's disk
         self.translator = open_translator(model_dir, settings)
         self.codec = SentencePieceCodec(Path(model_dir), source_prefix, target_prefix)
@@ -131,7 +132,7 @@ class CT2TranslatorActor:
             "attempts": pa.array([item.attempts for item in results], pa.int8()),
             "flags": pa.array([item.flags for item in results], pa.list_(pa.string())),
         })
-        name = commit_block(self.workspace, self.directory, block)
+        name = commit_block(self.workspace, self.directory, block, self.lease)
         flags = Counter(flag for item in results for flag in set(flag_names(item.flags)))
         return {
             "block": [name], "rows": [size], "actor": [self.actor], "seconds": [time.perf_counter() - started],

@@ -129,9 +129,10 @@ def write_todo(workspace: Workspace, english: str, committed: HashSet, relative:
     return Plan(source_rows, todo_rows, HashSet(current))
 
 
-def commit_block(workspace: Workspace, directory: str, table: pa.Table) -> str:
-    """Write one translated block atomically into `directory`; returns its file name."""
-    return workspace.commit_block(directory, table, schemas.TRANSLATION_STORE, ["id", "source_hash"])
+def commit_block(workspace: Workspace, directory: str, table: pa.Table, lease: str | None = None) -> str:
+    """Write one translated block atomically into `directory`, while the run holds the stage's `lease`; returns its
+    file name."""
+    return workspace.commit_block(directory, table, schemas.TRANSLATION_STORE, ["id", "source_hash"], lease)
 
 
 def block_names(workspace: Workspace, directory: str) -> list[str]:
