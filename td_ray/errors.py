@@ -36,17 +36,6 @@ class StorageError(TdRayError):
 class CorruptTableError(TdRayError):
     """A workspace table that cannot be read (truncated, corrupt): the message names it and how to rebuild it."""
 
-    def __init__(self, message: str, relative: str = ""):
-        super().__init__(message, relative)  # both in args: the error crosses Ray's pickling whole
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-    @property
-    def relative(self) -> str:
-        """The table's workspace-relative path."""
-        return self.args[1]
-
 
 def root_cause(error: BaseException) -> BaseException:
     """The error a user should read, out of the chains Ray wraps it in: a task's or actor's error (`cause`), Ray

@@ -237,7 +237,7 @@ class Workspace:
             if isinstance(error, FileNotFoundError) or (isinstance(error, OSError) and error.errno is not None):
                 raise
             raise CorruptTableError(f"the workspace table {self.location(relative)} cannot be read ({error}): it is "
-                                    f"damaged (truncated or corrupt). {rebuild_hint(relative)}", relative) from error
+                                    f"damaged (truncated or corrupt). {rebuild_hint(relative)}") from error
 
     def _download(self, path: str, local: Path) -> None:
         """Copy the workspace file at the full path `path` to the local file `local`."""
