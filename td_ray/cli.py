@@ -254,9 +254,8 @@ def user_message(error: BaseException) -> str | None:
         said = str(cause).split("\n", 1)[0][:200]
         return (f"a GPU ran out of memory ({said}): lower the stage's batch (score.max_batch_tokens or batch_size, "
                 "distill.batch_size with grad_accum_steps to keep the effective batch, index.batch_size, "
-                "translate.batch_size) or give each worker more of a GPU (num_gpus_per_actor, distill.gpus_per_worker), "
-                "then run the same "
-                "command again; it resumes from what was committed")
+                "translate.batch_size) or give each worker more of a GPU (num_gpus_per_actor, "
+                "distill.gpus_per_worker), then run the same command again; it resumes from what was committed")
     if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
         where = f" ({cause.filename})" if cause.filename else ""
         return (f"{os.strerror(cause.errno).lower()}{where}: free space on the workspace's disk, or make it writable, "

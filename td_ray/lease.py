@@ -132,7 +132,7 @@ class StageLease:
                 raise self._busy(current)
             logger.warning("%s: taking over the lease of a run that is gone (%s)", self.stage, current.describe())
         if self.workspace.is_local:
-            if current is not None:  # stale: a rename-free delete, then the same exclusive create as a fresh lease
+            if current is not None:  # stale: removed, then created exclusively like a fresh lease
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.workspace.path(self.relative))
             self._create_exclusive()
